@@ -1,0 +1,1 @@
+"""Paper experiments, one thin module each (`python -m experiments.<name>`)."""
