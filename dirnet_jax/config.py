@@ -1,0 +1,137 @@
+"""One frozen configuration for a DIRNet and its training; the paper's variants as data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+DOWNSAMPLINGS = ("avg", "max", "strided")
+RECEPTIVE_FIELDS = ("patch", "overlap", "global")
+TRANSFORMERS = ("cubic", "quadratic", "tps")
+BOUNDARIES = ("edge", "zeros")
+
+# Fields that may change between runs in one work directory (resuming with more steps, say).
+SCHEDULE_FIELDS = frozenset({"num_steps", "log_every", "checkpoint_every"})
+
+
+@dataclasses.dataclass(frozen=True)
+class DIRNetConfig:
+    """Everything that defines a DIRNet, its data shape and its training run.
+
+    Defaults are the paper's cardiac setting (256×256, four downsamplings → 16×16 grid).
+    """
+
+    # Data.
+    image_shape: tuple[int, ...] = (256, 256)
+    channels: int = 1
+    # Regressor.
+    features: int = 16
+    num_downsamplings: int = 4
+    downsampling: str = "avg"  # avg | max (A1) | strided (A2)
+    receptive_field: str = "patch"  # patch | overlap (C1) | global (C2)
+    dense_features: int = 1024  # width of the two dense layers of the global head
+    bn_momentum: float = 0.9
+    # Spatial transformer and resampler.
+    transformer: str = "cubic"  # cubic | quadratic (B1) | tps (B2)
+    boundary: str = "edge"  # edge | zeros, see dirnet_jax.resample
+    # Training.
+    similarity: str | Callable = "ncc"  # a name in losses.SIMILARITIES, or a loss function
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    num_steps: int = 10_000
+    seed: int = 0
+    log_every: int = 100
+    checkpoint_every: int = 1_000
+    max_checkpoints: int = 2
+    num_val_pairs: int = 64
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
+        for name, allowed in (
+            ("downsampling", DOWNSAMPLINGS),
+            ("receptive_field", RECEPTIVE_FIELDS),
+            ("transformer", TRANSFORMERS),
+            ("boundary", BOUNDARIES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+        if self.num_downsamplings < 1:
+            raise ValueError(f"num_downsamplings must be ≥ 1, got {self.num_downsamplings}")
+        factor = self.downsampling_factor
+        if any(s % factor for s in self.image_shape):
+            raise ValueError(
+                f"image_shape {self.image_shape} is not divisible by 2**num_downsamplings = "
+                f"{factor}"
+            )
+        for name in ("features", "channels", "batch_size", "num_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be ≥ 1, got {self.checkpoint_every}")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.image_shape)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2**self.num_downsamplings
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """Control grid for `image_shape`: one control point per patch."""
+        return tuple(s // self.downsampling_factor for s in self.image_shape)
+
+    @property
+    def grid_spacing(self) -> float:
+        return float(self.downsampling_factor)
+
+    def replace(self, **overrides: Any) -> DIRNetConfig:
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields; a loss function is recorded by its qualified name."""
+        out = dataclasses.asdict(self)
+        if callable(self.similarity):
+            fn = self.similarity
+            out["similarity"] = f"{fn.__module__}.{getattr(fn, '__qualname__', repr(fn))}"
+        out["image_shape"] = list(self.image_shape)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DIRNetConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}")
+        return cls(**values)
+
+    def differences(self, other: DIRNetConfig, ignore=SCHEDULE_FIELDS) -> dict[str, tuple]:
+        """{field: (self, other)} for every field that differs, schedule fields ignored."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
+
+
+# The paper's ablations (Section 4.2), as overrides of the baseline.
+PAPER_VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "A1": {"downsampling": "max"},
+    "A2": {"downsampling": "strided"},
+    "B1": {"transformer": "quadratic"},
+    "B2": {"transformer": "tps"},
+    "C1": {"receptive_field": "overlap"},
+    "C2": {"receptive_field": "global"},
+}
+
+
+def variant(name: str, base: DIRNetConfig | None = None, **overrides: Any) -> DIRNetConfig:
+    """The config of a paper variant on top of `base` (default: the paper's cardiac setup)."""
+    if name not in PAPER_VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose one of {list(PAPER_VARIANTS)}")
+    base = base or DIRNetConfig()
+    return base.replace(**PAPER_VARIANTS[name], **overrides)

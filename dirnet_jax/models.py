@@ -1,0 +1,171 @@
+"""DIRNet: a ConvNet regressor of control-point displacements, a spline transformer and a
+resampler, composed into one pure function of (variables, fixed, moving).
+
+Conventions as in :mod:`dirnet_jax.bspline`. The regressor sees ``concat([fixed, moving])``
+on channels. Its architecture (all layers but the output: convolution without bias,
+BatchNorm, ELU):
+
+* ``patch`` (baseline): ``num_downsamplings`` × [3×3 conv, 2×2 downsample], then two 1×1
+  convs and a linear 1×1 output with ``ndim`` channels: one output pixel per control point,
+  each seeing (about) its own patch.
+* ``overlap`` (C1): an extra 3×3 conv before and after the last downsampling, so the
+  receptive fields of neighbouring control points overlap.
+* ``global`` (C2): the same conv stack, flattened into two dense layers of
+  ``dense_features`` and a linear dense output of ``grid × ndim``: every control point sees
+  the whole image, and the network only accepts its training size.
+
+Downsampling is average pooling (baseline), max pooling (A1) or a 2×2 stride-2 conv (A2).
+The output layer starts at (nearly) zero, so an untrained DIRNet is (nearly) the identity.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dirnet_jax.bspline import cubic_bspline_field, quadratic_bspline_field
+from dirnet_jax.config import DIRNetConfig
+from dirnet_jax.resample import warp
+from dirnet_jax.tps import tps_field
+
+TRANSFORM_FNS = {
+    "cubic": cubic_bspline_field,
+    "quadratic": quadratic_bspline_field,
+    "tps": tps_field,
+}
+
+# Small enough that an untrained network is the identity to ~1e-4 px, large enough that
+# every layer receives gradient from the first step.
+OUTPUT_INIT = nn.initializers.normal(stddev=1e-5)
+
+
+class Regressor(nn.Module):
+    """Maps an image pair to control-point displacements in pixels."""
+
+    config: DIRNetConfig
+
+    @nn.compact
+    def __call__(self, fixed: jax.Array, moving: jax.Array, *, train: bool) -> jax.Array:
+        """fixed, moving: [B, *spatial, C] → control grid [B, *grid, ndim]."""
+        cfg = self.config
+        x = jnp.concatenate([fixed, moving], axis=-1)
+        ndim = x.ndim - 2
+
+        def layer(x, kernel, strides=1, padding="SAME"):
+            x = nn.Conv(
+                cfg.features, (kernel,) * ndim, strides=strides, padding=padding, use_bias=False
+            )(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=cfg.bn_momentum)(x)
+            return nn.elu(x)
+
+        def downsample(x):
+            window = (2,) * ndim
+            if cfg.downsampling == "avg":
+                return nn.avg_pool(x, window, strides=window)
+            if cfg.downsampling == "max":
+                return nn.max_pool(x, window, strides=window)
+            return layer(x, 2, strides=2, padding="VALID")
+
+        overlap = cfg.receptive_field == "overlap"
+        for i in range(cfg.num_downsamplings):
+            last = i == cfg.num_downsamplings - 1
+            x = layer(x, 3)
+            if last and overlap:
+                x = layer(x, 3)
+            x = downsample(x)
+            if last and overlap:
+                x = layer(x, 3)
+
+        if cfg.receptive_field == "global":
+            batch, grid_shape = x.shape[0], x.shape[1:-1]
+            x = x.reshape(batch, -1)
+            for _ in range(2):
+                x = nn.Dense(cfg.dense_features, use_bias=False)(x)
+                x = nn.BatchNorm(use_running_average=not train, momentum=cfg.bn_momentum)(x)
+                x = nn.elu(x)
+            x = nn.Dense(math.prod(grid_shape) * ndim, kernel_init=OUTPUT_INIT, name="output")(x)
+            return x.reshape(batch, *grid_shape, ndim)
+
+        x = layer(x, 1)
+        x = layer(x, 1)
+        return nn.Conv(ndim, (1,) * ndim, kernel_init=OUTPUT_INIT, name="output")(x)
+
+
+class Registration(NamedTuple):
+    warped: jax.Array  # [B, *spatial, C] moving image warped onto the fixed one
+    displacement: jax.Array  # [B, *spatial, ndim] dense field, pixels
+    grid: jax.Array  # [B, *grid, ndim] control-point displacements, pixels
+
+
+def check_pair(config: DIRNetConfig, fixed: jax.Array, moving: jax.Array) -> None:
+    """Raise a one-line ValueError unless (fixed, moving) is a batch this DIRNet accepts."""
+    expect = f"[B, {', '.join(map(str, config.image_shape))}, {config.channels}]"
+    if fixed.shape != moving.shape:
+        raise ValueError(f"fixed {fixed.shape} and moving {moving.shape} differ in shape")
+    if fixed.ndim != config.ndim + 2 or fixed.shape[-1] != config.channels:
+        raise ValueError(f"images of shape {fixed.shape} given to a model for {expect}")
+    spatial = fixed.shape[1:-1]
+    if config.receptive_field == "global" and spatial != config.image_shape:
+        raise ValueError(
+            f"the global-head DIRNet (C2) only takes its training size {expect}, got {fixed.shape}"
+        )
+    if any(s % config.downsampling_factor for s in spatial):
+        raise ValueError(
+            f"image size {spatial} is not a multiple of the downsampling factor "
+            f"{config.downsampling_factor}"
+        )
+
+
+def init_variables(config: DIRNetConfig, key: jax.Array) -> dict[str, Any]:
+    """Fresh {'params', 'batch_stats'} for `config` at its image shape."""
+    dummy = jnp.zeros((1, *config.image_shape, config.channels), jnp.float32)
+    return dict(Regressor(config).init(key, dummy, dummy, train=False))
+
+
+def apply(
+    config: DIRNetConfig,
+    variables: dict[str, Any],
+    fixed: jax.Array,
+    moving: jax.Array,
+    *,
+    train: bool = False,
+) -> tuple[Registration, Any]:
+    """Register a batch of pairs.
+
+    Args:
+      config: the DIRNet's configuration.
+      variables: {'params', 'batch_stats'} of the regressor.
+      fixed, moving: [B, *spatial, C] image pairs.
+      train: use batch statistics in BatchNorm (and return their running averages).
+
+    Returns:
+      (Registration, new batch_stats when `train`, else None).
+    """
+    check_pair(config, fixed, moving)
+    regressor = Regressor(config)
+    if train:
+        grid, updates = regressor.apply(
+            variables, fixed, moving, train=True, mutable=["batch_stats"]
+        )
+        batch_stats = updates["batch_stats"]
+    else:
+        grid, batch_stats = regressor.apply(variables, fixed, moving, train=False), None
+    displacement = TRANSFORM_FNS[config.transformer](grid, fixed.shape[1:-1])
+    warped = warp(moving, displacement, mode=config.boundary)
+    return Registration(warped, displacement, grid), batch_stats
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def register(
+    config: DIRNetConfig, variables: dict[str, Any], fixed: jax.Array, moving: jax.Array
+) -> Registration:
+    """Register unseen pairs in one pass (inference mode), jitted per config and shape.
+
+    fixed, moving: [B, *spatial, C] → Registration(warped, displacement, grid).
+    """
+    return apply(config, variables, fixed, moving)[0]

@@ -1,0 +1,126 @@
+"""Regressor and DIRNet: every paper variant's shapes, identity start, input checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, apply, init_variables, register, variant
+from dirnet_jax.models import Regressor
+
+MNIST = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2)
+CARDIAC = DIRNetConfig()  # 256×256, four downsamplings
+
+
+@pytest.mark.parametrize("name", list(PAPER_VARIANTS))
+@pytest.mark.parametrize("base,grid", [(MNIST, (7, 7)), (CARDIAC, (16, 16))])
+def test_every_variant_shapes_and_identity_start(rng, name, base, grid):
+    config = variant(name, base)
+    assert config.grid_shape == grid
+    variables = init_variables(config, jax.random.key(0))
+    x = jnp.asarray(rng.uniform(size=(2, *config.image_shape, 1)), jnp.float32)
+    y = jnp.asarray(rng.uniform(size=(2, *config.image_shape, 1)), jnp.float32)
+    reg, stats = apply(config, variables, x, y, train=True)
+    assert reg.grid.shape == (2, *grid, 2)
+    assert reg.displacement.shape == (2, *config.image_shape, 2)
+    assert reg.warped.shape == y.shape
+    assert jax.tree.structure(stats) == jax.tree.structure(variables["batch_stats"])
+    # An untrained DIRNet is (nearly) the identity.
+    assert float(jnp.abs(reg.displacement).max()) < 0.05
+    np.testing.assert_allclose(reg.warped, y, atol=0.05)
+
+
+def test_variants_are_data():
+    assert variant("A2", MNIST).downsampling == "strided"
+    assert variant("B2", MNIST).transformer == "tps"
+    assert variant("C1", MNIST).receptive_field == "overlap"
+    assert variant("baseline", MNIST) == MNIST
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant("D1")
+
+
+def count_params(config):
+    return sum(x.size for x in jax.tree.leaves(init_variables(config, jax.random.key(0))["params"]))
+
+
+def test_architecture_differences():
+    base = count_params(MNIST)
+    # C1 adds two 3×3 convs of 16→16 (2·144·16 weights) with their BatchNorm scales and biases.
+    assert count_params(variant("C1", MNIST)) - base == 2 * (9 * 16 * 16 + 2 * 16)
+    # A2 adds a 2×2 strided conv + BatchNorm per downsampling.
+    assert count_params(variant("A2", MNIST)) - base == 2 * (4 * 16 * 16 + 2 * 16)
+    assert count_params(variant("A1", MNIST)) == base  # max pooling has no parameters
+    # C2: dense 7·7·16 → 1024 → 1024 → 7·7·2.
+    c2 = variant("C2", MNIST)
+    params = init_variables(c2, jax.random.key(0))["params"]
+    shapes = sorted(p.shape for p in jax.tree.leaves(params) if p.ndim == 2)
+    assert shapes == sorted([(7 * 7 * 16, 1024), (1024, 1024), (1024, 7 * 7 * 2)])
+
+
+def test_zero_output_layer_is_exactly_the_identity(rng):
+    config = MNIST
+    variables = init_variables(config, jax.random.key(0))
+    variables["params"]["output"] = jax.tree.map(jnp.zeros_like, variables["params"]["output"])
+    x = jnp.asarray(rng.uniform(size=(2, 28, 28, 1)), jnp.float32)
+    y = jnp.asarray(rng.uniform(size=(2, 28, 28, 1)), jnp.float32)
+    reg = register(config, variables, x, y)
+    assert np.all(np.asarray(reg.displacement) == 0)
+    assert np.array_equal(np.asarray(reg.warped), np.asarray(y))
+
+
+def test_fully_convolutional_variants_take_other_sizes(rng):
+    variables = init_variables(MNIST, jax.random.key(0))
+    x = jnp.zeros((1, 32, 36, 1))
+    reg = register(MNIST, variables, x, x)
+    assert reg.grid.shape == (1, 8, 9, 2)
+    assert reg.displacement.shape == (1, 32, 36, 2)
+
+
+@pytest.mark.parametrize(
+    "config,shape,message",
+    [
+        (MNIST, ((1, 28, 28, 1), (1, 28, 24, 1)), "differ in shape"),
+        (MNIST, ((1, 28, 28, 3), (1, 28, 28, 3)), "given to a model for"),
+        (MNIST, ((1, 28, 28, 4, 1), (1, 28, 28, 4, 1)), "given to a model for"),
+        (MNIST, ((1, 30, 30, 1), (1, 30, 30, 1)), "not a multiple of the downsampling factor 4"),
+        (variant("C2", MNIST), ((1, 32, 32, 1), (1, 32, 32, 1)), "only takes its training size"),
+    ],
+)
+def test_bad_pairs_raise_one_line(config, shape, message):
+    variables = init_variables(config, jax.random.key(0))
+    with pytest.raises(ValueError, match=message) as err:
+        register(config, variables, jnp.zeros(shape[0]), jnp.zeros(shape[1]))
+    assert "\n" not in str(err.value)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="downsampling='median'"):
+        DIRNetConfig(downsampling="median")
+    with pytest.raises(ValueError, match="not divisible"):
+        DIRNetConfig(image_shape=(28, 28), num_downsamplings=3)
+    with pytest.raises(ValueError, match="num_downsamplings"):
+        DIRNetConfig(num_downsamplings=0)
+
+
+def test_register_traces_once_per_shape(rng):
+    config = MNIST.replace(features=8)
+    variables = init_variables(config, jax.random.key(0))
+    before = register._cache_size()
+    for _ in range(3):
+        x = jnp.asarray(rng.uniform(size=(4, 28, 28, 1)), jnp.float32)
+        register(config, variables, x, x)
+    assert register._cache_size() == before + 1
+    register(config, variables, jnp.zeros((2, 28, 28, 1)), jnp.zeros((2, 28, 28, 1)))
+    assert register._cache_size() == before + 2
+
+
+def test_regressor_sees_the_pair_in_order():
+    # Swapping fixed and moving changes the prediction: the concatenation order matters.
+    config = MNIST.replace(features=4)
+    variables = init_variables(config, jax.random.key(0))
+    a = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 28, 28, 1)), jnp.float32)
+    b = jnp.roll(a, 3, axis=1)
+    r = Regressor(config)
+    assert not np.allclose(
+        r.apply(variables, a, b, train=False), r.apply(variables, b, a, train=False)
+    )
