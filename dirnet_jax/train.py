@@ -1,0 +1,237 @@
+"""Unsupervised training: random fixed/moving pairs, a jitted Adam step, orbax checkpoints.
+
+`fit` runs the loop: pairs are drawn from a pool of images with ``fold_in(key, step)`` so a
+resumed run sees the same pairs as an uninterrupted one, checkpoints are saved every
+``checkpoint_every`` steps and restored when present, metrics go to ``metrics.jsonl``, and a
+non-finite loss stops training with an error naming the step (never checkpointed).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax.training import train_state
+from tqdm.auto import tqdm
+
+from dirnet_jax import workdir as wd
+from dirnet_jax.config import DIRNetConfig
+from dirnet_jax.losses import get_loss, ncc
+from dirnet_jax.models import apply, init_variables
+
+Batch = dict[str, jax.Array]  # {'fixed', 'moving'}: [B, *spatial, C]
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any
+    config: DIRNetConfig = flax.struct.field(pytree_node=False)
+
+
+def create_train_state(config: DIRNetConfig) -> TrainState:
+    """Fresh parameters and Adam state, from ``config.seed``."""
+    init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    variables = init_variables(config, init_key)
+    state = TrainState.create(
+        apply_fn=None,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=optax.adam(config.learning_rate),
+        config=config,
+    )
+    # An int32 array, as after every step: a Python 0 would make the first step trace twice.
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def data_key(config: DIRNetConfig) -> jax.Array:
+    """Root key of the pair sampling (fold in the step number for each batch)."""
+    return jax.random.fold_in(jax.random.key(config.seed), 1)
+
+
+@functools.partial(jax.jit, static_argnames="batch_size")
+def sample_pairs(key: jax.Array, images: jax.Array, batch_size: int) -> Batch:
+    """Random (fixed, moving) pairs of two different images from a pool.
+
+    images: [N, *spatial, C] with N ≥ 2 → {'fixed', 'moving'}: [batch_size, *spatial, C].
+    """
+    n = images.shape[0]
+    k_fixed, k_offset = jax.random.split(key)
+    i = jax.random.randint(k_fixed, (batch_size,), 0, n)
+    j = (i + jax.random.randint(k_offset, (batch_size,), 1, n)) % n  # never i
+    return {"fixed": images[i], "moving": images[j]}
+
+
+def _loss(params, state: TrainState, batch: Batch):
+    variables = {"params": params, "batch_stats": state.batch_stats}
+    reg, batch_stats = apply(state.config, variables, batch["fixed"], batch["moving"], train=True)
+    loss = get_loss(state.config.similarity)(batch["fixed"], reg.warped).mean()
+    return loss, batch_stats
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One Adam step on a batch of pairs; metrics: {'loss'}."""
+    (loss, batch_stats), grads = jax.value_and_grad(_loss, has_aux=True)(state.params, state, batch)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return state, {"loss": loss}
+
+
+@jax.jit
+def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+    """Inference-mode metrics on a batch of pairs: {'loss', 'ncc_before', 'ncc_after'}."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    reg, _ = apply(state.config, variables, batch["fixed"], batch["moving"])
+    return {
+        "loss": get_loss(state.config.similarity)(batch["fixed"], reg.warped).mean(),
+        "ncc_before": ncc(batch["fixed"], batch["moving"]).mean(),
+        "ncc_after": ncc(batch["fixed"], reg.warped).mean(),
+    }
+
+
+def as_image_pool(config: DIRNetConfig, images: Any, name: str = "images") -> jax.Array:
+    """[N, *image_shape(, C)] array-like → [N, *image_shape, C] float32, with clear errors."""
+    images = np.asarray(images)
+    if images.ndim == config.ndim + 1 and config.channels == 1:
+        images = images[..., None]
+    expect = (*config.image_shape, config.channels)
+    if images.ndim != config.ndim + 2 or images.shape[1:] != expect:
+        raise ValueError(
+            f"{name} have shape {images.shape}; expected [N, {', '.join(map(str, expect))}]"
+        )
+    if images.shape[0] < 2:
+        raise ValueError(f"{name}: need at least 2 images to draw pairs, got {images.shape[0]}")
+    if not np.all(np.isfinite(images)):
+        raise ValueError(f"{name} contain NaN or infinite pixels")
+    return jnp.asarray(images, jnp.float32)
+
+
+def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "params": state.params,
+        "batch_stats": state.batch_stats,
+        "opt_state": state.opt_state,
+    }
+
+
+def checkpoint_manager(workdir: str | os.PathLike, config: DIRNetConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.max_checkpoints, create=True, cleanup_tmp_directories=True
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, wd.CHECKPOINTS)), options=options
+    )
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
+    """`state` with the newest checkpoint's contents, or unchanged when there is none."""
+    step = mngr.latest_step()
+    if step is None:
+        return state
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(_checkpoint_tree(state)))
+    return state.replace(**restored)
+
+
+def fit(
+    config: DIRNetConfig,
+    workdir: str | os.PathLike,
+    train_images: Any,
+    val_images: Any | None = None,
+    *,
+    progress: bool = True,
+) -> TrainState:
+    """Train a DIRNet on random pairs from `train_images`, resuming from `workdir` if present.
+
+    Args:
+      config: model and schedule; ``num_steps`` is the total, counting resumed steps.
+      workdir: where config.json, metrics.jsonl and checkpoints/ live.
+      train_images, val_images: [N, *image_shape(, C)] pools of images; pairs are drawn
+        within a pool. Validation uses ``num_val_pairs`` fixed pairs.
+      progress: show a progress bar with ETA.
+
+    Returns:
+      The final TrainState.
+
+    Raises:
+      FloatingPointError: the loss became NaN or infinite (names the step and the last
+        good checkpoint).
+    """
+    workdir = wd.claim(workdir, config)
+    pool = as_image_pool(config, train_images, "training images")
+    val_batch = None
+    if val_images is not None:
+        val_pool = as_image_pool(config, val_images, "validation images")
+        val_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+        val_batch = sample_pairs(val_key, val_pool, config.num_val_pairs)
+
+    mngr = checkpoint_manager(workdir, config)
+    try:
+        state = restore_latest(mngr, create_train_state(config))
+        start = int(state.step)
+        wd.truncate_metrics(workdir, start)
+        key = data_key(config)
+        pending: list[jax.Array] = []  # losses not yet checked on the host
+        logged: list[float] = []  # checked losses since the last metrics record
+        bar = tqdm(
+            total=config.num_steps,
+            initial=start,
+            unit="step",
+            disable=not progress,
+            desc=f"training to {workdir}",
+            dynamic_ncols=True,
+        )
+        tick = time.perf_counter()
+        with bar:
+            for step in range(start + 1, config.num_steps + 1):
+                batch = sample_pairs(jax.random.fold_in(key, step), pool, config.batch_size)
+                state, metrics = train_step(state, batch)
+                pending.append(metrics["loss"])
+                bar.update()
+                log = step % config.log_every == 0 or step == config.num_steps
+                save = step % config.checkpoint_every == 0 or step == config.num_steps
+                if not (log or save):
+                    continue
+                logged.extend(_checked(pending, step, mngr))
+                pending = []
+                if log:
+                    now = time.perf_counter()
+                    record = {
+                        "step": step,
+                        "train_loss": float(np.mean(logged)),
+                        "steps_per_sec": len(logged) / (now - tick),
+                    }
+                    if val_batch is not None:
+                        record.update(
+                            {f"val_{k}": float(v) for k, v in eval_step(state, val_batch).items()}
+                        )
+                    wd.append_metrics(workdir, record)
+                    bar.set_postfix(loss=f"{record['train_loss']:.4f}")
+                    logged, tick = [], time.perf_counter()
+                if save:
+                    mngr.save(step, args=ocp.args.StandardSave(_checkpoint_tree(state)))
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+    return state
+
+
+def _checked(losses: list[jax.Array], last_step: int, mngr: ocp.CheckpointManager) -> list[float]:
+    """Host copies of the losses of steps last_step-len+1 … last_step, all finite, or raise."""
+    values = np.asarray(jax.device_get(losses), dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        step = last_step - len(values) + 1 + int(bad[0])
+        mngr.wait_until_finished()
+        good = mngr.latest_step()
+        where = f"step {good} in {mngr.directory}" if good is not None else "none saved yet"
+        raise FloatingPointError(
+            f"training loss became {values[bad[0]]} at step {step}; last good checkpoint: {where}"
+        )
+    return values.tolist()

@@ -1,0 +1,94 @@
+"""The layout of a training work directory, and files written so a kill leaves none half-done.
+
+<workdir>/config.json     the DIRNetConfig, written once
+<workdir>/metrics.jsonl   one JSON object per logged step
+<workdir>/checkpoints/    orbax CheckpointManager steps
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dirnet_jax.config import SCHEDULE_FIELDS, DIRNetConfig
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are ordinary files
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def claim(workdir: str | os.PathLike, config: DIRNetConfig) -> Path:
+    """Create `workdir` for `config`, or check that the run already there used the same one.
+
+    Schedule fields (num_steps, log_every, checkpoint_every) may differ, so a finished run
+    can be extended. Returns the work directory as a Path.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / CONFIG
+    mine = config.to_dict()
+    if not path.exists():
+        atomic_write_text(path, config.to_json() + "\n")
+        return workdir
+    stored = json.loads(path.read_text())
+    diff = {
+        k: (stored.get(k), v)
+        for k, v in mine.items()
+        if k not in SCHEDULE_FIELDS and stored.get(k) != v
+    }
+    if diff:
+        shown = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(
+            f"{workdir} holds a run with another configuration ({shown}); "
+            "use a new work directory or the same settings"
+        )
+    return workdir
+
+
+def load_config(workdir: str | os.PathLike) -> DIRNetConfig:
+    """The DIRNetConfig a work directory was trained with."""
+    path = Path(workdir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{workdir} has no {CONFIG}: not a dirnet-jax work directory")
+    return DIRNetConfig.from_dict(json.loads(path.read_text()))
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every logged metrics record, in order."""
+    path = Path(workdir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(workdir: str | os.PathLike, last_step: int) -> None:
+    """Drop records after `last_step`: a resumed run logs those steps again."""
+    records = read_metrics(workdir)
+    kept = [r for r in records if r["step"] <= last_step]
+    if len(kept) != len(records):
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        atomic_write_text(Path(workdir) / METRICS, text)
+
+
+def append_metrics(workdir: str | os.PathLike, record: dict[str, Any]) -> None:
+    with open(Path(workdir) / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,184 @@
+"""Training: toy learning, determinism, checkpoints that resume (also after kill -9), NaN stop."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dirnet_jax import DIRNetConfig, train
+from dirnet_jax import workdir as wd
+from dirnet_jax.losses import mse_loss
+from dirnet_jax.toy import shifted_blobs
+
+TOY = DIRNetConfig(
+    image_shape=(28, 28),
+    num_downsamplings=2,
+    batch_size=8,
+    learning_rate=1e-3,
+    num_steps=40,
+    log_every=10,
+    checkpoint_every=20,
+    num_val_pairs=16,
+)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return shifted_blobs(0, 16)
+
+
+def leaves_equal(a, b):
+    trees = [(s.params, s.batch_stats, s.opt_state) for s in (a, b)]
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(x, y), *trees)))
+
+
+def test_toy_training_raises_ncc(tmp_path):
+    config = TOY.replace(num_steps=300, batch_size=16, log_every=50, checkpoint_every=300)
+    train.fit(config, tmp_path, shifted_blobs(0, 64), shifted_blobs(1, 64), progress=False)
+    records = wd.read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [50, 100, 150, 200, 250, 300]
+    before, first, last = (
+        records[0]["val_ncc_before"],
+        records[0]["val_ncc_after"],
+        records[-1]["val_ncc_after"],
+    )
+    assert last > before + 0.15, (before, last)  # ~0.76 → ~0.96 on this toy set
+    assert last > first
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
+def test_same_seed_same_parameters(tmp_path, pool):
+    a = train.fit(TOY, tmp_path / "a", pool, progress=False)
+    b = train.fit(TOY, tmp_path / "b", pool, progress=False)
+    assert leaves_equal(a, b)
+    c = train.fit(TOY.replace(seed=1), tmp_path / "c", pool, progress=False)
+    assert not leaves_equal(a, c)
+
+
+def test_resume_continues_from_checkpoint(tmp_path, pool):
+    full = train.fit(TOY, tmp_path / "full", pool, progress=False)
+    half = train.fit(TOY.replace(num_steps=20), tmp_path / "run", pool, progress=False)
+    assert int(half.step) == 20
+    resumed = train.fit(TOY, tmp_path / "run", pool, progress=False)
+    assert int(resumed.step) == 40
+    assert leaves_equal(full, resumed)
+    assert [r["step"] for r in wd.read_metrics(tmp_path / "run")] == [10, 20, 30, 40]
+    # A finished run restarted does no more work.
+    again = train.fit(TOY, tmp_path / "run", pool, progress=False)
+    assert leaves_equal(full, again)
+
+
+KILLED_RUN = """
+import os, signal, sys, time
+import numpy as np
+from dirnet_jax import train, workdir
+from dirnet_jax.toy import shifted_blobs
+config = train.DIRNetConfig(**{config})
+append = workdir.append_metrics
+
+def append_then_die(path, record):
+    append(path, record)
+    if record["step"] == 30:  # ten steps after the checkpoint at 20
+        time.sleep(1.0)  # let the asynchronous save of step 20 land
+        os.kill(os.getpid(), signal.SIGKILL)
+
+workdir.append_metrics = append_then_die
+train.fit(config, sys.argv[1], shifted_blobs(0, 16), progress=False)
+"""
+
+
+def test_kill_minus_nine_then_rerun_resumes(tmp_path, pool):
+    script = KILLED_RUN.replace("{config}", repr(TOY.to_dict()))
+    run = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert train.checkpoint_manager(run, TOY).latest_step() == 20
+    assert [r["step"] for r in wd.read_metrics(run)] == [10, 20, 30]
+
+    resumed = train.fit(TOY, run, pool, progress=False)  # the same command again
+    assert [r["step"] for r in wd.read_metrics(run)] == [10, 20, 30, 40]
+    uninterrupted = train.fit(TOY, tmp_path / "uninterrupted", pool, progress=False)
+    assert leaves_equal(resumed, uninterrupted)
+
+
+def poisoned_mse(fixed, warped):
+    """MSE, but NaN for every pair whose fixed image is the poisoned (constant 7) one."""
+    poisoned = jnp.all(fixed == 7.0, axis=(1, 2, 3))
+    return jnp.where(poisoned, jnp.nan, mse_loss(fixed, warped))
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    images = shifted_blobs(0, 64)
+    config = TOY.replace(
+        similarity=poisoned_mse, batch_size=4, num_steps=200, checkpoint_every=5, log_every=5
+    )
+    key = train.data_key(config)
+    fixed_ids = [
+        np.asarray(train.sample_pairs(jax.random.fold_in(key, s), jnp.arange(64.0), 4)["fixed"])
+        for s in range(1, 201)
+    ]
+
+    def first_as_fixed(i):
+        return next((s for s, ids in enumerate(fixed_ids, 1) if i in ids), 0)
+
+    # Poison an image that first appears as a fixed image after a few checkpoints.
+    poisoned = next(i for i in range(64) if 12 < first_as_fixed(i) < 100)
+    first_bad = first_as_fixed(poisoned)
+    images[poisoned] = 7.0
+    with pytest.raises(FloatingPointError, match=f"became nan at step {first_bad};") as err:
+        train.fit(config, tmp_path, images, progress=False)
+    good = (first_bad - 1) // 5 * 5
+    assert f"last good checkpoint: step {good} in " in str(err.value)
+    assert train.checkpoint_manager(tmp_path, config).latest_step() == good  # NaN never saved
+
+
+def test_each_jitted_function_traces_once(tmp_path, pool):
+    config = TOY.replace(num_steps=30, features=8)
+    before = train.train_step._cache_size(), train.eval_step._cache_size()
+    train.fit(config, tmp_path, pool, pool, progress=False)
+    after = train.train_step._cache_size(), train.eval_step._cache_size()
+    assert after == (before[0] + 1, before[1] + 1)
+
+
+def test_workdir_with_another_config_refuses(tmp_path, pool):
+    train.fit(TOY.replace(num_steps=10), tmp_path, pool, progress=False)
+    with pytest.raises(
+        ValueError, match=r"another configuration .*transformer: 'cubic' there, 'tps' now"
+    ):
+        train.fit(TOY.replace(transformer="tps"), tmp_path, pool, progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["transformer"] == "cubic"
+
+
+def test_custom_similarity_plugs_in(tmp_path, pool):
+    state = train.fit(TOY.replace(similarity=mse_loss, num_steps=5), tmp_path, pool, progress=False)
+    assert int(state.step) == 5
+    assert json.loads((tmp_path / "config.json").read_text())["similarity"].endswith("mse_loss")
+
+
+def test_sample_pairs_distinct_and_reproducible():
+    images = jnp.arange(5.0).reshape(5, 1, 1, 1) * jnp.ones((5, 4, 4, 1))
+    key = jax.random.key(3)
+    a = train.sample_pairs(key, images, 64)
+    b = train.sample_pairs(key, images, 64)
+    assert np.array_equal(a["fixed"], b["fixed"]) and np.array_equal(a["moving"], b["moving"])
+    ids_f, ids_m = np.asarray(a["fixed"][:, 0, 0, 0]), np.asarray(a["moving"][:, 0, 0, 0])
+    assert np.all(ids_f != ids_m)
+    assert set(ids_f) == set(range(5))
+
+
+@pytest.mark.parametrize(
+    "images,message",
+    [
+        (np.zeros((4, 28, 24)), "expected \\[N, 28, 28, 1\\]"),
+        (np.zeros((1, 28, 28)), "at least 2 images"),
+        (np.full((3, 28, 28), np.nan), "NaN or infinite"),
+    ],
+)
+def test_bad_training_images(tmp_path, images, message):
+    with pytest.raises(ValueError, match=message):
+        train.fit(TOY, tmp_path, images, progress=False)
