@@ -29,6 +29,10 @@ class DIRNetConfig:
     # Regressor.
     features: int = 16
     num_downsamplings: int = 4
+    # 3×3 conv layers; the first `num_downsamplings` are each followed by a downsampling.
+    # None: one per downsampling (the paper's 256×256 net). The paper's MNIST net keeps all
+    # four convs of that net and drops the third and fourth downsampling: 4 with 2.
+    conv_layers: int | None = None
     downsampling: str = "avg"  # avg | max (A1) | strided (A2)
     receptive_field: str = "patch"  # patch | overlap (C1) | global (C2)
     dense_features: int = 1024  # width of the two dense layers of the global head
@@ -59,6 +63,11 @@ class DIRNetConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
         if self.num_downsamplings < 1:
             raise ValueError(f"num_downsamplings must be ≥ 1, got {self.num_downsamplings}")
+        if self.conv_layers is not None and self.conv_layers < self.num_downsamplings:
+            raise ValueError(
+                f"conv_layers={self.conv_layers} < num_downsamplings={self.num_downsamplings}: "
+                "every downsampling follows a conv"
+            )
         factor = self.downsampling_factor
         if any(s % factor for s in self.image_shape):
             raise ValueError(
@@ -74,6 +83,10 @@ class DIRNetConfig:
     @property
     def ndim(self) -> int:
         return len(self.image_shape)
+
+    @property
+    def num_conv_layers(self) -> int:
+        return self.num_downsamplings if self.conv_layers is None else self.conv_layers
 
     @property
     def downsampling_factor(self) -> int:

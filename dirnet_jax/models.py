@@ -5,9 +5,10 @@ Conventions as in :mod:`dirnet_jax.bspline`. The regressor sees ``concat([fixed,
 on channels. Its architecture (all layers but the output: convolution without bias,
 BatchNorm, ELU):
 
-* ``patch`` (baseline): ``num_downsamplings`` × [3×3 conv, 2×2 downsample], then two 1×1
-  convs and a linear 1×1 output with ``ndim`` channels: one output pixel per control point,
-  each seeing (about) its own patch.
+* ``patch`` (baseline): ``num_downsamplings`` × [3×3 conv, 2×2 downsample] (and, with
+  ``conv_layers`` larger, further 3×3 convs at the grid's resolution), then two 1×1 convs
+  and a linear 1×1 output with ``ndim`` channels: one output pixel per control point, each
+  seeing (about) its own patch.
 * ``overlap`` (C1): an extra 3×3 conv before and after the last downsampling, so the
   receptive fields of neighbouring control points overlap.
 * ``global`` (C2): the same conv stack, flattened into two dense layers of
@@ -27,6 +28,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dirnet_jax.bspline import cubic_bspline_field, quadratic_bspline_field
 from dirnet_jax.config import DIRNetConfig
@@ -72,14 +74,15 @@ class Regressor(nn.Module):
             return layer(x, 2, strides=2, padding="VALID")
 
         overlap = cfg.receptive_field == "overlap"
-        for i in range(cfg.num_downsamplings):
-            last = i == cfg.num_downsamplings - 1
+        last_down = cfg.num_downsamplings - 1
+        for i in range(cfg.num_conv_layers):
             x = layer(x, 3)
-            if last and overlap:
-                x = layer(x, 3)
-            x = downsample(x)
-            if last and overlap:
-                x = layer(x, 3)
+            if i < cfg.num_downsamplings:
+                if i == last_down and overlap:
+                    x = layer(x, 3)
+                x = downsample(x)
+                if i == last_down and overlap:
+                    x = layer(x, 3)
 
         if cfg.receptive_field == "global":
             batch, grid_shape = x.shape[0], x.shape[1:-1]
@@ -109,6 +112,8 @@ def check_pair(config: DIRNetConfig, fixed: jax.Array, moving: jax.Array) -> Non
         raise ValueError(f"fixed {fixed.shape} and moving {moving.shape} differ in shape")
     if fixed.ndim != config.ndim + 2 or fixed.shape[-1] != config.channels:
         raise ValueError(f"images of shape {fixed.shape} given to a model for {expect}")
+    if fixed.shape[0] == 0:
+        raise ValueError("an empty batch of pairs")
     spatial = fixed.shape[1:-1]
     if config.receptive_field == "global" and spatial != config.image_shape:
         raise ValueError(
@@ -169,3 +174,29 @@ def register(
     fixed, moving: [B, *spatial, C] → Registration(warped, displacement, grid).
     """
     return apply(config, variables, fixed, moving)[0]
+
+
+def register_batched(
+    config: DIRNetConfig,
+    variables: dict[str, Any],
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    *,
+    batch_size: int = 256,
+) -> Registration:
+    """`register` over any number of pairs, in chunks of `batch_size` (the last one padded,
+    so one trace serves every chunk). Arrays in and out are host NumPy arrays.
+    """
+    fixed, moving = np.asarray(fixed, np.float32), np.asarray(moving, np.float32)
+    check_pair(config, fixed, moving)
+    n = fixed.shape[0]
+    parts = []
+    for start in range(0, n, batch_size):
+        f, m = fixed[start : start + batch_size], moving[start : start + batch_size]
+        pad = batch_size - f.shape[0] if n > batch_size else 0
+        if pad:
+            f = np.concatenate([f, np.repeat(f[-1:], pad, axis=0)])
+            m = np.concatenate([m, np.repeat(m[-1:], pad, axis=0)])
+        out = jax.device_get(register(config, variables, f, m))
+        parts.append([a[: a.shape[0] - pad] for a in out])
+    return Registration(*(np.concatenate(p) for p in zip(*parts, strict=True)))

@@ -35,6 +35,12 @@ class TrainState(train_state.TrainState):
     config: DIRNetConfig = flax.struct.field(pytree_node=False)
 
 
+@functools.cache
+def adam(learning_rate: float) -> optax.GradientTransformation:
+    """One optimizer object per rate: TrainStates that share it share train_step's trace."""
+    return optax.adam(learning_rate)
+
+
 def create_train_state(config: DIRNetConfig) -> TrainState:
     """Fresh parameters and Adam state, from ``config.seed``."""
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
@@ -43,7 +49,7 @@ def create_train_state(config: DIRNetConfig) -> TrainState:
         apply_fn=None,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
-        tx=optax.adam(config.learning_rate),
+        tx=adam(config.learning_rate),
         config=config,
     )
     # An int32 array, as after every step: a Python 0 would make the first step trace twice.

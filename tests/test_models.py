@@ -50,6 +50,13 @@ def test_architecture_differences():
     # A2 adds a 2×2 strided conv + BatchNorm per downsampling.
     assert count_params(variant("A2", MNIST)) - base == 2 * (4 * 16 * 16 + 2 * 16)
     assert count_params(variant("A1", MNIST)) == base  # max pooling has no parameters
+    # The paper's MNIST net keeps four 3×3 convs and drops two downsamplings.
+    four = MNIST.replace(conv_layers=4)
+    assert four.grid_shape == (7, 7)
+    assert count_params(four) - base == 2 * (9 * 16 * 16 + 2 * 16)
+    assert count_params(variant("C1", four)) - count_params(four) == 2 * (9 * 16 * 16 + 2 * 16)
+    with pytest.raises(ValueError, match="every downsampling follows a conv"):
+        MNIST.replace(conv_layers=1)
     # C2: dense 7·7·16 → 1024 → 1024 → 7·7·2.
     c2 = variant("C2", MNIST)
     params = init_variables(c2, jax.random.key(0))["params"]

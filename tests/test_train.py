@@ -140,9 +140,12 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
 def test_each_jitted_function_traces_once(tmp_path, pool):
     config = TOY.replace(num_steps=30, features=8)
     before = train.train_step._cache_size(), train.eval_step._cache_size()
-    train.fit(config, tmp_path, pool, pool, progress=False)
+    train.fit(config, tmp_path / "a", pool, pool, progress=False)
     after = train.train_step._cache_size(), train.eval_step._cache_size()
     assert after == (before[0] + 1, before[1] + 1)
+    # Another run of the same config (say the next MNIST digit) reuses the trace.
+    train.fit(config, tmp_path / "b", pool[::-1], pool, progress=False)
+    assert (train.train_step._cache_size(), train.eval_step._cache_size()) == after
 
 
 def test_workdir_with_another_config_refuses(tmp_path, pool):
