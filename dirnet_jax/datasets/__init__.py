@@ -1,0 +1,4 @@
+"""TFDS dataset builders for the paper's data, prepared offline into ``data/``.
+
+Importing a submodule imports tensorflow-datasets; the core package never does.
+"""
