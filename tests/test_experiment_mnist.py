@@ -1,0 +1,108 @@
+"""`python -m experiments.mnist` end to end on a tiny stand-in MNIST (same builder path)."""
+
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_datasets")
+pytest.importorskip("SimpleITK")
+from experiments import mnist as experiment
+from tests.test_mnist_data import write_standin
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    root = tmp_path_factory.mktemp("standin")
+    write_standin(root / "mnist.pkl.gz", sizes=(200, 60, 60))
+    return root
+
+
+def args_for(standin, workdir, **overrides):
+    values = dict(
+        workdir=str(workdir),
+        data_dir=str(standin / "tfds"),
+        mnist_pickle=str(standin / "mnist.pkl.gz"),
+        digits=["3", "7"],
+        iterations=20,
+        batch_size=8,
+        learning_rate=1e-3,
+        seed=0,
+        elastix_pairs=2,
+        log_every=10,
+        checkpoint_every=10,
+        progress=False,
+    )
+    return types.SimpleNamespace(**(values | overrides))
+
+
+def test_end_to_end_outputs(standin, tmp_path):
+    paths = experiment.run(args_for(standin, tmp_path))
+    names = sorted(p.name for p in paths)
+    assert names == [
+        "fig2_learning_curves.png",
+        "fig2_registrations.png",
+        "results.json",
+        "results.md",
+    ]
+    for p in paths:
+        assert p.stat().st_size > 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["image_shape"] == [28, 28]
+    assert sorted(results["digits"]) == ["3", "7"]
+    for row in results["digits"].values():
+        assert row["ncc_before"]["n"] == 5  # six test images: one fixed, five moving
+        assert row["ncc_elastix"]["n"] == 2
+        for key in ("ncc_before", "ncc_dirnet", "ncc_elastix"):
+            assert set(row[key]) == {"mean", "std", "n"} and np.isfinite(row[key]["mean"])
+        assert row["sec_per_pair_dirnet"] > 0 and row["sec_per_pair_elastix"] > 0
+        assert row["train_seconds"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n") == 4 and "SimpleElastix" in table
+    assert (tmp_path / "digit_3" / "checkpoints").is_dir()
+
+    # A rerun reuses every digit's checkpoint and evaluation: the same numbers.
+    experiment.run(args_for(standin, tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+def test_learning_curves_come_from_validation(standin, tmp_path):
+    experiment.run(args_for(standin, tmp_path, digits=["1"], elastix_pairs=0))
+    records = [json.loads(line) for line in (tmp_path / "digit_1" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [10, 20]
+    assert all("val_loss" in r for r in records)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["digits"]["1"]["ncc_elastix"] is None
+
+
+def test_test_pairs_exclude_the_fixed_image():
+    fixed, moving = experiment.test_pairs(50, seed=0, digit=4)
+    assert fixed not in moving and sorted([fixed, *moving]) == list(range(50))
+    assert experiment.test_pairs(50, seed=0, digit=4)[0] == fixed
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--digits=3,12"], "--digits takes a comma-separated list of 0"),
+        (
+            ["--mnist_pickle=/nonexistent/mnist.pkl.gz"],
+            "error: MNIST source /nonexistent/mnist.pkl.gz does not exist",
+        ),
+    ],
+)
+def test_bad_flags_exit_nonzero_with_one_line(tmp_path, flags, message):
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.mnist",
+        f"--workdir={tmp_path}/w",
+        f"--data_dir={tmp_path}/d",
+        *flags,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert message in proc.stderr
