@@ -9,7 +9,6 @@ with the machine description to benchmarks/results/core-<host>.json. Never fails
 from __future__ import annotations
 
 import json
-import platform
 import socket
 import statistics
 import sys
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dirnet_jax import DIRNetConfig, init_variables, register, variant
+from dirnet_jax import DIRNetConfig, init_variables, machine, register, variant
 from dirnet_jax.train import create_train_state, train_step
 
 
@@ -44,22 +43,17 @@ def bench_config(name: str, config: DIRNetConfig, batch: int, repeats: int) -> l
     moving = jnp.asarray(rng.uniform(size=shape), jnp.float32)
     rows = []
 
+    def add(what: str, fn, count: int, unit: str) -> None:
+        first, sec = timed(fn, repeats)
+        rows.append(
+            dict(variant=name, size=config.image_shape[0], what=what, median_ms=sec * 1e3,
+                 per_sec=count / sec, unit=unit, first_call_s=first)
+        )  # fmt: skip
+
     variables = init_variables(config, jax.random.key(0))
     for b in sorted({1, batch}):
-        compile_s, sec = timed(
-            lambda b=b: register(config, variables, fixed[:b], moving[:b]), repeats
-        )
-        rows.append(
-            dict(
-                variant=name,
-                size=config.image_shape[0],
-                what=f"register, batch {b}",
-                median_ms=sec * 1e3,
-                per_sec=b / sec,
-                unit="pairs/s",
-                first_call_s=compile_s,
-            )
-        )
+        add(f"register, batch {b}", lambda b=b: register(config, variables, fixed[:b], moving[:b]),
+            b, "pairs/s")  # fmt: skip
 
     state = [create_train_state(config)]  # train_step donates its state
     batch_pairs = {"fixed": fixed, "moving": moving}
@@ -68,18 +62,7 @@ def bench_config(name: str, config: DIRNetConfig, batch: int, repeats: int) -> l
         state[0], metrics = train_step(state[0], batch_pairs)
         return metrics["loss"]
 
-    compile_s, sec = timed(step, repeats)
-    rows.append(
-        dict(
-            variant=name,
-            size=config.image_shape[0],
-            what=f"train step, batch {batch}",
-            median_ms=sec * 1e3,
-            per_sec=1 / sec,
-            unit="steps/s",
-            first_call_s=compile_s,
-        )
-    )
+    add(f"train step, batch {batch}", step, 1, "steps/s")
     return rows
 
 
@@ -109,15 +92,7 @@ def main(argv: list[str]) -> None:
 
     out = Path(__file__).parent / "results" / f"core-{socket.gethostname()}.json"
     out.parent.mkdir(exist_ok=True)
-    machine = dict(
-        platform=platform.platform(),
-        processor=platform.processor(),
-        device=jax.devices()[0].device_kind,
-        backend=jax.default_backend(),
-        jax=jax.__version__,
-        time=time.strftime("%Y-%m-%d %H:%M:%S"),
-    )
-    out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"machine": machine.describe(), "rows": rows}, indent=2))
     print(f"\nwritten to {out}")
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm.auto import tqdm
 
-from dirnet_jax import DIRNetConfig, train
+from dirnet_jax import DIRNetConfig, machine, plots, train
 from dirnet_jax import workdir as wd
 from dirnet_jax.losses import ncc
 from dirnet_jax.models import register, register_batched
@@ -180,11 +180,9 @@ def run_digit(digit: int, data: dict, config: DIRNetConfig, root: Path, args) ->
             figure = np.load(run_dir / "figure.npz")
             return cached | {"figure": dict(figure)}
 
-    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
-        data["train"],
-        data["validation"],
-        data["test"],
-    )
+    train_x, train_y = data["train"]
+    val_x, val_y = data["validation"]
+    test_x, test_y = data["test"]
     state = train.fit(
         config,
         run_dir,
@@ -210,10 +208,9 @@ def run_digit(digit: int, data: dict, config: DIRNetConfig, root: Path, args) ->
 
 
 def write_outputs(root: Path, results: dict[int, dict], config: DIRNetConfig) -> list[Path]:
-    from dirnet_jax import plots
-
     digits = sorted(results)
     table = {
+        "machine": machine.describe(),
         "config": config.to_dict(),
         "digits": {
             str(d): {k: v for k, v in results[d].items() if k not in ("figure", "settings")}
