@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dirnet_jax import DIRNetConfig, init_variables, machine, register, variant
+from dirnet_jax import DIRNetConfig, init_variables, machine, variant
+from dirnet_jax.models import register
 from dirnet_jax.train import create_train_state, train_step
 
 

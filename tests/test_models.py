@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, apply, init_variables, register, variant
-from dirnet_jax.models import Regressor
+from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, apply, init_variables, variant
+from dirnet_jax.models import Regressor, register
 
 MNIST = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2)
 CARDIAC = DIRNetConfig()  # 256×256, four downsamplings
