@@ -127,21 +127,50 @@ def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
     }
 
 
-def checkpoint_manager(workdir: str | os.PathLike, config: DIRNetConfig) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.max_checkpoints, create=True, cleanup_tmp_directories=True
-    )
+def checkpoint_manager(
+    workdir: str | os.PathLike, config: DIRNetConfig, *, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """The work directory's checkpoints; `read_only` for loading a model (creates nothing)."""
+    if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    else:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.max_checkpoints, create=True, cleanup_tmp_directories=True
+        )
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, wd.CHECKPOINTS)), options=options
     )
 
 
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    return {
+        jax.tree_util.keystr(k): tuple(v.shape)
+        for k, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
 def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
-    """`state` with the newest checkpoint's contents, or unchanged when there is none."""
+    """`state` with the newest checkpoint's contents, or unchanged when there is none.
+
+    Raises ValueError naming the first model array that the checkpoint holds in another
+    shape (or not at all), before orbax tries to restore it.
+    """
     step = mngr.latest_step()
     if step is None:
         return state
-    restored = mngr.restore(step, args=ocp.args.StandardRestore(_checkpoint_tree(state)))
+    target = _checkpoint_tree(state)
+    stored = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(step) / "default")
+    # Adam's moments mirror the parameters; its state is keyed differently in the metadata.
+    model = ("params", "batch_stats")
+    have = _shapes({k: stored[k] for k in model if k in stored})
+    want = _shapes({k: target[k] for k in model})
+    for key in sorted(set(have) | set(want)):
+        if have.get(key) != want.get(key):
+            raise ValueError(
+                f"checkpoint step {step} holds {key} as {have.get(key, 'nothing')}, "
+                f"the config needs {want.get(key, 'nothing')}"
+            )
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
     return state.replace(**restored)
 
 

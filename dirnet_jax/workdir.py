@@ -26,10 +26,12 @@ CHECKPOINTS = "checkpoints"
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it into place, else delete it.
 
-    A kill at any moment leaves either the old file or the new one, never half of one.
+    A kill at any moment leaves either the old file or the new one, never half of one. The
+    temporary name ends like `path` (".nii.gz" too), for writers that go by the suffix.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         yield Path(tmp)
