@@ -1,0 +1,299 @@
+"""The register command: PNG, NumPy, NIfTI and DICOM pairs, CSV batches, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+sitk = pytest.importorskip("SimpleITK")
+from dirnet_jax import DIRNetConfig, train  # noqa: E402
+from dirnet_jax import register as cli  # noqa: E402
+from dirnet_jax.losses import ncc  # noqa: E402
+from dirnet_jax.toy import shifted_blobs  # noqa: E402
+
+CONFIG = DIRNetConfig(
+    image_shape=(28, 28), num_downsamplings=2, features=8, num_steps=150, batch_size=16,
+    learning_rate=2e-3, log_every=50, checkpoint_every=150,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("model")
+    train.fit(CONFIG, workdir, shifted_blobs(0, 64), progress=False)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def pair():
+    fixed, moving = shifted_blobs(5, 2)[..., 0]
+    return fixed, moving
+
+
+def args(checkpoint, out, **kw):
+    values = dict(checkpoint=str(checkpoint), out=str(out), fixed=None, moving=None,
+                  moving_labels=None, pairs=None, batch_size=4, progress=False)  # fmt: skip
+    return types.SimpleNamespace(**(values | kw))
+
+
+def write(path, array, spacing=None, origin=None):
+    if str(path).endswith(".npy"):
+        np.save(path, array)
+        return path
+    image = sitk.GetImageFromArray(array)
+    if spacing:
+        image.SetSpacing(spacing)
+    if origin:
+        image.SetOrigin(origin)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def files_in(folder):
+    return sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_png_pair_with_labels(model_dir, pair, tmp_path, capsys):
+    fixed, moving = pair
+    f = write(tmp_path / "f.png", (fixed * 200).astype(np.uint8))
+    m = write(tmp_path / "m.png", (moving * 200).astype(np.uint8))
+    lab = write(tmp_path / "lab.png", (moving > 0.5).astype(np.uint8) * 3)
+    out = tmp_path / "out"
+    code = cli.main(args(model_dir, out, fixed=str(f), moving=str(m), moving_labels=str(lab)))
+    assert code == 0
+    assert files_in(out) == ["displacement.npy", "labels.png", "warped.png"]
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.png")))
+    assert warped.dtype == np.uint8 and warped.shape == (28, 28)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.png")))
+    assert set(np.unique(labels)) <= {0, 3}
+    line = capsys.readouterr().out
+    before, after = (float(x) for x in line.split("NCC ")[1].split(",")[0].split(" → "))
+    assert after > before + 0.2  # the toy model learnt to align blobs
+    displacement = np.load(out / "displacement.npy")
+    assert displacement.shape == (28, 28, 2)
+
+
+def test_nifti_keeps_geometry_and_field_works_in_itk(model_dir, pair, tmp_path):
+    fixed, moving = pair
+    geometry = dict(spacing=(1.5, 2.0), origin=(3.0, -4.0))
+    f = write(tmp_path / "f.nii.gz", fixed.astype(np.float32), **geometry)
+    m = write(tmp_path / "m.nii.gz", moving.astype(np.float32), **geometry)
+    out = tmp_path / "out"
+    assert cli.main(args(model_dir, out, fixed=str(f), moving=str(m))) == 0
+    assert files_in(out) == ["displacement.nii.gz", "warped.nii.gz"]
+    warped = sitk.ReadImage(str(out / "warped.nii.gz"))
+    assert warped.GetSpacing() == geometry["spacing"] and warped.GetOrigin() == geometry["origin"]
+
+    # Independent check: ITK's own DisplacementFieldTransform with our field reproduces the warp.
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    assert field.GetSpacing() == geometry["spacing"]
+    transform = sitk.DisplacementFieldTransform(field)
+    moving_img = sitk.ReadImage(str(m))
+    itk_warped = sitk.GetArrayFromImage(
+        sitk.Resample(moving_img, moving_img, transform, sitk.sitkLinear, 0.0)
+    )
+    ours = sitk.GetArrayFromImage(warped)
+    np.testing.assert_allclose(ours[4:-4, 4:-4], itk_warped[4:-4, 4:-4], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["npy", "dcm"])
+def test_numpy_and_dicom_pairs(model_dir, pair, tmp_path, kind):
+    fixed, moving = pair
+    if kind == "dcm":
+        f = write(tmp_path / "f.dcm", (fixed * 1000).astype(np.int16), spacing=(1.25, 1.25))
+        m = write(tmp_path / "m.dcm", (moving * 1000).astype(np.int16), spacing=(1.25, 1.25))
+        expected = ["displacement.nii.gz", "warped.nii.gz"]
+    else:
+        f, m = write(tmp_path / "f.npy", fixed), write(tmp_path / "m.npy", moving)
+        expected = ["displacement.npy", "warped.npy"]
+    out = tmp_path / "out"
+    assert cli.main(args(model_dir, out, fixed=str(f), moving=str(m))) == 0
+    assert files_in(out) == expected
+    if kind == "dcm":
+        assert sitk.ReadImage(str(out / "warped.nii.gz")).GetSpacing() == (1.25, 1.25)
+
+
+def test_python_api_matches_the_jitted_model(model_dir, pair):
+    from dirnet_jax.models import register
+
+    model = cli.load_model(model_dir)
+    assert model.step == CONFIG.num_steps
+    fixed, moving = pair
+    result = cli.register_pair(model, fixed, moving)
+    reg = register(CONFIG, model.variables, fixed[None, ..., None], moving[None, ..., None])
+    np.testing.assert_allclose(result.displacement, reg.displacement[0], atol=1e-5)
+    np.testing.assert_allclose(result.warped, reg.warped[0, ..., 0], atol=1e-5)
+    assert result.ncc_after == pytest.approx(
+        float(ncc(fixed[None, ..., None], reg.warped)[0]), abs=1e-5
+    )
+
+
+def test_other_sizes_are_padded_and_cropped(model_dir):
+    model = cli.load_model(model_dir)
+    fixed, moving = shifted_blobs(1, 2, shape=(30, 33))[..., 0]
+    result = cli.register_pair(model, fixed, moving)
+    assert result.warped.shape == (30, 33) and result.displacement.shape == (30, 33, 2)
+    assert any("padded (30, 33) to (32, 36)" in n for n in result.notes)
+
+
+def test_csv_batch_reports_bad_rows_and_goes_on(model_dir, pair, tmp_path, capsys):
+    fixed, moving = pair
+    for name, image in (("f", fixed), ("m", moving), ("m2", np.roll(moving, 1, 0))):
+        write(tmp_path / f"{name}.npy", image)
+    (tmp_path / "pairs.csv").write_text(
+        "fixed,moving\nf.npy,m.npy\nf.npy,missing.npy\nf.npy,m2.npy\n"
+    )
+    out = tmp_path / "out"
+    code = cli.main(args(model_dir, out, pairs=str(tmp_path / "pairs.csv")))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.npy does not exist" in err
+    assert files_in(out) == ["displacement.npy"] * 2 + ["summary.csv"] + ["warped.npy"] * 2
+    summary = (out / "summary.csv").read_text().splitlines()
+    assert len(summary) == 3 and summary[0].startswith("fixed,moving,out,ncc_before")
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0002_m", "0004_m2"]
+
+
+def test_constant_image_warns_but_registers(model_dir, pair, tmp_path, capsys):
+    f = write(tmp_path / "f.npy", np.full((28, 28), 0.3))
+    m = write(tmp_path / "m.npy", pair[1])
+    assert cli.main(args(model_dir, tmp_path / "out", fixed=str(f), moving=str(m))) == 0
+    stdout = capsys.readouterr().out
+    assert "is constant: NCC is undefined" in stdout
+    assert np.all(np.isfinite(np.load(tmp_path / "out" / "warped.npy")))
+
+
+def nan_image(pair):
+    image = pair[1].copy()
+    image[3, 4] = np.nan
+    return image
+
+
+# case: (extra files {name: content or function of the pair}, flags, expected message)
+BAD_INPUTS = {
+    "missing file": ({}, dict(moving="nope.png"), "nope.png does not exist"),
+    "not an image": ({"t.png": "text"}, dict(moving="t.png"), "cannot read"),
+    "corrupt dicom": ({"c.dcm": b"\0" * 300}, dict(moving="c.dcm"), "cannot read"),
+    "3D volume": (
+        {"v.npy": np.zeros((4, 28, 28))},
+        dict(fixed="v.npy", moving="v.npy"),
+        "has 3 dimensions (4, 28, 28); the model registers 2D images",
+    ),
+    "RGB": (
+        {"rgb.png": np.zeros((28, 28, 3), np.uint8)},
+        dict(fixed="rgb.png", moving="rgb.png"),
+        "is a colour image",
+    ),
+    "shapes differ": ({"s.npy": np.zeros((28, 32))}, dict(moving="s.npy"), "differ in shape"),
+    "NaN pixels": ({"n.npy": nan_image}, dict(moving="n.npy"), "NaN or infinite pixels"),
+    "labels not a mask": (
+        {"l.npy": lambda pair: pair[1]},
+        dict(moving_labels="l.npy"),
+        "is not a label mask",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_line_nonzero_nothing_written(model_dir, pair, tmp_path, capsys, case):
+    extra_files, flags, message = BAD_INPUTS[case]
+    files = {"f.npy": pair[0], "m.npy": pair[1], **extra_files}
+    for name, content in files.items():
+        content = content(pair) if callable(content) else content
+        path = tmp_path / name
+        if isinstance(content, str):
+            path.write_text(content)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        elif name.endswith(".png"):
+            sitk.WriteImage(sitk.GetImageFromArray(content, isVector=content.ndim == 3), str(path))
+        else:
+            np.save(path, content)
+    flags = {
+        k: str(tmp_path / v) for k, v in ({"fixed": "f.npy", "moving": "m.npy"} | flags).items()
+    }
+    out = tmp_path / "out"
+    code = cli.main(args(model_dir, out, **flags))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert message in err and err.count("\n") == 1, err
+    assert files_in(out) == []
+
+
+def test_empty_csv(model_dir, tmp_path):
+    (tmp_path / "pairs.csv").write_text("fixed,moving\n")
+    with pytest.raises(cli.RegistrationError, match="has no pairs"):
+        cli.main(args(model_dir, tmp_path / "out", pairs=str(tmp_path / "pairs.csv")))
+
+
+def test_bad_work_directories(model_dir, tmp_path):
+    with pytest.raises(cli.RegistrationError, match="not a dirnet-jax work directory"):
+        cli.load_model(tmp_path)
+    (tmp_path / "config.json").write_text((model_dir / "config.json").read_text())
+    with pytest.raises(cli.RegistrationError, match="has no checkpoint yet"):
+        cli.load_model(tmp_path)
+    assert not (tmp_path / "checkpoints").exists()  # loading creates nothing
+
+    other = tmp_path / "other"
+    os.symlink(model_dir / "checkpoints", tmp_path / "checkpoints")
+    other.mkdir()
+    config = json.loads((model_dir / "config.json").read_text())
+    for change in ({"receptive_field": "global"}, {"features": 16}):
+        (tmp_path / "config.json").write_text(json.dumps(config | change))
+        with pytest.raises(cli.RegistrationError, match=r"does not fit its config\.json") as err:
+            cli.load_model(tmp_path)
+        assert "\n" not in str(err.value)
+
+
+def test_global_head_needs_its_training_size(tmp_path):
+    c2 = CONFIG.replace(receptive_field="global", num_steps=1, dense_features=32)
+    train.fit(c2, tmp_path / "c2", shifted_blobs(0, 4), progress=False)
+    model = cli.load_model(tmp_path / "c2")
+    with pytest.raises(cli.RegistrationError, match=r"only takes its training size \(28, 28\)"):
+        cli.register_pair(model, np.zeros((32, 32)), np.zeros((32, 32)))
+    assert cli.register_pair(model, *shifted_blobs(1, 2)[..., 0]).warped.shape == (28, 28)
+
+
+def test_output_folder_not_writable(model_dir, pair, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("I am a file")
+    np.save(tmp_path / "f.npy", pair[0])
+    with pytest.raises(cli.RegistrationError, match="cannot write to"):
+        cli.main(
+            args(
+                model_dir,
+                blocker / "out",
+                fixed=str(tmp_path / "f.npy"),
+                moving=str(tmp_path / "f.npy"),
+            )
+        )
+
+
+def test_command_line_exit_codes(model_dir, pair, tmp_path):
+    np.save(tmp_path / "f.npy", pair[0])
+    np.save(tmp_path / "m.npy", pair[1])
+    base = [
+        sys.executable,
+        "-m",
+        "dirnet_jax.register",
+        f"--checkpoint={model_dir}",
+        "--progress=false",
+    ]
+    ok = subprocess.run(
+        [*base, f"--fixed={tmp_path}/f.npy", f"--moving={tmp_path}/m.npy", f"--out={tmp_path}/o"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "NCC" in ok.stdout and (tmp_path / "o" / "warped.npy").exists()
+    failed = subprocess.run([*base, f"--out={tmp_path}/o2"], capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert failed.stderr.strip() == "error: give --fixed and --moving, or --pairs"
+    script = os.path.join(os.path.dirname(sys.executable), "dirnet-register")
+    if os.path.exists(script):  # installed by `make install`
+        flags = ["--checkpoint=/nonexistent", f"--out={tmp_path}/o3", "--fixed=a", "--moving=b"]
+        proc = subprocess.run([script, *flags], capture_output=True, text=True)
+        assert proc.returncode == 1 and "not a dirnet-jax work directory" in proc.stderr
