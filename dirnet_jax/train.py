@@ -61,14 +61,29 @@ def data_key(config: DIRNetConfig) -> jax.Array:
     return jax.random.fold_in(jax.random.key(config.seed), 1)
 
 
-@functools.partial(jax.jit, static_argnames="batch_size")
-def sample_pairs(key: jax.Array, images: jax.Array, batch_size: int) -> Batch:
+@functools.partial(jax.jit, static_argnames=("batch_size", "grouped"))
+def sample_pairs(
+    key: jax.Array, images: jax.Array, batch_size: int, grouped: bool = False
+) -> Batch:
     """Random (fixed, moving) pairs of two different images from a pool.
 
-    images: [N, *spatial, C] with N ≥ 2 → {'fixed', 'moving'}: [batch_size, *spatial, C].
+    Args:
+      key: PRNG key.
+      images: [N, *spatial, C] (N ≥ 2), or with `grouped` [G, T, *spatial, C]: pairs then
+        come from one group (say the phases of one slice), two different members of it.
+      batch_size: pairs to draw.
+
+    Returns:
+      {'fixed', 'moving'}: [batch_size, *spatial, C].
     """
+    k_group, k_fixed, k_offset = jax.random.split(key, 3)
+    if grouped:
+        g = jax.random.randint(k_group, (batch_size,), 0, images.shape[0])
+        members = images.shape[1]
+        i = jax.random.randint(k_fixed, (batch_size,), 0, members)
+        j = (i + jax.random.randint(k_offset, (batch_size,), 1, members)) % members  # never i
+        return {"fixed": images[g, i], "moving": images[g, j]}
     n = images.shape[0]
-    k_fixed, k_offset = jax.random.split(key)
     i = jax.random.randint(k_fixed, (batch_size,), 0, n)
     j = (i + jax.random.randint(k_offset, (batch_size,), 1, n)) % n  # never i
     return {"fixed": images[i], "moving": images[j]}
@@ -102,20 +117,33 @@ def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
 
 
 def as_image_pool(config: DIRNetConfig, images: Any, name: str = "images") -> jax.Array:
-    """[N, *image_shape(, C)] array-like → [N, *image_shape, C] float32, with clear errors."""
+    """Array-like pool → float32 with a channel axis, with clear errors.
+
+    [N, *image_shape(, C)] → [N, *image_shape, C]; a grouped pool
+    [G, T, *image_shape(, C)] → [G, T, *image_shape, C] (pairs within a group).
+    """
     images = np.asarray(images)
-    if images.ndim == config.ndim + 1 and config.channels == 1:
-        images = images[..., None]
     expect = (*config.image_shape, config.channels)
-    if images.ndim != config.ndim + 2 or images.shape[1:] != expect:
+    if config.channels == 1 and images.shape[-config.ndim :] == config.image_shape:
+        images = images[..., None]
+    lead = images.ndim - len(expect)
+    if lead not in (1, 2) or images.shape[lead:] != expect:
+        dims = ", ".join(map(str, expect))
         raise ValueError(
-            f"{name} have shape {images.shape}; expected [N, {', '.join(map(str, expect))}]"
+            f"{name} have shape {images.shape}; expected [N, {dims}] or [G, T, {dims}]"
         )
-    if images.shape[0] < 2:
-        raise ValueError(f"{name}: need at least 2 images to draw pairs, got {images.shape[0]}")
+    if images.shape[lead - 1] < 2:
+        what = "images" if lead == 1 else "members per group"
+        raise ValueError(
+            f"{name}: need at least 2 {what} to draw pairs, got {images.shape[lead - 1]}"
+        )
     if not np.all(np.isfinite(images)):
         raise ValueError(f"{name} contain NaN or infinite pixels")
     return jnp.asarray(images, jnp.float32)
+
+
+def is_grouped(config: DIRNetConfig, pool: jax.Array) -> bool:
+    return pool.ndim == config.ndim + 3
 
 
 def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
@@ -187,8 +215,9 @@ def fit(
     Args:
       config: model and schedule; ``num_steps`` is the total, counting resumed steps.
       workdir: where config.json, metrics.jsonl and checkpoints/ live.
-      train_images, val_images: [N, *image_shape(, C)] pools of images; pairs are drawn
-        within a pool. Validation uses ``num_val_pairs`` fixed pairs.
+      train_images, val_images: [N, *image_shape(, C)] pools of images, pairs drawn within
+        a pool; or [G, T, *image_shape(, C)], pairs drawn within a group (the phases of one
+        slice, say). Validation uses ``num_val_pairs`` fixed pairs.
       progress: show a progress bar with ETA.
 
     Returns:
@@ -204,7 +233,9 @@ def fit(
     if val_images is not None:
         val_pool = as_image_pool(config, val_images, "validation images")
         val_key = jax.random.fold_in(jax.random.key(config.seed), 2)
-        val_batch = sample_pairs(val_key, val_pool, config.num_val_pairs)
+        val_batch = sample_pairs(
+            val_key, val_pool, config.num_val_pairs, grouped=is_grouped(config, val_pool)
+        )
 
     mngr = checkpoint_manager(workdir, config)
     try:
@@ -212,6 +243,7 @@ def fit(
         start = int(state.step)
         wd.truncate_metrics(workdir, start)
         key = data_key(config)
+        grouped = is_grouped(config, pool)
         pending: list[jax.Array] = []  # losses not yet checked on the host
         logged: list[float] = []  # checked losses since the last metrics record
         bar = tqdm(
@@ -225,7 +257,9 @@ def fit(
         tick = time.perf_counter()
         with bar:
             for step in range(start + 1, config.num_steps + 1):
-                batch = sample_pairs(jax.random.fold_in(key, step), pool, config.batch_size)
+                batch = sample_pairs(
+                    jax.random.fold_in(key, step), pool, config.batch_size, grouped
+                )
                 state, metrics = train_step(state, batch)
                 pending.append(metrics["loss"])
                 bar.update()

@@ -174,11 +174,29 @@ def test_sample_pairs_distinct_and_reproducible():
     assert set(ids_f) == set(range(5))
 
 
+def test_grouped_pairs_stay_within_a_group():
+    # Pool [G=3, T=4]: value = 10·group + member.
+    values = 10 * np.arange(3)[:, None] + np.arange(4)[None, :]
+    pool = jnp.asarray(values, jnp.float32)[:, :, None, None, None] * jnp.ones((1, 1, 4, 4, 1))
+    batch = train.sample_pairs(jax.random.key(0), pool, 256, grouped=True)
+    f, m = np.asarray(batch["fixed"][:, 0, 0, 0]), np.asarray(batch["moving"][:, 0, 0, 0])
+    assert np.all(f // 10 == m // 10) and np.all(f != m)
+    assert set(f.astype(int)) == set(values.ravel())
+
+
+def test_fit_on_grouped_pool(tmp_path):
+    pool = shifted_blobs(0, 12).reshape(3, 4, 28, 28, 1)  # 3 "slices" × 4 "phases"
+    state = train.fit(TOY.replace(num_steps=10), tmp_path, pool, pool, progress=False)
+    assert int(state.step) == 10
+    assert "val_loss" in wd.read_metrics(tmp_path)[-1]
+
+
 @pytest.mark.parametrize(
     "images,message",
     [
         (np.zeros((4, 28, 24)), "expected \\[N, 28, 28, 1\\]"),
         (np.zeros((1, 28, 28)), "at least 2 images"),
+        (np.zeros((3, 1, 28, 28)), "at least 2 members per group"),
         (np.full((3, 28, 28), np.nan), "NaN or infinite"),
     ],
 )
