@@ -1,0 +1,178 @@
+"""Cardiac cine MRI as TFDS datasets: the synthetic cohort, and the Sunnybrook Cardiac Data.
+
+Both builders write the same features, one example per short-axis slice: ``images``
+[phases, size, size] uint16, ``ed_mask`` / ``es_mask`` [size, size] uint8 (myocardium),
+``ed_phase`` / ``es_phase``, ``annotated`` (both masks present), ``patient``, ``slice`` and
+``spacing`` (mm, row/col). Splits train / validation / test are by patient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from dirnet_jax.datasets import phantom, scd
+
+ZLIB = tfds.features.Encoding.ZLIB
+
+
+def _features(phases: int, size: int) -> tfds.features.FeaturesDict:
+    def scalar(dtype):
+        return tfds.features.Tensor(shape=(), dtype=dtype)
+
+    return tfds.features.FeaturesDict(
+        {
+            "images": tfds.features.Tensor(
+                shape=(phases, size, size), dtype=np.uint16, encoding=ZLIB
+            ),
+            "ed_mask": tfds.features.Tensor(shape=(size, size), dtype=np.uint8, encoding=ZLIB),
+            "es_mask": tfds.features.Tensor(shape=(size, size), dtype=np.uint8, encoding=ZLIB),
+            "ed_phase": scalar(np.int32),
+            "es_phase": scalar(np.int32),
+            "annotated": scalar(np.bool_),
+            "patient": scalar(np.int32),
+            "slice": scalar(np.int32),
+            "spacing": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+        }
+    )
+
+
+@dataclasses.dataclass(eq=False)
+class PhantomConfig(tfds.core.BuilderConfig):
+    spec: phantom.CohortSpec = dataclasses.field(default_factory=phantom.CohortSpec)
+
+
+class CardiacPhantom(tfds.core.GeneratorBasedBuilder):
+    """The synthetic cine-MRI cohort of dirnet_jax.datasets.phantom (45 patients 15/15/15)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [PhantomConfig(name="default", description="45 patients, 8 slices, 256²")]  # noqa: RUF012
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        spec = self.builder_config.spec
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=phantom.__doc__,
+            features=_features(spec.phases, spec.size),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        n = self.builder_config.spec.num_patients
+        third = n // 3
+        bounds = {
+            "train": (0, n - 2 * third),
+            "validation": (n - 2 * third, n - third),
+            "test": (n - third, n),
+        }
+        return {split: self._generate_examples(range(*b)) for split, b in bounds.items()}
+
+    def _generate_examples(self, patients):
+        spec = self.builder_config.spec
+        for p in patients:
+            data = phantom.generate_patient(spec, p)
+            for s in range(spec.slices):
+                yield (
+                    f"{p:03d}_{s:02d}",
+                    {
+                        "images": data["images"][s],
+                        "ed_mask": data["ed_mask"][s],
+                        "es_mask": data["es_mask"][s],
+                        "ed_phase": data["ed_phase"],
+                        "es_phase": data["es_phase"],
+                        "annotated": True,
+                        "patient": p,
+                        "slice": s,
+                        "spacing": np.full(2, spec.spacing_mm, np.float32),
+                    },
+                )
+
+
+@dataclasses.dataclass(eq=False)
+class SunnybrookConfig(tfds.core.BuilderConfig):
+    size: int = 256
+    split_seed: int = 0
+
+
+class Sunnybrook(tfds.core.GeneratorBasedBuilder):
+    """The Sunnybrook Cardiac Data (Radau et al. 2009), read from a manual download."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [SunnybrookConfig(name="default", description="256×256, 15/15/15 patients")]  # noqa: RUF012
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+The Sunnybrook Cardiac Data needs a (free) registration, so it cannot ship. Download the
+images (SCD_IMAGES_01 … 05), the expert contours (SCD_ManualContours) and
+scd_patientdata.csv from the Cardiac Atlas Project, extract everything into one folder and
+pass that folder as --scd_dir (the TFDS manual_dir)."""
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=scd.__doc__,
+            features=_features(scd.PHASES, self.builder_config.size),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        root = Path(dl_manager.manual_dir)
+        patients = scd.read_patients(root / "scd_patientdata.csv")
+        splits = scd.split_patients(patients, self.builder_config.split_seed)
+        index = {
+            p.patient_id: i for i, p in enumerate(sorted(patients, key=lambda p: p.patient_id))
+        }
+        return {
+            split: self._generate_examples(root, [(index[p.patient_id], p) for p in members])
+            for split, members in splits.items()
+        }
+
+    def _generate_examples(self, root, patients):
+        for number, patient in patients:
+            for example in scd.read_patient(root, patient, self.builder_config.size):
+                yield f"{patient.patient_id}_{example['slice']:02d}", example | {"patient": number}
+
+
+def builder(
+    data_dir: str | os.PathLike,
+    *,
+    scd_dir: str | os.PathLike | None = None,
+    spec: phantom.CohortSpec | None = None,
+    size: int = 256,
+) -> tfds.core.DatasetBuilder:
+    """The SCD builder when `scd_dir` is given, else the phantom's; prepared on first use."""
+    if scd_dir is not None:
+        config = SunnybrookConfig(name="default" if size == 256 else f"size{size}", size=size)
+        b = Sunnybrook(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+        if not b.is_prepared():
+            if not Path(scd_dir).is_dir():
+                raise FileNotFoundError(f"--scd_dir {scd_dir} is not a folder")
+            b.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(scd_dir))
+            )
+        return b
+    spec = spec or phantom.CohortSpec()
+    name = (
+        "default"
+        if spec == phantom.CohortSpec()
+        else (f"p{spec.num_patients}_s{spec.slices}_t{spec.phases}_{spec.size}_seed{spec.seed}")
+    )
+    b = CardiacPhantom(
+        config=PhantomConfig(name=name, spec=spec),
+        data_dir=os.fspath(data_dir),
+        file_format="array_record",
+    )
+    if not b.is_prepared():
+        b.download_and_prepare()
+    return b
+
+
+def load(b: tfds.core.DatasetBuilder, split: str) -> dict[str, np.ndarray]:
+    """Every example of a split, stacked: images [S, T, H, W] uint16, masks [S, H, W], …"""
+    source = b.as_data_source(split=split)
+    items = source.__getitems__(range(len(source)))
+    if not items:
+        return {}
+    return {key: np.stack([np.asarray(item[key]) for item in items]) for key in items[0]}
