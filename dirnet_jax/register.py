@@ -43,6 +43,7 @@ from dirnet_jax.imageio import ImageError, LoadedImage
 from dirnet_jax.losses import ncc
 from dirnet_jax.metrics import folded_fraction
 from dirnet_jax.models import register_batched
+from dirnet_jax.preprocess import minmax
 from dirnet_jax.resample import warp
 
 
@@ -161,12 +162,6 @@ def check_pair(
     return fixed, moving, labels, notes
 
 
-def _normalize(image: np.ndarray) -> np.ndarray:
-    """Min–max to [0, 1]; a constant image becomes zeros."""
-    lo, hi = float(image.min()), float(image.max())
-    return (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
-
-
 def _padding(config: DIRNetConfig, shape: tuple[int, ...]) -> list[tuple[int, int]]:
     factor = config.downsampling_factor
     extra = [(-s) % factor for s in shape]
@@ -223,10 +218,10 @@ def _register_checked(
             for start in range(0, len(ids), batch_size):
                 chunk = ids[start : start + batch_size]
                 fixed = np.stack(
-                    [np.pad(_normalize(checked[i][0]), pad, mode="edge") for i in chunk]
+                    [np.pad(minmax(checked[i][0], config.ndim), pad, mode="edge") for i in chunk]
                 )
                 moving = np.stack(
-                    [np.pad(_normalize(checked[i][1]), pad, mode="edge") for i in chunk]
+                    [np.pad(minmax(checked[i][1], config.ndim), pad, mode="edge") for i in chunk]
                 )
                 reg = register_batched(
                     config,
