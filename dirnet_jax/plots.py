@@ -39,31 +39,46 @@ def learning_curves(
 
 
 def image_table(
-    rows: Sequence[Sequence[np.ndarray]],
+    rows: Sequence[Sequence[np.ndarray | None]],
     path: str | os.PathLike,
     *,
     row_labels: Sequence[str],
     col_labels: Sequence[str],
     title: str | None = None,
-    cmap: str = "gray",
+    cmap: str | Sequence[str] = "gray",
     shared_range: bool = True,
+    colorbar: Sequence[bool] | None = None,
 ) -> None:
-    """A grid of [H, W] images, rows × columns, with labels → PNG at `path`."""
+    """A grid of [H, W] images, rows × columns, with labels → PNG at `path`.
+
+    `cmap` may differ per row; with `shared_range` every row shares one intensity range
+    (each row its own). A None cell stays empty; `colorbar` adds one per row.
+    """
     n_rows, n_cols = len(rows), len(rows[0])
-    fig = Figure(figsize=(1.2 * n_cols + 0.8, 1.2 * n_rows + 0.4))
+    cmaps = [cmap] * n_rows if isinstance(cmap, str) else list(cmap)
+    fig = Figure(figsize=(1.2 * n_cols + 0.8 + 0.4 * bool(colorbar), 1.2 * n_rows + 0.4))
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
-    lo = min(float(np.min(im)) for row in rows for im in row) if shared_range else None
-    hi = max(float(np.max(im)) for row in rows for im in row) if shared_range else None
     for r, row in enumerate(rows):
+        present = [np.asarray(im) for im in row if im is not None]
+        lo = min(float(im.min()) for im in present) if shared_range else None
+        hi = max(float(im.max()) for im in present) if shared_range else None
+        shown = None
         for c, im in enumerate(row):
             ax = axes[r, c]
-            ax.imshow(np.asarray(im), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+            if im is None:
+                ax.set_frame_on(False)  # empty, but keeps its row label
+            else:
+                shown = ax.imshow(
+                    np.asarray(im), cmap=cmaps[r], vmin=lo, vmax=hi, interpolation="nearest"
+                )
             if r == 0:
                 ax.set_title(col_labels[c], fontsize=9)
             if c == 0:
                 ax.set_ylabel(row_labels[r], fontsize=9)
+        if colorbar and colorbar[r] and shown is not None:
+            fig.colorbar(shown, ax=list(axes[r]), fraction=0.02, pad=0.01)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1.04)
     _save(fig, path)
