@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import flax.struct
@@ -96,12 +97,54 @@ def _loss(params, state: TrainState, batch: Batch):
     return loss, batch_stats
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One Adam step on a batch of pairs; metrics: {'loss'}."""
+def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     (loss, batch_stats), grads = jax.value_and_grad(_loss, has_aux=True)(state.params, state, batch)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     return state, {"loss": loss}
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One Adam step on a batch of pairs; metrics: {'loss'}."""
+    return _train_step(state, batch)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("steps", "batch_size", "grouped", "sharding"), donate_argnums=0
+)
+def train_steps(
+    state: TrainState,
+    pool: jax.Array,
+    key: jax.Array,
+    *,
+    steps: int,
+    batch_size: int,
+    grouped: bool,
+    sharding: jax.sharding.Sharding | None = None,
+) -> tuple[TrainState, jax.Array]:
+    """`steps` Adam steps in one dispatch, pairs drawn on the device.
+
+    Step s (counting from 1 over the whole run) trains on
+    ``sample_pairs(fold_in(key, s), pool, batch_size, grouped)``, exactly as a loop of
+    `train_step` would, so chunks of any length give the same trajectory. `sharding`
+    places each batch (data parallelism: split over devices along the batch axis).
+    `fit` dispatches one step at a time: on XLA:CPU a scan of steps ran 3× (28×28) to 10×
+    (128×128) slower per step than single steps (benchmarks/NOTES.md).
+
+    Returns (state, [steps] losses).
+    """
+
+    def body(state, _):
+        batch = sample_pairs(jax.random.fold_in(key, state.step + 1), pool, batch_size, grouped)
+        if sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, sharding)
+        state, metrics = _train_step(state, batch)
+        return state, metrics["loss"]
+
+    if steps == 1:  # XLA:CPU runs a scan's body several times slower than the same ops
+        state, loss = body(state, None)
+        return state, loss[None]
+    return jax.lax.scan(body, state, length=steps)
 
 
 @jax.jit
@@ -144,6 +187,25 @@ def as_image_pool(config: DIRNetConfig, images: Any, name: str = "images") -> ja
 
 def is_grouped(config: DIRNetConfig, pool: jax.Array) -> bool:
     return pool.ndim == config.ndim + 3
+
+
+def data_parallel(config: DIRNetConfig) -> tuple[jax.sharding.Sharding, jax.sharding.Sharding]:
+    """(replicated, batch-split) shardings over every device: data parallelism.
+
+    Parameters and the image pool are replicated; each batch is split along its first
+    axis. With one device this is plain single-device training.
+    """
+    devices = jax.devices()
+    if config.batch_size % len(devices):
+        raise ValueError(
+            f"batch_size {config.batch_size} does not split over the {len(devices)} devices"
+        )
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    spec = jax.sharding.PartitionSpec
+    return (
+        jax.sharding.NamedSharding(mesh, spec()),
+        jax.sharding.NamedSharding(mesh, spec("data")),
+    )
 
 
 def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
@@ -227,8 +289,10 @@ def fit(
       FloatingPointError: the loss became NaN or infinite (names the step and the last
         good checkpoint).
     """
-    workdir = wd.claim(workdir, config)
-    pool = as_image_pool(config, train_images, "training images")
+    primary = jax.process_index() == 0  # the one process that writes config and metrics
+    workdir = wd.claim(workdir, config) if primary else Path(workdir)
+    replicated, split = data_parallel(config)
+    pool = jax.device_put(as_image_pool(config, train_images, "training images"), replicated)
     val_batch = None
     if val_images is not None:
         val_pool = as_image_pool(config, val_images, "validation images")
@@ -236,15 +300,17 @@ def fit(
         val_batch = sample_pairs(
             val_key, val_pool, config.num_val_pairs, grouped=is_grouped(config, val_pool)
         )
+        val_batch = jax.device_put(val_batch, replicated)
 
     mngr = checkpoint_manager(workdir, config)
     try:
         state = restore_latest(mngr, create_train_state(config))
+        state = jax.device_put(state, replicated)
         start = int(state.step)
-        wd.truncate_metrics(workdir, start)
+        if primary:
+            wd.truncate_metrics(workdir, start)
         key = data_key(config)
         grouped = is_grouped(config, pool)
-        pending: list[jax.Array] = []  # losses not yet checked on the host
         logged: list[float] = []  # checked losses since the last metrics record
         bar = tqdm(
             total=config.num_steps,
@@ -255,19 +321,21 @@ def fit(
             dynamic_ncols=True,
         )
         tick = time.perf_counter()
+        pending: list[jax.Array] = []  # losses not yet checked on the host
         with bar:
             for step in range(start + 1, config.num_steps + 1):
-                batch = sample_pairs(
-                    jax.random.fold_in(key, step), pool, config.batch_size, grouped
-                )
-                state, metrics = train_step(state, batch)
-                pending.append(metrics["loss"])
+                # One step per dispatch: XLA:CPU runs scanned steps several times slower.
+                state, loss = train_steps(
+                    state, pool, key, steps=1, batch_size=config.batch_size,
+                    grouped=grouped, sharding=split,
+                )  # fmt: skip
+                pending.append(loss)
                 bar.update()
                 log = step % config.log_every == 0 or step == config.num_steps
                 save = step % config.checkpoint_every == 0 or step == config.num_steps
                 if not (log or save):
                     continue
-                logged.extend(_checked(pending, step, mngr))
+                logged.extend(_checked(jnp.concatenate(pending), step, mngr))
                 pending = []
                 if log:
                     now = time.perf_counter()
@@ -280,7 +348,8 @@ def fit(
                         record.update(
                             {f"val_{k}": float(v) for k, v in eval_step(state, val_batch).items()}
                         )
-                    wd.append_metrics(workdir, record)
+                    if primary:
+                        wd.append_metrics(workdir, record)
                     bar.set_postfix(loss=f"{record['train_loss']:.4f}")
                     logged, tick = [], time.perf_counter()
                 if save:
@@ -291,7 +360,7 @@ def fit(
     return state
 
 
-def _checked(losses: list[jax.Array], last_step: int, mngr: ocp.CheckpointManager) -> list[float]:
+def _checked(losses: jax.Array, last_step: int, mngr: ocp.CheckpointManager) -> list[float]:
     """Host copies of the losses of steps last_step-len+1 … last_step, all finite, or raise."""
     values = np.asarray(jax.device_get(losses), dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(values))

@@ -139,13 +139,35 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
 
 def test_each_jitted_function_traces_once(tmp_path, pool):
     config = TOY.replace(num_steps=30, features=8)
-    before = train.train_step._cache_size(), train.eval_step._cache_size()
+
+    def traces():
+        return train.train_steps._cache_size(), train.eval_step._cache_size()
+
+    before = traces()
     train.fit(config, tmp_path / "a", pool, pool, progress=False)
-    after = train.train_step._cache_size(), train.eval_step._cache_size()
+    after = traces()
     assert after == (before[0] + 1, before[1] + 1)
     # Another run of the same config (say the next MNIST digit) reuses the trace.
     train.fit(config, tmp_path / "b", pool[::-1], pool, progress=False)
-    assert (train.train_step._cache_size(), train.eval_step._cache_size()) == after
+    assert traces() == after
+
+
+def test_fused_steps_follow_the_single_step_loop(pool):
+    config = TOY.replace(num_steps=6)
+    images = jnp.asarray(pool)
+    key = train.data_key(config)
+    loop = train.create_train_state(config)
+    losses = []
+    for step in range(1, 7):
+        batch = train.sample_pairs(jax.random.fold_in(key, step), images, config.batch_size)
+        loop, metrics = train.train_step(loop, batch)
+        losses.append(float(metrics["loss"]))
+    fused = train.create_train_state(config)
+    fused, first = train.train_steps(fused, images, key, steps=2, batch_size=8, grouped=False)
+    fused, rest = train.train_steps(fused, images, key, steps=4, batch_size=8, grouped=False)
+    np.testing.assert_allclose(np.concatenate([first, rest]), losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(loop.params), jax.tree.leaves(fused.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_workdir_with_another_config_refuses(tmp_path, pool):

@@ -1,0 +1,56 @@
+"""Data parallelism over several (virtual CPU) devices: same trajectory as one device."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from dirnet_jax import DIRNetConfig, train
+from dirnet_jax import workdir as wd
+from dirnet_jax.toy import shifted_blobs
+
+CONFIG = dict(image_shape=(28, 28), num_downsamplings=2, batch_size=8, learning_rate=1e-3,
+              num_steps=30, log_every=10, checkpoint_every=30)  # fmt: skip
+
+FOUR_DEVICES = """
+import json, sys
+import jax
+from dirnet_jax import DIRNetConfig, train
+from dirnet_jax.toy import shifted_blobs
+assert jax.device_count() == 4, jax.devices()
+config = DIRNetConfig(**json.loads(sys.argv[2]))
+state = train.fit(config, sys.argv[1], shifted_blobs(0, 16), progress=False)
+kernel = state.params["output"]["kernel"]
+_, split = train.data_parallel(config)
+pool = jax.numpy.zeros((4, 28, 28, 1))
+hlo = train.train_steps.lower(state, pool, train.data_key(config), steps=1, batch_size=8,
+                              grouped=False, sharding=split).compile().as_text()
+print(json.dumps({"param_devices": len(kernel.sharding.device_set),
+                  "all_reduce": "all-reduce" in hlo, "kernel": kernel.ravel().tolist()}))
+try:
+    train.data_parallel(config.replace(batch_size=6))
+except ValueError as err:
+    print(err)
+"""
+
+
+def test_four_devices_follow_one(tmp_path):
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    cmd = [sys.executable, "-c", FOUR_DEVICES, str(tmp_path / "four"), json.dumps(CONFIG)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report, error = proc.stdout.strip().splitlines()[-2:]
+    report = json.loads(report)
+    assert report["param_devices"] == 4  # parameters replicated on every device
+    assert report["all_reduce"]  # gradients and BatchNorm statistics are reduced across them
+    assert error == "batch_size 6 does not split over the 4 devices"
+
+    config = DIRNetConfig(**CONFIG)
+    one = train.fit(config, tmp_path / "one", shifted_blobs(0, 16), progress=False)
+    losses = [[r["train_loss"] for r in wd.read_metrics(tmp_path / d)] for d in ("one", "four")]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+    np.testing.assert_allclose(
+        np.ravel(one.params["output"]["kernel"]), report["kernel"], rtol=1e-3, atol=1e-6
+    )
