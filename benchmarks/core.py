@@ -1,14 +1,22 @@
-"""Speed of the core: training steps and one-pass registration, per variant and image size.
+"""Speed: one-pass registration and training per variant, against PyTorch and SimpleElastix.
 
-    make bench            # or: python -m benchmarks.core [--quick]
+    make bench                                # python -m benchmarks.core
+    python -m benchmarks.core --quick         # baseline only, fewer repeats
 
-Prints a table (medians over repeats, after warm-up, device work synchronised) and writes it
-with the machine description to benchmarks/results/core-<host>.json. Never fails on time.
+Rows, all on this machine in one run: for each variant at 28×28 (2 downsamplings) and
+256×256 (4): registration pairs/s at batch 1 and 32 (and 512 on a GPU), training steps/s at
+batch 32 (a step on a given batch; pair sampling and step in one dispatch, which is what
+training runs; and, at 28×28 or on a GPU, a lax.scan of 20 steps), first-call time;
+then the same baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is
+installed) and SimpleElastix per 256×256 pair with the paper's settings, as ratios to
+DIRNet. Medians after warm-up, device work synchronised. Writes the table and the machine
+description to benchmarks/results/core-<host>.json. Never fails on time.
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import socket
 import statistics
 import sys
@@ -19,81 +27,184 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dirnet_jax import DIRNetConfig, init_variables, machine, variant
+from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, init_variables, machine, variant
 from dirnet_jax.models import register
-from dirnet_jax.train import create_train_state, train_step
+from dirnet_jax.train import create_train_state, data_key, train_step, train_steps
+
+FUSED = 20  # steps per dispatch in the fused training rows
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
+def timed(fn, repeats: int, sync=jax.block_until_ready) -> tuple[float, float]:
     """(first call incl. compile, median of `repeats` further calls), seconds."""
     t = time.perf_counter()
-    jax.block_until_ready(fn())
+    sync(fn())
     first = time.perf_counter() - t
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(fn())
+        sync(fn())
         times.append(time.perf_counter() - t)
     return first, statistics.median(times)
 
 
-def bench_config(name: str, config: DIRNetConfig, batch: int, repeats: int) -> list[dict]:
-    rng = np.random.default_rng(0)
-    shape = (batch, *config.image_shape, 1)
-    fixed = jnp.asarray(rng.uniform(size=shape), jnp.float32)
-    moving = jnp.asarray(rng.uniform(size=shape), jnp.float32)
-    rows = []
+def peak_memory_mb() -> float:
+    """Peak device memory where the backend reports it, else the process's peak RSS."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    def add(what: str, fn, count: int, unit: str) -> None:
-        first, sec = timed(fn, repeats)
-        rows.append(
-            dict(variant=name, size=config.image_shape[0], what=what, median_ms=sec * 1e3,
-                 per_sec=count / sec, unit=unit, first_call_s=first)
+
+class Table:
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def add(self, impl, name, size, what, first, sec, count, unit):
+        self.rows.append(
+            dict(impl=impl, variant=name, size=size, what=what, median_ms=sec * 1e3,
+                 per_sec=count / sec, unit=unit, first_call_s=first, peak_mb=peak_memory_mb())
         )  # fmt: skip
 
-    variables = init_variables(config, jax.random.key(0))
-    for b in sorted({1, batch}):
-        add(f"register, batch {b}", lambda b=b: register(config, variables, fixed[:b], moving[:b]),
-            b, "pairs/s")  # fmt: skip
+    def rate(self, impl, size, what) -> float | None:
+        for r in self.rows:
+            if (r["impl"], r["variant"], r["size"], r["what"]) == (impl, "baseline", size, what):
+                return r["per_sec"]
+        return None
 
-    state = [create_train_state(config)]  # train_step donates its state
-    batch_pairs = {"fixed": fixed, "moving": moving}
+
+def bench_jax(table: Table, name: str, config: DIRNetConfig, batches, repeats: int) -> None:
+    rng = np.random.default_rng(0)
+    size = config.image_shape[0]
+    biggest = max(batches)
+    fixed = jnp.asarray(rng.uniform(size=(biggest, size, size, 1)), jnp.float32)
+    moving = jnp.asarray(rng.uniform(size=(biggest, size, size, 1)), jnp.float32)
+    variables = init_variables(config, jax.random.key(0))
+    for b in batches:
+        f, m = fixed[:b], moving[:b]
+        first, sec = timed(lambda f=f, m=m: register(config, variables, f, m), repeats)
+        table.add("jax", name, size, f"register, batch {b}", first, sec, b, "pairs/s")
+
+    batch = {"fixed": fixed[:32], "moving": moving[:32]}
+    state = [create_train_state(config)]  # the step functions donate their state
 
     def step():
-        state[0], metrics = train_step(state[0], batch_pairs)
+        state[0], metrics = train_step(state[0], batch)
         return metrics["loss"]
 
-    add(f"train step, batch {batch}", step, 1, "steps/s")
-    return rows
+    first, sec = timed(step, repeats)
+    table.add("jax", name, size, "train step, batch 32", first, sec, 1, "steps/s")
+
+    pool, key = fixed[:32], data_key(config)
+    scans = (1, FUSED) if size <= 32 or jax.default_backend() != "cpu" else (1,)
+    for steps in scans:  # a scan at 256² on XLA:CPU takes minutes per call
+
+        def fused(steps=steps):
+            state[0], losses = train_steps(
+                state[0], pool, key, steps=steps, batch_size=32, grouped=False
+            )
+            return losses
+
+        first, sec = timed(fused, repeats if steps == 1 else max(2, repeats // steps))
+        what = "train, sample+step" if steps == 1 else f"train, scan of {steps}"
+        table.add("jax", name, size, what, first, sec, steps, "steps/s")
+
+
+def bench_torch(table: Table, size: int, downsamplings: int, repeats: int) -> None:
+    try:
+        import torch
+
+        from benchmarks.torch_dirnet import DIRNet, ncc
+    except ImportError:
+        print("PyTorch is not installed: no PyTorch rows (pip install torch==2.13.0)")
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def sync(x):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return x
+
+    model = DIRNet(size, downsamplings).to(device)
+    fixed = torch.rand(32, 1, size, size, device=device)
+    moving = torch.rand(32, 1, size, size, device=device)
+    model.eval()
+    for b in (1, 32):
+        with torch.no_grad():
+            first, sec = timed(lambda b=b: model(fixed[:b], moving[:b]), repeats, sync)
+        table.add("torch", "baseline", size, f"register, batch {b}", first, sec, b, "pairs/s")
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad()
+        warped, _ = model(fixed, moving)
+        loss = -ncc(fixed, warped).mean()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    first, sec = timed(step, repeats, sync)
+    table.add("torch", "baseline", size, "train step, batch 32", first, sec, 1, "steps/s")
+
+
+def bench_elastix(table: Table, pairs: int) -> None:
+    try:
+        from dirnet_jax import elastix
+        from dirnet_jax.datasets import phantom
+
+        elastix.bspline_parameters(16)
+    except ImportError as err:
+        print(f"no SimpleElastix row: {err}")
+        return
+    spec = phantom.CohortSpec(slices=pairs, phases=20)
+    data = phantom.generate_patient(spec, 0)
+    params = elastix.bspline_parameters(16 * 1.28, resolutions=2, iterations=100)
+    seconds = []
+    for s in range(pairs):
+        ed, es = data["images"][s, 0], data["images"][s, data["es_phase"]]
+        result = elastix.register_pair(es.astype(np.float32), ed.astype(np.float32), params,
+                                       spacing=(1.28, 1.28))  # fmt: skip
+        seconds.append(result.seconds)
+    sec = statistics.median(seconds)
+    table.add("elastix", "baseline", 256, "register, 1 pair", float("nan"), sec, 1, "pairs/s")
 
 
 def main(argv: list[str]) -> None:
     quick = "--quick" in argv
-    mnist = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2)
-    cases = [
-        (name, variant(name, mnist), 32, 5 if quick else 20)
-        for name in (["baseline"] if quick else ["baseline", "A1", "A2", "B1", "B2", "C1", "C2"])
-    ]
-    cases.append(("baseline", DIRNetConfig(), 32, 2 if quick else 5))
-    rows = []
-    for name, config, batch, repeats in cases:
-        rows += bench_config(name, config, batch, repeats)
+    on_gpu = jax.default_backend() != "cpu"
+    names = ["baseline"] if quick else list(PAPER_VARIANTS)
+    table = Table()
+    for size, downsamplings in ((28, 2), (256, 4)):
+        base = DIRNetConfig(image_shape=(size, size), num_downsamplings=downsamplings)
+        batches = (1, 32, 512) if on_gpu else (1, 32)
+        repeats = (20 if size == 28 else 5) // (2 if quick else 1) if not on_gpu else 50
+        for name in names:
+            bench_jax(table, name, variant(name, base), batches, repeats)
+        bench_torch(table, size, downsamplings, repeats)
+    bench_elastix(table, pairs=3 if quick else 8)
 
-    header = (
-        f"{'variant':9} {'size':>4}  {'measure':22} {'median':>10} {'rate':>16} {'1st call':>9}"
-    )
     print(f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    header = (
+        f"{'impl':7} {'variant':8} {'size':>4}  {'measure':24} {'median':>11} "
+        f"{'rate':>17} {'1st call':>8} {'vs jax':>7}"
+    )
     print(header)
     print("-" * len(header))
-    for r in rows:
+    for r in table.rows:
+        mine = table.rate("jax", r["size"], r["what"]) if r["impl"] != "jax" else None
+        if r["impl"] == "elastix":
+            mine = table.rate("jax", 256, "register, batch 1")
+        ratio = f"{mine / r['per_sec']:6.1f}×" if mine else ""
         print(
-            f"{r['variant']:9} {r['size']:>4}  {r['what']:22} {r['median_ms']:8.2f}ms "
-            f"{r['per_sec']:9.1f} {r['unit']:>7}  {r['first_call_s']:7.2f}s"
+            f"{r['impl']:7} {r['variant']:8} {r['size']:>4}  {r['what']:24} "
+            f"{r['median_ms']:9.2f}ms {r['per_sec']:9.1f} {r['unit']:>7} "
+            f"{r['first_call_s']:7.2f}s {ratio:>7}"
         )
+    print("vs jax: how many times faster the JAX row of the same measure is.")
 
     out = Path(__file__).parent / "results" / f"core-{socket.gethostname()}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": machine.describe(), "rows": rows}, indent=2))
+    out.write_text(json.dumps({"machine": machine.describe(), "rows": table.rows}, indent=2))
     print(f"\nwritten to {out}")
 
 
