@@ -144,7 +144,7 @@ def builder(
 ) -> tfds.core.DatasetBuilder:
     """The SCD builder when `scd_dir` is given, else the phantom's; prepared on first use."""
     if scd_dir is not None:
-        config = SunnybrookConfig(name="default" if size == 256 else f"size{size}", size=size)
+        config = "default" if size == 256 else SunnybrookConfig(name=f"size{size}", size=size)
         b = Sunnybrook(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
         if not b.is_prepared():
             if not Path(scd_dir).is_dir():
@@ -154,16 +154,12 @@ def builder(
             )
         return b
     spec = spec or phantom.CohortSpec()
-    name = (
-        "default"
-        if spec == phantom.CohortSpec()
-        else (f"p{spec.num_patients}_s{spec.slices}_t{spec.phases}_{spec.size}_seed{spec.seed}")
-    )
-    b = CardiacPhantom(
-        config=PhantomConfig(name=name, spec=spec),
-        data_dir=os.fspath(data_dir),
-        file_format="array_record",
-    )
+    if spec == phantom.CohortSpec():
+        config = "default"  # the registered config; a custom one may not reuse its name
+    else:
+        name = f"p{spec.num_patients}_s{spec.slices}_t{spec.phases}_{spec.size}_seed{spec.seed}"
+        config = PhantomConfig(name=name, spec=spec)
+    b = CardiacPhantom(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
     if not b.is_prepared():
         b.download_and_prepare()
     return b
