@@ -62,3 +62,12 @@ def mask_metrics(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> di
         "hd95_mm": float(np.percentile(distances, 95)),
         "mad_mm": float(np.mean(distances)),
     }
+
+
+def summarize(values) -> dict[str, float]:
+    """{"mean", "std", "n"} over the finite values (NaN marks an undefined measure)."""
+    values = np.asarray(values, np.float64)
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(finite.mean()), "std": float(finite.std()), "n": int(finite.size)}

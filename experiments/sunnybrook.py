@@ -29,25 +29,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from tqdm.auto import tqdm
 
 from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, machine, plots, train, variant
 from dirnet_jax import workdir as wd
 from dirnet_jax.datasets import phantom
-from dirnet_jax.metrics import mask_metrics
+from dirnet_jax.metrics import mask_metrics, summarize
 from dirnet_jax.models import register, register_batched
 from dirnet_jax.preprocess import downsample, downsample_mask, minmax
 from dirnet_jax.resample import warp
+from experiments import common
 
-REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "tfds"
 VARIANTS = list(PAPER_VARIANTS)
 
 
@@ -69,27 +68,12 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """The command's flags, defined on demand: importing this module defines none
     (two experiments share flag names)."""
+    common.define_run_flags(workdir="runs/sunnybrook", iterations=None, checkpoint_every=500)
     flags.DEFINE_enum("variant", "baseline", [*VARIANTS, "all"], "Variant to train, or all.")
-    flags.DEFINE_enum("preset", "paper", list(PRESETS), "paper settings, or cpu (see module doc).")
-    flags.DEFINE_string(
-        "scd_dir", None, "Sunnybrook Cardiac Data folder; default: synthetic cohort."
-    )
-    flags.DEFINE_string("data_dir", str(REPO_DATA), "TFDS data directory for prepared datasets.")
-    flags.DEFINE_string("workdir", "runs/sunnybrook", "Where runs, results and figures go.")
-    flags.DEFINE_integer("iterations", None, "Training iterations (default: the preset's).")
-    flags.DEFINE_integer("batch_size", 32, "Pairs per training batch.", lower_bound=1)
-    flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0)
-    flags.DEFINE_integer("seed", 0, "Seed of initialisation and pair sampling.")
-    flags.DEFINE_integer("log_every", 100, "Iterations between validation losses.", lower_bound=1)
-    flags.DEFINE_integer("checkpoint_every", 500, "Iterations between checkpoints.", lower_bound=1)
+    flags.DEFINE_enum("preset", "paper", list(PRESETS), "paper settings, or cpu (module doc).")
+    flags.DEFINE_string("scd_dir", None, "Sunnybrook Cardiac Data folder; default: synthetic.")
     flags.DEFINE_bool("elastix", True, "Compute the SimpleElastix row.")
     flags.DEFINE_bool("summarize", False, "Only gather the runs in --workdir into the outputs.")
-    flags.DEFINE_bool("progress", True, "Show progress bars.")
-    flags.DEFINE_bool(
-        "distributed",
-        False,
-        "Multi-host: call jax.distributed.initialize() first (e.g. under SLURM).",
-    )
 
 
 @dataclasses.dataclass
@@ -153,20 +137,12 @@ def example_index(pairs: Pairs) -> int:
     return candidates[len(candidates) // 2]
 
 
-def summary(values) -> dict[str, float]:
-    values = np.asarray(values, np.float64)
-    finite = values[np.isfinite(values)]
-    if not finite.size:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(finite.mean()), "std": float(finite.std()), "n": int(finite.size)}
-
-
 def mask_rows(warped_masks: np.ndarray, pairs: Pairs) -> dict[str, dict]:
     per_pair = [
         mask_metrics(w, f, tuple(s))
         for w, f, s in zip(warped_masks, pairs.fixed_mask, pairs.spacing, strict=True)
     ]
-    return {k: summary([m[k] for m in per_pair]) for k in ("dice", "hd95_mm", "mad_mm")}
+    return {k: summarize([m[k] for m in per_pair]) for k in ("dice", "hd95_mm", "mad_mm")}
 
 
 @jax.jit
@@ -411,21 +387,6 @@ def table_markdown(rows: dict[str, dict], data: str, preset: str, n_pairs: int) 
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if FLAGS.distributed:
-        jax.distributed.initialize()  # coordinator, process count and id from the cluster
-    try:
-        paths = run(FLAGS)
-    except (FileNotFoundError, ValueError, FloatingPointError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    print("\n".join(["wrote:", *(f"  {p}" for p in paths)]))
-
-
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run_command(run)

@@ -1,0 +1,51 @@
+"""What the experiment commands share: data location, run flags and the entry point."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+
+REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "tfds"
+
+
+def define_run_flags(*, workdir: str, iterations: int | None, checkpoint_every: int) -> None:
+    """Flags of every training experiment (each module adds its own)."""
+    flags.DEFINE_string("workdir", workdir, "Where runs, results and figures go.")
+    flags.DEFINE_string("data_dir", str(REPO_DATA), "TFDS data directory for prepared datasets.")
+    flags.DEFINE_integer("iterations", iterations, "Training iterations.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 32, "Pairs per training batch.", lower_bound=1)
+    flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0)
+    flags.DEFINE_integer("seed", 0, "Seed of initialisation and pair sampling.")
+    flags.DEFINE_integer("log_every", 100, "Iterations between validation losses.", lower_bound=1)
+    flags.DEFINE_integer(
+        "checkpoint_every", checkpoint_every, "Iterations between checkpoints.", lower_bound=1
+    )
+    flags.DEFINE_bool("progress", True, "Show progress bars.")
+    flags.DEFINE_bool(
+        "distributed", False, "Multi-host: call jax.distributed.initialize() first (SLURM…)."
+    )
+
+
+def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
+    """absl entry point: run(FLAGS); one-line errors with exit code 1; print the outputs."""
+    FLAGS = flags.FLAGS
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        if not FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        if FLAGS.distributed:
+            jax.distributed.initialize()  # coordinator, process count and id from the cluster
+        try:
+            paths = run(FLAGS)
+        except (FileNotFoundError, ValueError, FloatingPointError, ImportError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        print("\n".join(["wrote:", *(f"  {p}" for p in paths)]))
+
+    app.run(main)
