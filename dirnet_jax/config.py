@@ -124,11 +124,6 @@ class DIRNetConfig:
             raise ValueError(f"unknown config fields {unknown}")
         return cls(**values)
 
-    def differences(self, other: DIRNetConfig, ignore=SCHEDULE_FIELDS) -> dict[str, tuple]:
-        """{field: (self, other)} for every field that differs, schedule fields ignored."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        return {k: (mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
-
 
 # The paper's ablations (Section 4.2), as overrides of the baseline.
 PAPER_VARIANTS: dict[str, dict[str, Any]] = {
