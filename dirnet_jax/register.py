@@ -122,7 +122,12 @@ def _as_image(config: DIRNetConfig, array: np.ndarray, name: str) -> np.ndarray:
     return array
 
 
-Checked = tuple[np.ndarray, np.ndarray, "np.ndarray | None", list[str]]
+@dataclasses.dataclass(frozen=True)
+class CheckedPair:
+    fixed: np.ndarray  # [*spatial] float32, original intensities
+    moving: np.ndarray
+    labels: np.ndarray | None  # [*spatial] integer-valued
+    notes: list[str]
 
 
 def check_pair(
@@ -131,8 +136,8 @@ def check_pair(
     moving: np.ndarray,
     labels: np.ndarray | None,
     names: Sequence[str],
-) -> Checked:
-    """(fixed, moving as float32 [*spatial], labels, notes), or a one-line RegistrationError."""
+) -> CheckedPair:
+    """The pair as the network will take it, or a one-line RegistrationError."""
     fixed = _as_image(config, fixed, names[0])
     moving = _as_image(config, moving, names[1])
     if fixed.shape != moving.shape:
@@ -159,13 +164,30 @@ def check_pair(
             )
         if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
             raise RegistrationError(f"{names[2]} is not a label mask (non-integer values)")
-    return fixed, moving, labels, notes
+    return CheckedPair(fixed, moving, labels, notes)
 
 
-def _padding(config: DIRNetConfig, shape: tuple[int, ...]) -> list[tuple[int, int]]:
-    factor = config.downsampling_factor
-    extra = [(-s) % factor for s in shape]
-    return [(e // 2, e - e // 2) for e in extra]
+@dataclasses.dataclass(frozen=True)
+class Padding:
+    """Centred edge padding of one image size up to a multiple of the downsampling factor."""
+
+    widths: list[tuple[int, int]]
+    crop: tuple[slice, ...]  # back from the padded size
+    note: str | None
+
+    @classmethod
+    def plan(cls, config: DIRNetConfig, shape: tuple[int, ...]) -> Padding:
+        factor = config.downsampling_factor
+        widths = [((-s) % factor // 2, (-s) % factor - (-s) % factor // 2) for s in shape]
+        crop = tuple(slice(a, a + s) for s, (a, _) in zip(shape, widths, strict=True))
+        note = None
+        if any(w != (0, 0) for w in widths):
+            padded = tuple(s + a + b for s, (a, b) in zip(shape, widths, strict=True))
+            note = (
+                f"padded {shape} to {padded} (a multiple of {factor}, edge values) "
+                "and cropped the field back"
+            )
+        return cls(widths, crop, note)
 
 
 @jax.jit
@@ -195,66 +217,63 @@ def register_pairs(
 
 
 def _register_checked(
-    model: Model, checked: list[Checked], batch_size: int, progress: bool
+    model: Model, checked: list[CheckedPair], batch_size: int, progress: bool
 ) -> list[PairResult]:
-    config = model.config
-    results: list[PairResult | None] = [None] * len(checked)
+    """Registers pairs of one shape together, in chunks of `batch_size`; input order kept."""
     by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, (fixed, *_rest) in enumerate(checked):
-        by_shape.setdefault(fixed.shape, []).append(i)
-
-    bar = tqdm(total=len(checked), unit="pair", disable=not progress, desc="registering")
-    with bar:
+    for i, pair in enumerate(checked):
+        by_shape.setdefault(pair.fixed.shape, []).append(i)
+    results: dict[int, PairResult] = {}
+    with tqdm(total=len(checked), unit="pair", disable=not progress, desc="registering") as bar:
         for shape, ids in by_shape.items():
-            pad = _padding(config, shape)
-            note = None
-            if any(p != (0, 0) for p in pad):
-                padded = tuple(s + a + b for s, (a, b) in zip(shape, pad, strict=True))
-                note = (
-                    f"padded {shape} to {padded} (a multiple of {config.downsampling_factor}, "
-                    "edge values) and cropped the field back"
-                )
-            crop = tuple(slice(a, a + s) for s, (a, _) in zip(shape, pad, strict=True))
+            padding = Padding.plan(model.config, shape)
             for start in range(0, len(ids), batch_size):
                 chunk = ids[start : start + batch_size]
-                fixed = np.stack(
-                    [np.pad(minmax(checked[i][0], config.ndim), pad, mode="edge") for i in chunk]
-                )
-                moving = np.stack(
-                    [np.pad(minmax(checked[i][1], config.ndim), pad, mode="edge") for i in chunk]
-                )
-                reg = register_batched(
-                    config,
-                    model.variables,
-                    fixed[..., None],
-                    moving[..., None],
-                    batch_size=batch_size,
-                )
-                displacement = reg.displacement[(slice(None), *crop)]
-                originals = np.stack([checked[i][1] for i in chunk])[..., None]
-                labels = np.stack(
-                    [checked[i][2] if checked[i][2] is not None else np.zeros(shape) for i in chunk]
-                )[..., None].astype(np.int32)
-                warped, warped_labels = jax.device_get(_warp_pair(originals, displacement, labels))
-                fixed_orig = np.stack([checked[i][0] for i in chunk])[..., None]
-                before = np.asarray(ncc(fixed_orig, originals))
-                after = np.asarray(ncc(fixed_orig, warped))
-                folded = folded_fraction(displacement)
-                for k, i in enumerate(chunk):
-                    given = checked[i][2]
-                    results[i] = PairResult(
-                        warped=warped[k, ..., 0],
-                        displacement=displacement[k],
-                        labels=None
-                        if given is None
-                        else warped_labels[k, ..., 0].astype(given.dtype),
-                        ncc_before=float(before[k]),
-                        ncc_after=float(after[k]),
-                        folded_fraction=float(folded[k]),
-                        notes=checked[i][3] + ([note] if note else []),
-                    )
+                done = _register_chunk(model, [checked[i] for i in chunk], padding, batch_size)
+                results.update(zip(chunk, done, strict=True))
                 bar.update(len(chunk))
-    return results
+    return [results[i] for i in range(len(checked))]
+
+
+def _register_chunk(
+    model: Model, pairs: list[CheckedPair], padding: Padding, batch_size: int
+) -> list[PairResult]:
+    """One network call for pairs of one shape; warps the original intensities and labels."""
+    ndim = model.config.ndim
+
+    def stack(images, prepare=lambda x: x):
+        return np.stack([prepare(x) for x in images])[..., None]
+
+    def network_input(image):
+        return np.pad(minmax(image, ndim), padding.widths, mode="edge")
+
+    reg = register_batched(
+        model.config,
+        model.variables,
+        stack([p.fixed for p in pairs], network_input),
+        stack([p.moving for p in pairs], network_input),
+        batch_size=batch_size,
+    )
+    displacement = reg.displacement[(slice(None), *padding.crop)]
+    fixed, moving = stack([p.fixed for p in pairs]), stack([p.moving for p in pairs])
+    labels = stack([p.labels if p.labels is not None else np.zeros(p.moving.shape) for p in pairs])
+    warped, warped_labels = jax.device_get(
+        _warp_pair(moving, displacement, labels.astype(np.int32))
+    )
+    before, after = np.asarray(ncc(fixed, moving)), np.asarray(ncc(fixed, warped))
+    folded = folded_fraction(displacement)
+    return [
+        PairResult(
+            warped=warped[k, ..., 0],
+            displacement=displacement[k],
+            labels=None if p.labels is None else warped_labels[k, ..., 0].astype(p.labels.dtype),
+            ncc_before=float(before[k]),
+            ncc_after=float(after[k]),
+            folded_fraction=float(folded[k]),
+            notes=p.notes + ([padding.note] if padding.note else []),
+        )
+        for k, p in enumerate(pairs)
+    ]
 
 
 def register_pair(
