@@ -21,3 +21,22 @@ def describe() -> dict[str, str | int]:
         "jax": jax.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def host_cpu() -> str:
+    """This machine's processor and core count, e.g. "AMD EPYC 7B13, 2 cores"."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count() or 0} cores"
+
+
+def timed_on() -> str:
+    """Where JAX runs: the accelerator's name, or the host CPU."""
+    if jax.default_backend() == "cpu":
+        return host_cpu()
+    return jax.devices()[0].device_kind

@@ -74,6 +74,12 @@ def define_flags() -> None:
     flags.DEFINE_string("scd_dir", None, "Sunnybrook Cardiac Data folder; default: synthetic.")
     flags.DEFINE_bool("elastix", True, "Compute the SimpleElastix row.")
     flags.DEFINE_bool("summarize", False, "Only gather the runs in --workdir into the outputs.")
+    flags.DEFINE_bool(
+        "in_memory",
+        False,
+        "Generate the synthetic cohort in memory on every run instead of preparing it once "
+        "as a TFDS dataset (for machines without tensorflow-datasets).",
+    )
 
 
 @dataclasses.dataclass
@@ -91,11 +97,9 @@ class Pairs:
         return len(self.names)
 
 
-def load_split(builder, split: str, size: int) -> dict[str, np.ndarray]:
-    """A split at `size` pixels: images [S, T, size, size] in [0, 1], masks, spacing (mm)."""
-    from dirnet_jax.datasets import cardiac
-
-    raw = cardiac.load(builder, split)
+def load_split(raw: dict[str, np.ndarray], split: str, size: int) -> dict[str, np.ndarray]:
+    """A loaded split brought to `size` pixels: images [S, T, size, size] in [0, 1], masks,
+    spacing (mm)."""
     if not raw:
         raise ValueError(f"the {split} split is empty")
     factor = raw["images"].shape[-1] // size
@@ -107,6 +111,20 @@ def load_split(builder, split: str, size: int) -> dict[str, np.ndarray]:
         "es_mask": downsample_mask(raw["es_mask"], factor),
         "spacing": raw["spacing"] * factor,
     }
+
+
+def data_source(args, spec: phantom.CohortSpec | None, scd_size: int):
+    """(data key, split name → raw split): TFDS-prepared, or the cohort generated in memory."""
+    if args.in_memory:
+        if args.scd_dir:
+            raise ValueError("--in_memory generates the synthetic cohort; the SCD needs TFDS")
+        spec = spec or phantom.CohortSpec()
+        return f"phantom:{spec.name}", lambda split: phantom.load_split(spec, split)
+    from dirnet_jax.datasets import cardiac
+
+    builder = cardiac.builder(args.data_dir, scd_dir=args.scd_dir, spec=spec, size=scd_size)
+    data = "scd" if args.scd_dir else "phantom"
+    return f"{data}:{builder.builder_config.name}", lambda split: cardiac.load(builder, split)
 
 
 def evaluation_pairs(test: dict[str, np.ndarray]) -> Pairs:
@@ -170,6 +188,7 @@ def evaluate_dirnet(
     row = mask_rows(warped_masks[..., 0], pairs) | {
         "sec_per_pair": float(np.median(single[1:])),
         "sec_per_pair_batched": batched,
+        "timed_on": machine.timed_on(),
     }
     return row, reg.warped[..., 0]
 
@@ -195,7 +214,10 @@ def evaluate_elastix(
         warped.append(result.warped)
         masks.append(result.labels)
         seconds.append(result.seconds)
-    row = mask_rows(np.stack(masks), pairs) | {"sec_per_pair": float(np.mean(seconds))}
+    row = mask_rows(np.stack(masks), pairs) | {
+        "sec_per_pair": float(np.mean(seconds)),
+        "timed_on": machine.host_cpu(),
+    }
     return row, np.stack(warped)
 
 
@@ -237,23 +259,20 @@ def run(
     scd_size: int = 256,
 ) -> list[Path]:
     """The experiment for parsed flags; the keywords override for tests. Returns outputs."""
-    from dirnet_jax.datasets import cardiac
-
     preset_name = args.preset if preset is None else "custom"
     preset = preset or PRESETS[args.preset]
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
     data = "scd" if args.scd_dir else "phantom"
-    builder = cardiac.builder(args.data_dir, scd_dir=args.scd_dir, spec=spec, size=scd_size)
-    data_key = f"{data}:{builder.builder_config.name}"
-    test = load_split(builder, "test", preset.size)
+    data_key, raw = data_source(args, spec, scd_size)
+    test = load_split(raw("test"), "test", preset.size)
     pairs = evaluation_pairs(test)
     settings = {"data": data_key, "preset": preset_name, "size": preset.size}
 
     if not args.summarize:
         names = VARIANTS if args.variant == "all" else [args.variant]
-        train_data = load_split(builder, "train", preset.size)["images"]
-        val_data = load_split(builder, "validation", preset.size)["images"]
+        train_data = load_split(raw("train"), "train", preset.size)["images"]
+        val_data = load_split(raw("validation"), "validation", preset.size)["images"]
         for name in names:
             config = variant(name, base_config(preset, args))
             run_dir = root / name
@@ -375,11 +394,14 @@ def table_markdown(rows: dict[str, dict], data: str, preset: str, n_pairs: int) 
         f"Data: {data}, preset: {preset}, {n_pairs} test pairs (ED→ES and ES→ED).",
         "",
         "| | Dice | 95th pct. surface distance (mm) | mean abs. surface distance (mm) "
-        "| ms/pair | ms/pair batched |",
-        "|---|---|---|---|---|---|",
+        "| ms/pair | ms/pair batched | timed on |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        times = f"{ms(row, 'sec_per_pair')} | {ms(row, 'sec_per_pair_batched')}"
+        times = (
+            f"{ms(row, 'sec_per_pair')} | {ms(row, 'sec_per_pair_batched')} | "
+            f"{row.get('timed_on', '–')}"
+        )
         lines.append(
             f"| {label.get(name, 'DIRNet ' + name)} | {fmt(row['dice'])} | {fmt(row['hd95_mm'])} | "
             f"{fmt(row['mad_mm'])} | {times} |"

@@ -23,6 +23,7 @@ def args_for(tmp_path, **overrides):
         variant="C1", preset="cpu", scd_dir=None, data_dir=str(tmp_path / "tfds"),
         workdir=str(tmp_path / "run"), iterations=None, batch_size=8, learning_rate=1e-3,
         seed=0, log_every=10, checkpoint_every=10, elastix=True, summarize=False, progress=False,
+        in_memory=False,
     )  # fmt: skip
     return types.SimpleNamespace(**(values | overrides))
 
@@ -56,6 +57,20 @@ def test_phantom_end_to_end(tmp_path):
     assert rows["C1"] == results["rows"]["C1"]
     experiment.run(args_for(tmp_path, summarize=True), preset=TINY, spec=SPEC)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["rows"] == rows
+
+
+def test_in_memory_cohort_is_the_prepared_one(tmp_path):
+    key, raw = experiment.data_source(args_for(tmp_path), SPEC, 256)
+    key_mem, raw_mem = experiment.data_source(args_for(tmp_path, in_memory=True), SPEC, 256)
+    assert key == key_mem == f"phantom:{SPEC.name}"
+    for split in ("train", "test"):
+        stored, generated = raw(split), raw_mem(split)
+        assert stored.keys() == generated.keys()
+        for k in stored:
+            np.testing.assert_array_equal(stored[k], generated[k], err_msg=k)
+            assert stored[k].dtype == generated[k].dtype, k
+    with pytest.raises(ValueError, match="--in_memory"):
+        experiment.data_source(args_for(tmp_path, in_memory=True, scd_dir="x"), SPEC, 256)
 
 
 def test_fake_scd_end_to_end(tmp_path):

@@ -62,34 +62,15 @@ class CardiacPhantom(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        n = self.builder_config.spec.num_patients
-        third = n // 3
-        bounds = {
-            "train": (0, n - 2 * third),
-            "validation": (n - 2 * third, n - third),
-            "test": (n - third, n),
+        spec = self.builder_config.spec
+        return {
+            split: self._generate_examples(patients)
+            for split, patients in phantom.split_patients(spec.num_patients).items()
         }
-        return {split: self._generate_examples(range(*b)) for split, b in bounds.items()}
 
     def _generate_examples(self, patients):
-        spec = self.builder_config.spec
         for p in patients:
-            data = phantom.generate_patient(spec, p)
-            for s in range(spec.slices):
-                yield (
-                    f"{p:03d}_{s:02d}",
-                    {
-                        "images": data["images"][s],
-                        "ed_mask": data["ed_mask"][s],
-                        "es_mask": data["es_mask"][s],
-                        "ed_phase": data["ed_phase"],
-                        "es_phase": data["es_phase"],
-                        "annotated": True,
-                        "patient": p,
-                        "slice": s,
-                        "spacing": np.full(2, spec.spacing_mm, np.float32),
-                    },
-                )
+            yield from phantom.slice_examples(self.builder_config.spec, p)
 
 
 @dataclasses.dataclass(eq=False)
@@ -154,11 +135,8 @@ def builder(
             )
         return b
     spec = spec or phantom.CohortSpec()
-    if spec == phantom.CohortSpec():
-        config = "default"  # the registered config; a custom one may not reuse its name
-    else:
-        name = f"p{spec.num_patients}_s{spec.slices}_t{spec.phases}_{spec.size}_seed{spec.seed}"
-        config = PhantomConfig(name=name, spec=spec)
+    # The registered config is the default cohort's; a custom one may not reuse its name.
+    config = "default" if spec.name == "default" else PhantomConfig(name=spec.name, spec=spec)
     b = CardiacPhantom(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
     if not b.is_prepared():
         b.download_and_prepare()
@@ -171,4 +149,7 @@ def load(b: tfds.core.DatasetBuilder, split: str) -> dict[str, np.ndarray]:
     items = source.__getitems__(range(len(source)))
     if not items:
         return {}
-    return {key: np.stack([np.asarray(item[key]) for item in items]) for key in items[0]}
+    dtypes = b.info.features.np_dtype  # scalars come back as Python ints and bools
+    return {
+        key: np.stack([np.asarray(item[key], dtypes[key]) for item in items]) for key in items[0]
+    }
