@@ -2,6 +2,7 @@
 
     make bench                                # python -m benchmarks.core
     python -m benchmarks.core --quick         # baseline only, fewer repeats
+    python -m benchmarks.core --out=FILE.json # elsewhere than benchmarks/results/
 
 Rows, all on this machine in one run: for each variant at 28×28 (2 downsamplings) and
 256×256 (4): registration pairs/s at batch 1 and 32 (and 512 on a GPU), training steps/s at
@@ -10,7 +11,8 @@ training runs; and, at 28×28 or on a GPU, a lax.scan of 20 steps), first-call t
 then the same baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is
 installed) and SimpleElastix per 256×256 pair with the paper's settings, as ratios to
 DIRNet. Medians after warm-up, device work synchronised. Writes the table and the machine
-description to benchmarks/results/core-<host>.json. Never fails on time.
+description to benchmarks/results/core-<host>.json, after every variant (an interrupted
+run keeps its finished rows). Never fails on time.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, init_variables, machine, variant
 from dirnet_jax.models import register
 from dirnet_jax.train import create_train_state, data_key, train_step, train_steps
+from dirnet_jax.workdir import atomic_write_text
 
 FUSED = 20  # steps per dispatch in the fused training rows
 
@@ -171,22 +174,38 @@ def bench_elastix(table: Table, pairs: int) -> None:
 
 def main(argv: list[str]) -> None:
     quick = "--quick" in argv
+    outs = [a.removeprefix("--out=") for a in argv if a.startswith("--out=")]
+    unknown = [a for a in argv if a != "--quick" and not a.startswith("--out=")]
+    if unknown:
+        sys.exit(f"error: unknown arguments {' '.join(unknown)} (known: --quick, --out=FILE)")
+    default = Path(__file__).parent / "results" / f"core-{socket.gethostname()}.json"
+    out = Path(outs[-1]) if outs else default
+    out.parent.mkdir(parents=True, exist_ok=True)
     on_gpu = jax.default_backend() != "cpu"
     names = ["baseline"] if quick else list(PAPER_VARIANTS)
     table = Table()
-    for size, downsamplings in ((28, 2), (256, 4)):
+
+    def save():
+        atomic_write_text(
+            out, json.dumps({"machine": machine.describe(), "rows": table.rows}, indent=2)
+        )
+
+    for size, downsamplings in ((256, 4), (28, 2)):  # the paper's size first
         base = DIRNetConfig(image_shape=(size, size), num_downsamplings=downsamplings)
         batches = (1, 32, 512) if on_gpu else (1, 32)
-        repeats = (20 if size == 28 else 5) // (2 if quick else 1) if not on_gpu else 50
+        repeats = (20 if size == 28 else 5) // (2 if quick else 1) if not on_gpu else 30
         for name in names:
             bench_jax(table, name, variant(name, base), batches, repeats)
+            save()
         bench_torch(table, size, downsamplings, repeats)
+        save()
     bench_elastix(table, pairs=3 if quick else 8)
+    save()
 
     print(f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     header = (
         f"{'impl':7} {'variant':8} {'size':>4}  {'measure':24} {'median':>11} "
-        f"{'rate':>17} {'1st call':>8} {'vs jax':>7}"
+        f"{'rate':>17} {'1st call':>8} {'peak MB':>8} {'vs jax':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -198,13 +217,9 @@ def main(argv: list[str]) -> None:
         print(
             f"{r['impl']:7} {r['variant']:8} {r['size']:>4}  {r['what']:24} "
             f"{r['median_ms']:9.2f}ms {r['per_sec']:9.1f} {r['unit']:>7} "
-            f"{r['first_call_s']:7.2f}s {ratio:>7}"
+            f"{r['first_call_s']:7.2f}s {r['peak_mb']:8.0f} {ratio:>7}"
         )
     print("vs jax: how many times faster the JAX row of the same measure is.")
-
-    out = Path(__file__).parent / "results" / f"core-{socket.gethostname()}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": machine.describe(), "rows": table.rows}, indent=2))
     print(f"\nwritten to {out}")
 
 

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# What we run on a lent GPU machine (JAX with CUDA, PyTorch; no tensorflow-datasets and no
+# SimpleITK there, so the cardiac cohort is generated in memory and the elastix row is
+# computed on a CPU machine afterwards). Steps, each under its own time limit (seconds):
+#
+#   bash benchmarks/gpu.sh tests   # versions; the kernel and model tests on the GPU (60)
+#   bash benchmarks/gpu.sh train   # cardiac experiment, paper settings, every variant (300)
+#   bash benchmarks/gpu.sh bench   # the benchmark table, all variants, PyTorch ratios (190)
+#   bash benchmarks/gpu.sh all     # the three in this order
+#
+# Logs and results go to $OUT (default benchmarks/results/gpu). After `train`, unpack
+# $OUT/sunnybrook-paper.tar.gz into runs/ on a machine with the full install and run
+#   python -m experiments.sunnybrook --variant=C1 --workdir=runs/sunnybrook-paper
+# there: the trained variants are reused and the SimpleElastix row is added.
+set -u
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+py=${PYTHON:-python3}
+
+tests() {
+  nvidia-smi -L
+  $py -c "import jax, flax, optax, orbax.checkpoint as ocp, torch
+print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__,
+      'orbax', getattr(ocp, '__version__', '?'), 'torch', torch.__version__, jax.devices())"
+  timeout "${TESTS_SECONDS:-60}" $py -m pytest -q -p no:cacheprovider \
+    tests/test_bspline.py tests/test_resample.py tests/test_tps.py tests/test_losses.py \
+    tests/test_models.py >"$OUT/gpu_tests.log" 2>&1
+  echo "tests: exit $?"
+  tail -25 "$OUT/gpu_tests.log"
+}
+
+train() {
+  local run=/tmp/sunnybrook-paper end=$((SECONDS + ${TRAIN_SECONDS:-300}))
+  for v in C1 all; do  # C1 first: the variant Table 1 is about
+    timeout $((end - SECONDS > 10 ? end - SECONDS : 10)) $py -m experiments.sunnybrook \
+      --variant=$v --preset=paper --in_memory --noelastix --progress=false --workdir=$run \
+      2>&1 | tee -a "$OUT/train.log"
+  done
+  tar -czf "$OUT/sunnybrook-paper.tar.gz" -C /tmp sunnybrook-paper
+}
+
+bench() {
+  timeout "${BENCH_SECONDS:-190}" $py -m benchmarks.core --out="$OUT/bench_gpu.json" 2>&1 |
+    tee "$OUT/bench_gpu.log"
+}
+
+case "${1:-all}" in
+tests | train | bench) "$1" ;;
+all) tests; train; bench ;;
+*)
+  echo "usage: bash benchmarks/gpu.sh tests|train|bench|all" >&2
+  exit 2
+  ;;
+esac
