@@ -190,13 +190,20 @@ def register_batched(
     fixed, moving = np.asarray(fixed, np.float32), np.asarray(moving, np.float32)
     check_pair(config, fixed, moving)
     n = fixed.shape[0]
-    parts = []
+    parts, in_flight = [], None
+
+    def fetch(out, pad):
+        parts.append([a[: a.shape[0] - pad] for a in jax.device_get(out)])
+
     for start in range(0, n, batch_size):
         f, m = fixed[start : start + batch_size], moving[start : start + batch_size]
         pad = batch_size - f.shape[0] if n > batch_size else 0
         if pad:
             f = np.concatenate([f, np.repeat(f[-1:], pad, axis=0)])
             m = np.concatenate([m, np.repeat(m[-1:], pad, axis=0)])
-        out = jax.device_get(register(config, variables, f, m))
-        parts.append([a[: a.shape[0] - pad] for a in out])
+        out = register(config, variables, f, m)  # dispatched: runs while the last is fetched
+        if in_flight is not None:
+            fetch(*in_flight)
+        in_flight = (out, pad)
+    fetch(*in_flight)
     return Registration(*(np.concatenate(p) for p in zip(*parts, strict=True)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, apply, init_variables, variant
-from dirnet_jax.models import Regressor, register
+from dirnet_jax.models import Regressor, register, register_batched
 
 MNIST = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2)
 CARDIAC = DIRNetConfig()  # 256×256, four downsamplings
@@ -119,6 +119,21 @@ def test_register_traces_once_per_shape(rng):
     assert register._cache_size() == before + 1
     register(config, variables, jnp.zeros((2, 28, 28, 1)), jnp.zeros((2, 28, 28, 1)))
     assert register._cache_size() == before + 2
+
+
+def test_register_batched_equals_one_batch(rng):
+    config = MNIST.replace(features=8)
+    variables = init_variables(config, jax.random.key(1))
+    # A random non-zero output layer, so the registration is not the identity.
+    head = variables["params"]["output"]["kernel"]
+    variables["params"]["output"]["kernel"] = jnp.asarray(rng.normal(size=head.shape), head.dtype)
+    fixed, moving = (rng.uniform(size=(7, 28, 28, 1)).astype(np.float32) for _ in range(2))
+    whole = register(config, variables, fixed, moving)
+    chunked = register_batched(config, variables, fixed, moving, batch_size=3)  # 3 + 3 + 1
+    assert isinstance(chunked.warped, np.ndarray) and chunked.warped.shape == (7, 28, 28, 1)
+    assert np.abs(np.asarray(whole.displacement)).max() > 0.1
+    np.testing.assert_allclose(chunked.warped, whole.warped, atol=1e-5)
+    np.testing.assert_allclose(chunked.displacement, whole.displacement, atol=1e-5)
 
 
 def test_regressor_sees_the_pair_in_order():
