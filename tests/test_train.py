@@ -112,7 +112,8 @@ def poisoned_mse(fixed, warped):
     return jnp.where(poisoned, jnp.nan, mse_loss(fixed, warped))
 
 
-def test_non_finite_loss_stops_with_the_step(tmp_path):
+@pytest.mark.parametrize("steps_per_dispatch", [1, 3])
+def test_non_finite_loss_stops_with_the_step(tmp_path, steps_per_dispatch):
     images = shifted_blobs(0, 64)
     config = TOY.replace(
         similarity=poisoned_mse, batch_size=4, num_steps=200, checkpoint_every=5, log_every=5
@@ -131,7 +132,7 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     first_bad = first_as_fixed(poisoned)
     images[poisoned] = 7.0
     with pytest.raises(FloatingPointError, match=f"became nan at step {first_bad};") as err:
-        train.fit(config, tmp_path, images, progress=False)
+        train.fit(config, tmp_path, images, progress=False, steps_per_dispatch=steps_per_dispatch)
     good = (first_bad - 1) // 5 * 5
     assert f"last good checkpoint: step {good} in " in str(err.value)
     assert train.checkpoint_manager(tmp_path, config).latest_step() == good  # NaN never saved
@@ -168,6 +169,25 @@ def test_fused_steps_follow_the_single_step_loop(pool):
     np.testing.assert_allclose(np.concatenate([first, rest]), losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(loop.params), jax.tree.leaves(fused.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_several_steps_per_dispatch_train_the_same(tmp_path, pool):
+    config = TOY.replace(num_steps=37, log_every=10, checkpoint_every=15)
+    single = train.fit(config, tmp_path / "single", pool, pool, progress=False)
+    before = train.train_steps._cache_size()
+    chunked = train.fit(
+        config, tmp_path / "chunked", pool, pool, progress=False, steps_per_dispatch=4
+    )
+    assert train.train_steps._cache_size() <= before + 1  # chunks of 4; single steps reused
+    for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(chunked.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    steps = [[r["step"] for r in wd.read_metrics(tmp_path / d)] for d in ("single", "chunked")]
+    assert steps[0] == steps[1] == [10, 20, 30, 37]
+    saved = train.checkpoint_manager(tmp_path / "chunked", config).all_steps()
+    assert saved == [30, 37]  # the last two are kept
+    with pytest.raises(ValueError, match="steps_per_dispatch"):
+        train.fit(config, tmp_path / "bad", pool, progress=False, steps_per_dispatch=0)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_workdir_with_another_config_refuses(tmp_path, pool):
