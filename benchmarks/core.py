@@ -18,7 +18,6 @@ run keeps its finished rows). Never fails on time.
 from __future__ import annotations
 
 import json
-import resource
 import socket
 import statistics
 import sys
@@ -50,22 +49,29 @@ def timed(fn, repeats: int, sync=jax.block_until_ready) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def peak_memory_mb() -> float:
-    """Peak device memory where the backend reports it, else the process's peak RSS."""
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        return stats["peak_bytes_in_use"] / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def compiled_mb(jitted, *args, **kwargs) -> float:
+    """Device memory one call of a jitted function needs (arguments, outputs and
+    temporaries, from XLA's buffer assignment), MiB. Lowering hits the jit cache."""
+    stats = jitted.lower(*args, **kwargs).compile().memory_analysis()
+    if stats is None:
+        return float("nan")
+    total = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+    return total / 2**20
 
 
 class Table:
     def __init__(self):
         self.rows: list[dict] = []
 
-    def add(self, impl, name, size, what, first, sec, count, unit):
+    def add(self, impl, name, size, what, first, sec, count, unit, memory_mb=float("nan")):
         self.rows.append(
             dict(impl=impl, variant=name, size=size, what=what, median_ms=sec * 1e3,
-                 per_sec=count / sec, unit=unit, first_call_s=first, peak_mb=peak_memory_mb())
+                 per_sec=count / sec, unit=unit, first_call_s=first, memory_mb=memory_mb)
         )  # fmt: skip
 
     def rate(self, impl, size, what) -> float | None:
@@ -85,7 +91,8 @@ def bench_jax(table: Table, name: str, config: DIRNetConfig, batches, repeats: i
     for b in batches:
         f, m = fixed[:b], moving[:b]
         first, sec = timed(lambda f=f, m=m: register(config, variables, f, m), repeats)
-        table.add("jax", name, size, f"register, batch {b}", first, sec, b, "pairs/s")
+        mb = compiled_mb(register, config, variables, f, m)
+        table.add("jax", name, size, f"register, batch {b}", first, sec, b, "pairs/s", mb)
 
     batch = {"fixed": fixed[:32], "moving": moving[:32]}
     state = [create_train_state(config)]  # the step functions donate their state
@@ -95,7 +102,8 @@ def bench_jax(table: Table, name: str, config: DIRNetConfig, batches, repeats: i
         return metrics["loss"]
 
     first, sec = timed(step, repeats)
-    table.add("jax", name, size, "train step, batch 32", first, sec, 1, "steps/s")
+    mb = compiled_mb(train_step, state[0], batch)
+    table.add("jax", name, size, "train step, batch 32", first, sec, 1, "steps/s", mb)
 
     pool, key = fixed[:32], data_key(config)
     scans = (1, FUSED) if size <= 32 or jax.default_backend() != "cpu" else (1,)
@@ -108,8 +116,11 @@ def bench_jax(table: Table, name: str, config: DIRNetConfig, batches, repeats: i
             return losses
 
         first, sec = timed(fused, repeats if steps == 1 else max(2, repeats // steps))
+        mb = compiled_mb(
+            train_steps, state[0], pool, key, steps=steps, batch_size=32, grouped=False
+        )
         what = "train, sample+step" if steps == 1 else f"train, scan of {steps}"
-        table.add("jax", name, size, what, first, sec, steps, "steps/s")
+        table.add("jax", name, size, what, first, sec, steps, "steps/s", mb)
 
 
 def bench_torch(table: Table, size: int, downsamplings: int, repeats: int) -> None:
@@ -130,11 +141,22 @@ def bench_torch(table: Table, size: int, downsamplings: int, repeats: int) -> No
     model = DIRNet(size, downsamplings).to(device)
     fixed = torch.rand(32, 1, size, size, device=device)
     moving = torch.rand(32, 1, size, size, device=device)
+
+    def peak_mb():  # since the last call, CUDA only
+        if device != "cuda":
+            return float("nan")
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        return peak
+
     model.eval()
+    peak_mb()
     for b in (1, 32):
         with torch.no_grad():
             first, sec = timed(lambda b=b: model(fixed[:b], moving[:b]), repeats, sync)
-        table.add("torch", "baseline", size, f"register, batch {b}", first, sec, b, "pairs/s")
+        table.add(
+            "torch", "baseline", size, f"register, batch {b}", first, sec, b, "pairs/s", peak_mb()
+        )
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
@@ -147,7 +169,9 @@ def bench_torch(table: Table, size: int, downsamplings: int, repeats: int) -> No
         return loss
 
     first, sec = timed(step, repeats, sync)
-    table.add("torch", "baseline", size, "train step, batch 32", first, sec, 1, "steps/s")
+    table.add(
+        "torch", "baseline", size, "train step, batch 32", first, sec, 1, "steps/s", peak_mb()
+    )
 
 
 def bench_elastix(table: Table, pairs: int) -> None:
@@ -205,7 +229,7 @@ def main(argv: list[str]) -> None:
     print(f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     header = (
         f"{'impl':7} {'variant':8} {'size':>4}  {'measure':24} {'median':>11} "
-        f"{'rate':>17} {'1st call':>8} {'peak MB':>8} {'vs jax':>7}"
+        f"{'rate':>17} {'1st call':>8} {'MiB':>7} {'vs jax':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -217,7 +241,7 @@ def main(argv: list[str]) -> None:
         print(
             f"{r['impl']:7} {r['variant']:8} {r['size']:>4}  {r['what']:24} "
             f"{r['median_ms']:9.2f}ms {r['per_sec']:9.1f} {r['unit']:>7} "
-            f"{r['first_call_s']:7.2f}s {r['peak_mb']:8.0f} {ratio:>7}"
+            f"{r['first_call_s']:7.2f}s {r['memory_mb']:7.0f} {ratio:>7}"
         )
     print("vs jax: how many times faster the JAX row of the same measure is.")
     print(f"\nwritten to {out}")
