@@ -382,6 +382,12 @@ def heart_window(mask: np.ndarray, half: int | None = None) -> tuple[slice, slic
     )
 
 
+def dirnet_label(name: str) -> str:
+    """ "DIRNet A1 (downsampling: max)": the variant's overrides of the baseline."""
+    overrides = ", ".join(f"{k}: {v}" for k, v in PAPER_VARIANTS.get(name, {}).items())
+    return f"DIRNet {name}" + (f" ({overrides})" if overrides else "")
+
+
 def table_markdown(rows: dict[str, dict], data: str, preset: str, n_pairs: int) -> str:
     def fmt(s):
         return f"{s['mean']:.2f} ± {s['std']:.2f}"
@@ -403,7 +409,8 @@ def table_markdown(rows: dict[str, dict], data: str, preset: str, n_pairs: int) 
             f"{row.get('timed_on', '–')}"
         )
         lines.append(
-            f"| {label.get(name, 'DIRNet ' + name)} | {fmt(row['dice'])} | {fmt(row['hd95_mm'])} | "
+            f"| {label.get(name) or dirnet_label(name)} | {fmt(row['dice'])} | "
+            f"{fmt(row['hd95_mm'])} | "
             f"{fmt(row['mad_mm'])} | {times} |"
         )
     return "\n".join(lines) + "\n"
