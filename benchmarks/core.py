@@ -4,8 +4,8 @@
     python -m benchmarks.core --quick         # baseline only, fewer repeats
     python -m benchmarks.core --out=FILE.json # elsewhere than benchmarks/results/
 
-Rows, all on this machine in one run: for each variant at 28×28 (2 downsamplings) and
-256×256 (4): registration pairs/s at batch 1 and 32 (and 512 on a GPU), training steps/s at
+Rows, all on this machine in one run: for each variant at 256×256 (four downsamplings, the
+cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registration pairs/s at batch 1 and 32 (and 512 on a GPU), training steps/s at
 batch 32 (a step on a given batch; pair sampling and step in one dispatch, which is what
 training runs; and, at 28×28 or on a GPU, a lax.scan of 20 steps), first-call time;
 then the same baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is
@@ -123,7 +123,7 @@ def bench_jax(table: Table, name: str, config: DIRNetConfig, batches, repeats: i
         table.add("jax", name, size, what, first, sec, steps, "steps/s", mb)
 
 
-def bench_torch(table: Table, size: int, downsamplings: int, repeats: int) -> None:
+def bench_torch(table: Table, config: DIRNetConfig, repeats: int) -> None:
     try:
         import torch
 
@@ -138,7 +138,9 @@ def bench_torch(table: Table, size: int, downsamplings: int, repeats: int) -> No
             torch.cuda.synchronize()
         return x
 
-    model = DIRNet(size, downsamplings).to(device)
+    size = config.image_shape[0]
+    model = DIRNet(size, config.num_downsamplings, config.features, config.conv_layers)
+    model = model.to(device)
     fixed = torch.rand(32, 1, size, size, device=device)
     moving = torch.rand(32, 1, size, size, device=device)
 
@@ -214,14 +216,17 @@ def main(argv: list[str]) -> None:
             out, json.dumps({"machine": machine.describe(), "rows": table.rows}, indent=2)
         )
 
-    for size, downsamplings in ((256, 4), (28, 2)):  # the paper's size first
-        base = DIRNetConfig(image_shape=(size, size), num_downsamplings=downsamplings)
+    # The paper's two networks: cardiac 256² first, then MNIST (four convs, two poolings).
+    for size, downsamplings, convs in ((256, 4, None), (28, 2, 4)):
+        base = DIRNetConfig(
+            image_shape=(size, size), num_downsamplings=downsamplings, conv_layers=convs
+        )
         batches = (1, 32, 512) if on_gpu else (1, 32)
         repeats = (20 if size == 28 else 5) // (2 if quick else 1) if not on_gpu else 30
         for name in names:
             bench_jax(table, name, variant(name, base), batches, repeats)
             save()
-        bench_torch(table, size, downsamplings, repeats)
+        bench_torch(table, base, repeats)
         save()
     bench_elastix(table, pairs=3 if quick else 8)
     save()

@@ -16,7 +16,7 @@ from dirnet_jax.bspline import bspline_matrix
 
 
 class Regressor(nn.Module):
-    def __init__(self, features: int = 16, num_downsamplings: int = 4):
+    def __init__(self, features: int = 16, num_downsamplings: int = 4, conv_layers=None):
         super().__init__()
 
         def block(cin, cout, kernel):
@@ -27,8 +27,10 @@ class Regressor(nn.Module):
             ]
 
         layers, channels = [], 2
-        for _ in range(num_downsamplings):
-            layers += [*block(channels, features, 3), nn.AvgPool2d(2)]
+        for i in range(conv_layers or num_downsamplings):
+            layers += block(channels, features, 3)
+            if i < num_downsamplings:
+                layers.append(nn.AvgPool2d(2))
             channels = features
         layers += block(features, features, 1) + block(features, features, 1)
         layers.append(nn.Conv2d(features, 2, 1))
@@ -41,9 +43,9 @@ class Regressor(nn.Module):
 
 
 class DIRNet(nn.Module):
-    def __init__(self, size: int, num_downsamplings: int, features: int = 16):
+    def __init__(self, size: int, num_downsamplings: int, features: int = 16, conv_layers=None):
         super().__init__()
-        self.regressor = Regressor(features, num_downsamplings)
+        self.regressor = Regressor(features, num_downsamplings, conv_layers)
         grid = size // 2**num_downsamplings
         matrix = torch.from_numpy(bspline_matrix(size, grid, 3))
         self.register_buffer("matrix", matrix)  # [size, grid]
