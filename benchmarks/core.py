@@ -5,9 +5,10 @@
     python -m benchmarks.core --out=FILE.json # elsewhere than benchmarks/results/
 
 Rows, all on this machine in one run: for each variant at 256×256 (four downsamplings, the
-cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registration pairs/s at batch 1 and 32 (and 512 on a GPU), training steps/s at
-batch 32 (a step on a given batch; pair sampling and step in one dispatch, which is what
-training runs; and, at 28×28 or on a GPU, a lax.scan of 20 steps), first-call time;
+cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registration pairs/s
+at batch 1 and 32 (and 512 on a GPU), training steps/s at batch 32 (a step on a given
+batch; pair sampling and step in one dispatch, which is what training runs; and, at 28×28
+or on a GPU, a lax.scan of 20 steps), first-call time and memory per call;
 then the same baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is
 installed) and SimpleElastix per 256×256 pair with the paper's settings, as ratios to
 DIRNet. Medians after warm-up, device work synchronised. Writes the table and the machine

@@ -48,7 +48,8 @@ def test_phantom_end_to_end(tmp_path):
     check_row(results["rows"]["C1"], timed=True)
     assert results["rows"]["C1"]["dice"]["n"] == 4
     table = (tmp_path / "run" / "results.md").read_text()
-    assert "| Before registration |" in table and "| DIRNet C1 |" in table
+    assert "| Before registration |" in table
+    assert "| DIRNet C1 (receptive_field: overlap) |" in table
 
     # A second variant into the same work directory joins the table; the first is reused.
     experiment.run(args_for(tmp_path, variant="B2", elastix=False), preset=TINY, spec=SPEC)
