@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
+import numpy as np
 from absl import app, flags, logging
+
+from dirnet_jax.config import DIRNetConfig
+from dirnet_jax.models import Registration, register, register_batched
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "tfds"
 
@@ -49,3 +55,28 @@ def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
         print("\n".join(["wrote:", *(f"  {p}" for p in paths)]))
 
     app.run(main)
+
+
+def timed_registration(
+    config: DIRNetConfig,
+    variables: dict[str, Any],
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    *,
+    batch_size: int,
+) -> tuple[Registration, float, float]:
+    """Register [P, *spatial, C] pairs in batches, timed after a compiling call.
+
+    Returns (registration, seconds per pair in batches, median seconds of one pair alone
+    over 20 calls after a compiling one).
+    """
+    register_batched(config, variables, fixed, moving, batch_size=batch_size)  # compiles
+    start = time.perf_counter()
+    reg = register_batched(config, variables, fixed, moving, batch_size=batch_size)
+    batched = (time.perf_counter() - start) / len(fixed)
+    single = []
+    for i in np.arange(21) % len(fixed):  # the first call compiles
+        start = time.perf_counter()
+        jax.block_until_ready(register(config, variables, fixed[i : i + 1], moving[i : i + 1]))
+        single.append(time.perf_counter() - start)
+    return reg, batched, float(np.median(single[1:]))

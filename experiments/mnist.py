@@ -22,11 +22,9 @@ pair for itself, reaches ~0.95 on the same pairs (see README for the table).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from absl import flags
 from tqdm.auto import tqdm
@@ -35,7 +33,6 @@ from dirnet_jax import DIRNetConfig, machine, plots, train
 from dirnet_jax import workdir as wd
 from dirnet_jax.losses import ncc
 from dirnet_jax.metrics import summarize
-from dirnet_jax.models import register, register_batched
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -104,15 +101,10 @@ def evaluate_digit(
     moving = images[moving_ids]
     fixed = np.broadcast_to(images[fixed_id], moving.shape)
 
-    register_batched(config, variables, fixed, moving)  # compiles
-    start = time.perf_counter()
-    warped = register_batched(config, variables, fixed, moving).warped
-    dirnet_seconds = (time.perf_counter() - start) / len(moving)
-    single = []
-    for i in np.arange(21) % len(moving):  # the first call compiles
-        start = time.perf_counter()
-        jax.block_until_ready(register(config, variables, fixed[i : i + 1], moving[i : i + 1]))
-        single.append(time.perf_counter() - start)
+    reg, dirnet_seconds, single = common.timed_registration(
+        config, variables, fixed, moving, batch_size=256
+    )
+    warped = reg.warped
 
     ncc_before = np.asarray(ncc(fixed, moving))
     ncc_dirnet = np.asarray(ncc(fixed, warped))
@@ -121,7 +113,7 @@ def evaluate_digit(
         "ncc_before": summarize(ncc_before),
         "ncc_dirnet": summarize(ncc_dirnet),
         "sec_per_pair_dirnet": dirnet_seconds,  # batches of 256
-        "sec_single_pair_dirnet": float(np.median(single[1:])),  # latency of one pair
+        "sec_single_pair_dirnet": single,  # latency of one pair
     }
 
     k = min(elastix_pairs, len(moving))

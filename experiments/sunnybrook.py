@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,6 @@ from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, machine, plots, train, vari
 from dirnet_jax import workdir as wd
 from dirnet_jax.datasets import phantom
 from dirnet_jax.metrics import mask_metrics, summarize
-from dirnet_jax.models import register, register_batched
 from dirnet_jax.preprocess import downsample, downsample_mask, minmax
 from dirnet_jax.resample import warp
 from experiments import common
@@ -172,21 +170,14 @@ def evaluate_dirnet(
     config: DIRNetConfig, variables: dict[str, Any], pairs: Pairs
 ) -> tuple[dict[str, Any], np.ndarray]:
     """(Table 1 row with timings, [P, H, W] warped moving images)."""
-    fixed, moving = pairs.fixed[..., None], pairs.moving[..., None]
-    register_batched(config, variables, fixed, moving, batch_size=32)  # compiles
-    start = time.perf_counter()
-    reg = register_batched(config, variables, fixed, moving, batch_size=32)
-    batched = (time.perf_counter() - start) / len(pairs)
-    single = []
-    for i in np.arange(21) % len(pairs):  # the first call compiles
-        start = time.perf_counter()
-        jax.block_until_ready(register(config, variables, fixed[i : i + 1], moving[i : i + 1]))
-        single.append(time.perf_counter() - start)
+    reg, batched, single = common.timed_registration(
+        config, variables, pairs.fixed[..., None], pairs.moving[..., None], batch_size=32
+    )
     warped_masks = np.asarray(
         _warp_masks(pairs.moving_mask[..., None].astype(np.int32), reg.displacement)
     )
     row = mask_rows(warped_masks[..., 0], pairs) | {
-        "sec_per_pair": float(np.median(single[1:])),
+        "sec_per_pair": single,
         "sec_per_pair_batched": batched,
         "timed_on": machine.timed_on(),
     }
