@@ -21,6 +21,7 @@ def circle(radius, centre=(SIZE / 2, SIZE / 2), n=64):
 
 
 def contour_dir(root, original):
+    # Written from the release layout, not imported from scd.py: the test checks the reader.
     prefix, number = original.rsplit("-", 1)
     return (
         root
