@@ -254,8 +254,8 @@ def run(
     preset = preset or PRESETS[args.preset]
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
-    data = "scd" if args.scd_dir else "phantom"
     data_key, raw = data_source(args, spec, scd_size)
+    data = data_key.split(":")[0]  # phantom | scd
     test = load_split(raw("test"), "test", preset.size)
     pairs = evaluation_pairs(test)
     settings = {"data": data_key, "preset": preset_name, "size": preset.size}
