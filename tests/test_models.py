@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, apply, init_variables, variant
-from dirnet_jax.models import Regressor, register, register_batched
+from dirnet_jax.models import (
+    Regressor,
+    register,
+    register_batched,
+    stack_channels,
+)
 
 MNIST = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2)
 CARDIAC = DIRNetConfig()  # 256×256, four downsamplings
@@ -134,6 +139,28 @@ def test_register_batched_equals_one_batch(rng):
     assert np.abs(np.asarray(whole.displacement)).max() > 0.1
     np.testing.assert_allclose(chunked.warped, whole.warped, atol=1e-5)
     np.testing.assert_allclose(chunked.displacement, whole.displacement, atol=1e-5)
+
+
+def perturbed(config, seed=0):
+    """Variables whose every BatchNorm statistic, scale and bias and whose output layer are
+    random, so that no part of the network is an identity."""
+    variables = init_variables(config, jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "var" in name or "scale" in name:
+            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
+        if "output" in name or "mean" in name or "bias" in name:
+            return jnp.asarray(rng.normal(0, 0.3, leaf.shape), leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(draw, variables)
+
+
+def test_stack_channels_is_concatenate(rng):
+    a, b = (rng.normal(size=(2, 5, 4, 3)).astype(np.float32) for _ in range(2))
+    np.testing.assert_array_equal(stack_channels(a, b), np.concatenate([a, b], axis=-1))
 
 
 def test_regressor_sees_the_pair_in_order():
