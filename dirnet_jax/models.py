@@ -175,15 +175,50 @@ def apply(
     return Registration(warped, displacement, grid), batch_stats
 
 
-@functools.partial(jax.jit, static_argnums=0)
+# On XLA:CPU a pass over this many pixels keeps the regressor's activations in cache:
+# 32 pairs at 256² run 1.36× faster as 16 passes of 2 than as one pass (128²: 1.3×).
+CPU_PIXELS_PER_PASS = 2**17
+
+
+def pairs_per_pass(config: DIRNetConfig, batch: int) -> int:
+    """How many pairs `register` runs at once: the whole batch on an accelerator; on a CPU,
+    as many as fit in CPU_PIXELS_PER_PASS (a `lax.map` over the rest; same results)."""
+    if jax.default_backend() != "cpu":
+        return batch
+    return max(1, min(batch, CPU_PIXELS_PER_PASS // math.prod(config.image_shape)))
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="chunk")
 def register(
-    config: DIRNetConfig, variables: dict[str, Any], fixed: jax.Array, moving: jax.Array
+    config: DIRNetConfig,
+    variables: dict[str, Any],
+    fixed: jax.Array,
+    moving: jax.Array,
+    *,
+    chunk: int | None = None,
 ) -> Registration:
     """Register unseen pairs in one pass (inference mode), jitted per config and shape.
 
     fixed, moving: [B, *spatial, C] → Registration(warped, displacement, grid).
+    `chunk`: pairs per pass of the network (default `pairs_per_pass`); inference mode
+    treats pairs independently, so it changes the speed and not the result.
     """
-    return apply(config, variables, fixed, moving)[0]
+    check_pair(config, fixed, moving)
+    batch = fixed.shape[0]
+    chunk = pairs_per_pass(config, batch) if chunk is None else chunk
+    if chunk >= batch:
+        return apply(config, variables, fixed, moving)[0]
+    whole = batch - batch % chunk
+
+    def chunks(a):
+        return a[:whole].reshape(whole // chunk, chunk, *a.shape[1:])
+
+    head = jax.lax.map(lambda fm: apply(config, variables, *fm)[0], (chunks(fixed), chunks(moving)))
+    head = jax.tree.map(lambda a: a.reshape(whole, *a.shape[2:]), head)
+    if whole == batch:
+        return head
+    tail = apply(config, variables, fixed[whole:], moving[whole:])[0]
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head, tail)
 
 
 def register_batched(

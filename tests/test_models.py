@@ -8,6 +8,7 @@ import pytest
 from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, apply, init_variables, variant
 from dirnet_jax.models import (
     Regressor,
+    pairs_per_pass,
     register,
     register_batched,
     stack_channels,
@@ -161,6 +162,25 @@ def perturbed(config, seed=0):
 def test_stack_channels_is_concatenate(rng):
     a, b = (rng.normal(size=(2, 5, 4, 3)).astype(np.float32) for _ in range(2))
     np.testing.assert_array_equal(stack_channels(a, b), np.concatenate([a, b], axis=-1))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_register_in_chunks_equals_one_pass(rng, chunk):
+    config = MNIST.replace(features=8)
+    variables = perturbed(config)
+    fixed, moving = (rng.uniform(size=(7, 28, 28, 1)).astype(np.float32) for _ in range(2))
+    whole = apply(config, variables, fixed, moving)[0]
+    assert float(jnp.abs(whole.displacement).max()) > 0.1
+    chunked = register(config, variables, fixed, moving, chunk=chunk)  # 3 + 3 + 1 for 3
+    for a, b in zip(chunked, whole, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_pairs_per_pass_keeps_a_pass_in_cache_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert pairs_per_pass(CARDIAC, 32) == 2  # 256² pairs: two per pass
+    assert pairs_per_pass(CARDIAC, 1) == 1
+    assert pairs_per_pass(MNIST, 32) == 32  # 28² pairs: the whole batch
 
 
 def test_regressor_sees_the_pair_in_order():
