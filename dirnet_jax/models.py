@@ -44,6 +44,7 @@ TRANSFORM_FNS = {
 # Small enough that an untrained network is the identity to ~1e-4 px, large enough that
 # every layer receives gradient from the first step.
 OUTPUT_INIT = nn.initializers.normal(stddev=1e-5)
+BN_EPSILON = 1e-5
 
 
 def stack_channels(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -60,6 +61,7 @@ class Regressor(nn.Module):
     """Maps an image pair to control-point displacements in pixels."""
 
     config: DIRNetConfig
+    folded: bool = False  # BatchNorm folded into the layers before it: `fold_batchnorm`
 
     @nn.compact
     def __call__(self, fixed: jax.Array, moving: jax.Array, *, train: bool) -> jax.Array:
@@ -68,12 +70,23 @@ class Regressor(nn.Module):
         x = stack_channels(fixed, moving)
         ndim = x.ndim - 2
 
-        def layer(x, kernel, strides=1, padding="SAME"):
-            x = nn.Conv(
-                cfg.features, (kernel,) * ndim, strides=strides, padding=padding, use_bias=False
-            )(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=cfg.bn_momentum)(x)
+        if self.folded and train:
+            raise ValueError("a regressor with BatchNorm folded in only runs in inference mode")
+
+        def normalized(linear, x):
+            """linear (Conv or Dense, no bias) → BatchNorm → ELU."""
+            x = linear(use_bias=self.folded)(x)
+            if not self.folded:
+                x = nn.BatchNorm(
+                    use_running_average=not train, momentum=cfg.bn_momentum, epsilon=BN_EPSILON
+                )(x)
             return nn.elu(x)
+
+        def layer(x, kernel, strides=1, padding="SAME"):
+            conv = functools.partial(
+                nn.Conv, cfg.features, (kernel,) * ndim, strides=strides, padding=padding
+            )
+            return normalized(conv, x)
 
         def downsample(x):
             window = (2,) * ndim
@@ -98,15 +111,41 @@ class Regressor(nn.Module):
             batch, grid_shape = x.shape[0], x.shape[1:-1]
             x = x.reshape(batch, -1)
             for _ in range(2):
-                x = nn.Dense(cfg.dense_features, use_bias=False)(x)
-                x = nn.BatchNorm(use_running_average=not train, momentum=cfg.bn_momentum)(x)
-                x = nn.elu(x)
+                x = normalized(functools.partial(nn.Dense, cfg.dense_features), x)
             x = nn.Dense(math.prod(grid_shape) * ndim, kernel_init=OUTPUT_INIT, name="output")(x)
             return x.reshape(batch, *grid_shape, ndim)
 
         x = layer(x, 1)
         x = layer(x, 1)
         return nn.Conv(ndim, (1,) * ndim, kernel_init=OUTPUT_INIT, name="output")(x)
+
+
+def fold_batchnorm(variables: dict[str, Any]) -> dict[str, Any]:
+    """Inference-mode BatchNorm folded into the kernel and bias of the layer before it.
+
+    ``BN(x @ W) = x @ (W * s) + (β − μ s)`` with ``s = γ / sqrt(σ² + ε)``, per output
+    channel: variables for ``Regressor(config, folded=True)``, which then skips BatchNorm.
+    Layers pair with BatchNorms in creation order (every Conv but the output, then every
+    Dense but the output).
+    """
+    params, stats = variables["params"], variables["batch_stats"]
+
+    def numbered(prefix, tree):
+        names = [k for k in tree if k.startswith(prefix + "_")]
+        return sorted(names, key=lambda k: int(k.rsplit("_", 1)[1]))
+
+    layers = numbered("Conv", params) + numbered("Dense", params)
+    norms = numbered("BatchNorm", params)
+    if len(layers) != len(norms):
+        raise ValueError(
+            f"{len(layers)} layers but {len(norms)} BatchNorms: not a DIRNet regressor"
+        )
+    folded = {k: v for k, v in params.items() if not k.startswith("BatchNorm_")}
+    for layer, norm in zip(layers, norms, strict=True):
+        bn, mean, var = params[norm], stats[norm]["mean"], stats[norm]["var"]
+        s = bn["scale"] * jax.lax.rsqrt(var + BN_EPSILON)
+        folded[layer] = {"kernel": params[layer]["kernel"] * s, "bias": bn["bias"] - mean * s}
+    return {"params": folded}
 
 
 class Registration(NamedTuple):
@@ -156,20 +195,22 @@ def apply(
       config: the DIRNet's configuration.
       variables: {'params', 'batch_stats'} of the regressor.
       fixed, moving: [B, *spatial, C] image pairs.
-      train: use batch statistics in BatchNorm (and return their running averages).
+      train: use batch statistics in BatchNorm (and return their running averages);
+        otherwise the running averages, folded into the layers (`fold_batchnorm`).
 
     Returns:
       (Registration, new batch_stats when `train`, else None).
     """
     check_pair(config, fixed, moving)
-    regressor = Regressor(config)
     if train:
-        grid, updates = regressor.apply(
+        grid, updates = Regressor(config).apply(
             variables, fixed, moving, train=True, mutable=["batch_stats"]
         )
         batch_stats = updates["batch_stats"]
-    else:
-        grid, batch_stats = regressor.apply(variables, fixed, moving, train=False), None
+    else:  # running averages folded into the layers: fewer ops, the same grid (tested)
+        folded = Regressor(config, folded=True)
+        grid = folded.apply(fold_batchnorm(variables), fixed, moving, train=False)
+        batch_stats = None
     displacement = TRANSFORM_FNS[config.transformer](grid, fixed.shape[1:-1])
     warped = warp(moving, displacement, mode=config.boundary)
     return Registration(warped, displacement, grid), batch_stats

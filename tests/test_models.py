@@ -8,6 +8,7 @@ import pytest
 from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, apply, init_variables, variant
 from dirnet_jax.models import (
     Regressor,
+    fold_batchnorm,
     pairs_per_pass,
     register,
     register_batched,
@@ -157,6 +158,24 @@ def perturbed(config, seed=0):
         return leaf
 
     return jax.tree_util.tree_map_with_path(draw, variables)
+
+
+@pytest.mark.parametrize("name", list(PAPER_VARIANTS))
+def test_folded_batchnorm_gives_the_same_grid(rng, name):
+    config = variant(name, MNIST.replace(features=8, dense_features=32))
+    variables = perturbed(config)
+    fixed, moving = (rng.uniform(size=(3, 28, 28, 1)).astype(np.float32) for _ in range(2))
+    plain = Regressor(config).apply(variables, fixed, moving, train=False)
+    folded_vars = fold_batchnorm(variables)
+    assert not any(k.startswith("BatchNorm") for k in folded_vars["params"])
+    folded = Regressor(config, folded=True).apply(folded_vars, fixed, moving, train=False)
+    assert float(jnp.abs(plain).max()) > 0.1
+    np.testing.assert_allclose(folded, plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="inference mode"):
+        Regressor(config, folded=True).apply(folded_vars, fixed, moving, train=True)
+    del variables["params"]["BatchNorm_0"]
+    with pytest.raises(ValueError, match="BatchNorms: not a DIRNet regressor"):
+        fold_batchnorm(variables)
 
 
 def test_stack_channels_is_concatenate(rng):
