@@ -1,0 +1,104 @@
+"""Where the time of one DIRNet call goes: its top operations, from a jax.profiler trace.
+
+    python -m benchmarks.profile                                 # register, 256², batch 1
+    python -m benchmarks.profile --what=train --size=28 --batch=32
+    python -m benchmarks.profile --variant=C1 --calls=50 --top=40
+
+Runs the call a few times to warm up, traces `--calls` more, and prints, for each process
+of the trace (the host; on a GPU also the device), the operations with the largest time
+per call: XLA fusions, convolutions and library calls, named as in the compiled HLO
+(`jax.jit(...).lower(...).compile().as_text()` says what each fusion holds). On XLA:CPU,
+convolutions run on a thread pool: their events time the launch, not the work.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dirnet_jax import DIRNetConfig, init_variables, variant
+from dirnet_jax.models import register
+from dirnet_jax.train import create_train_state, data_key, train_steps
+
+FLAGS = {"what": "register", "size": "256", "batch": "1", "variant": "baseline",
+         "calls": "20", "top": "25"}  # fmt: skip
+
+
+def parse(argv: list[str]) -> dict[str, str]:
+    opts = dict(FLAGS)
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in opts or not value:
+            sys.exit(f"error: bad argument {arg!r}; known: " + " ".join(f"--{k}=" for k in opts))
+        opts[key] = value
+    if opts["what"] not in ("register", "train"):
+        sys.exit(f"error: --what is register or train, not {opts['what']!r}")
+    return opts
+
+
+def workload(what: str, config: DIRNetConfig, batch: int):
+    """A no-argument function running one call and waiting for it."""
+    rng = np.random.default_rng(0)
+    shape = (batch, *config.image_shape, 1)
+    fixed = jnp.asarray(rng.uniform(size=shape), jnp.float32)
+    moving = jnp.asarray(rng.uniform(size=shape), jnp.float32)
+    if what == "register":
+        variables = init_variables(config, jax.random.key(0))
+        return lambda: jax.block_until_ready(register(config, variables, fixed, moving))
+    state, key = [create_train_state(config)], data_key(config)
+
+    def step():
+        state[0], losses = train_steps(
+            state[0], fixed, key, steps=1, batch_size=batch, grouped=False
+        )
+        return jax.block_until_ready(losses)
+
+    return step
+
+
+def op_times(trace_dir: Path) -> dict[str, collections.Counter]:
+    """{process name: Counter(event name → total µs)} of a perfetto trace."""
+    path = next(trace_dir.rglob("*.trace.json.gz"))
+    events = json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}  # fmt: skip
+    totals: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for e in events:
+        if e.get("ph") == "X" and not e["name"].startswith("$"):  # "$": Python frames
+            totals[names.get(e["pid"], str(e["pid"]))][e["name"]] += e.get("dur", 0)
+    return totals
+
+
+def main(argv: list[str]) -> None:
+    opts = parse(argv)
+    size, batch, calls = int(opts["size"]), int(opts["batch"]), int(opts["calls"])
+    downsamplings, convs = (2, 4) if size <= 32 else (4, None)  # the paper's two networks
+    base = DIRNetConfig(image_shape=(size, size), num_downsamplings=downsamplings,
+                        conv_layers=convs, batch_size=batch)  # fmt: skip
+    run = workload(opts["what"], variant(opts["variant"], base), batch)
+    for _ in range(3):
+        run()
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        for _ in range(calls):
+            run()
+        jax.profiler.stop_trace()
+        totals = op_times(Path(tmp))
+    device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+    print(f"{opts['what']} {opts['variant']} {size}², batch {batch}, {calls} calls on {device}")
+    for process, ops in sorted(totals.items(), key=lambda kv: -sum(kv[1].values())):
+        print(f"\n{process}: µs per call")
+        for name, us in ops.most_common(int(opts["top"])):
+            print(f"{us / calls:10.1f}  {name[:100]}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
