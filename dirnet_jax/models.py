@@ -75,10 +75,13 @@ class Regressor(nn.Module):
 
         def normalized(linear, x):
             """linear (Conv or Dense, no bias) → BatchNorm → ELU."""
-            x = linear(use_bias=self.folded)(x)
+            x = linear(use_bias=self.folded, dtype=cfg.compute_dtype)(x)
             if not self.folded:
                 x = nn.BatchNorm(
-                    use_running_average=not train, momentum=cfg.bn_momentum, epsilon=BN_EPSILON
+                    use_running_average=not train,
+                    momentum=cfg.bn_momentum,
+                    epsilon=BN_EPSILON,
+                    dtype=cfg.compute_dtype,
                 )(x)
             return nn.elu(x)
 
@@ -112,12 +115,13 @@ class Regressor(nn.Module):
             x = x.reshape(batch, -1)
             for _ in range(2):
                 x = normalized(functools.partial(nn.Dense, cfg.dense_features), x)
-            x = nn.Dense(math.prod(grid_shape) * ndim, kernel_init=OUTPUT_INIT, name="output")(x)
-            return x.reshape(batch, *grid_shape, ndim)
+            output = nn.Dense(math.prod(grid_shape) * ndim, kernel_init=OUTPUT_INIT, name="output")
+            return output(x.astype(jnp.float32)).reshape(batch, *grid_shape, ndim)
 
         x = layer(x, 1)
         x = layer(x, 1)
-        return nn.Conv(ndim, (1,) * ndim, kernel_init=OUTPUT_INIT, name="output")(x)
+        output = nn.Conv(ndim, (1,) * ndim, kernel_init=OUTPUT_INIT, name="output")
+        return output(x.astype(jnp.float32))
 
 
 def fold_batchnorm(variables: dict[str, Any]) -> dict[str, Any]:

@@ -114,6 +114,8 @@ def test_config_validation():
         DIRNetConfig(image_shape=(28, 28), num_downsamplings=3)
     with pytest.raises(ValueError, match="num_downsamplings"):
         DIRNetConfig(num_downsamplings=0)
+    with pytest.raises(ValueError, match="compute_dtype='float16'"):
+        DIRNetConfig(compute_dtype="float16")
 
 
 def test_register_traces_once_per_shape(rng):
@@ -176,6 +178,20 @@ def test_folded_batchnorm_gives_the_same_grid(rng, name):
     del variables["params"]["BatchNorm_0"]
     with pytest.raises(ValueError, match="BatchNorms: not a DIRNet regressor"):
         fold_batchnorm(variables)
+
+
+@pytest.mark.parametrize("name", ["baseline", "A2", "C2"])
+def test_bfloat16_activations_register_within_bfloat16_precision(rng, name):
+    config = variant(name, MNIST.replace(features=8, dense_features=32))
+    variables = perturbed(config)
+    fixed, moving = (rng.uniform(size=(3, 28, 28, 1)).astype(np.float32) for _ in range(2))
+    full = apply(config, variables, fixed, moving)[0]
+    half = apply(config.replace(compute_dtype="bfloat16"), variables, fixed, moving)[0]
+    assert all(a.dtype == jnp.float32 for a in half)  # spline and warp in float32
+    scale = float(jnp.abs(full.grid).max())
+    error = float(jnp.abs(half.grid - full.grid).max())
+    assert scale > 0.1 and 1e-5 * scale < error < 0.05 * scale  # bfloat16, and close
+    np.testing.assert_allclose(half.warped, full.warped, atol=0.05)
 
 
 def test_stack_channels_is_concatenate(rng):

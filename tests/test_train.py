@@ -37,8 +37,11 @@ def leaves_equal(a, b):
     return all(jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(x, y), *trees)))
 
 
-def test_toy_training_raises_ncc(tmp_path):
-    config = TOY.replace(num_steps=300, batch_size=16, log_every=50, checkpoint_every=300)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_toy_training_raises_ncc(tmp_path, dtype):
+    config = TOY.replace(
+        num_steps=300, batch_size=16, log_every=50, checkpoint_every=300, compute_dtype=dtype
+    )
     train.fit(config, tmp_path, shifted_blobs(0, 64), shifted_blobs(1, 64), progress=False)
     records = wd.read_metrics(tmp_path)
     assert [r["step"] for r in records] == [50, 100, 150, 200, 250, 300]
