@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from dirnet_jax.config import DIRNetConfig
+from dirnet_jax.config import COMPUTE_DTYPES, DIRNetConfig
 from dirnet_jax.models import Registration, register, register_batched
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "tfds"
@@ -30,10 +30,19 @@ def define_run_flags(*, workdir: str, iterations: int | None, checkpoint_every: 
     flags.DEFINE_integer(
         "checkpoint_every", checkpoint_every, "Iterations between checkpoints.", lower_bound=1
     )
+    flags.DEFINE_enum(
+        "compute_dtype", "float32", list(COMPUTE_DTYPES), "Regressor activations (GPU: bfloat16)."
+    )
     flags.DEFINE_bool("progress", True, "Show progress bars.")
     flags.DEFINE_bool(
         "distributed", False, "Multi-host: call jax.distributed.initialize() first (SLURM…)."
     )
+
+
+def config_overrides(args: flags.FlagValues) -> dict[str, Any]:
+    """The DIRNetConfig fields that the run flags set."""
+    names = ("batch_size", "learning_rate", "seed", "log_every", "checkpoint_every")
+    return {name: getattr(args, name) for name in (*names, "compute_dtype")}
 
 
 def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:

@@ -255,14 +255,7 @@ def run(args) -> list[Path]:
     root.mkdir(parents=True, exist_ok=True)
     mnist.prepare(args.data_dir, args.mnist_pickle)
     data = {split: mnist.load(args.data_dir, split) for split in mnist.SPLITS}
-    config = paper_config(
-        num_steps=args.iterations,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every,
-    )
+    config = paper_config(num_steps=args.iterations, **common.config_overrides(args))
     digits = sorted({int(d) for d in args.digits})
     results = {}
     for digit in digits:

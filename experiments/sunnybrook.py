@@ -232,13 +232,9 @@ def base_config(preset: Preset, args) -> DIRNetConfig:
         image_shape=(preset.size, preset.size),
         num_downsamplings=preset.num_downsamplings,
         features=16,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
         num_steps=args.iterations or preset.iterations,
-        seed=args.seed,
-        log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every,
         num_val_pairs=64,
+        **common.config_overrides(args),
     )
 
 

@@ -35,6 +35,7 @@ def args_for(standin, workdir, **overrides):
         log_every=10,
         checkpoint_every=10,
         progress=False,
+        compute_dtype="float32",
     )
     return types.SimpleNamespace(**(values | overrides))
 

@@ -23,7 +23,7 @@ def args_for(tmp_path, **overrides):
         variant="C1", preset="cpu", scd_dir=None, data_dir=str(tmp_path / "tfds"),
         workdir=str(tmp_path / "run"), iterations=None, batch_size=8, learning_rate=1e-3,
         seed=0, log_every=10, checkpoint_every=10, elastix=True, summarize=False, progress=False,
-        in_memory=False,
+        in_memory=False, compute_dtype="float32",
     )  # fmt: skip
     return types.SimpleNamespace(**(values | overrides))
 
