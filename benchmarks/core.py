@@ -8,12 +8,13 @@ Rows, all on this machine in one run: for each variant at 256×256 (four downsam
 cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registration pairs/s
 at batch 1 and 32 (and 512 on a GPU), training steps/s at batch 32 (a step on a given
 batch; pair sampling and step in one dispatch, which is what training runs; and, at 28×28
-or on a GPU, a lax.scan of 20 steps), first-call time and memory per call;
-then the same baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is
-installed) and SimpleElastix per 256×256 pair with the paper's settings, as ratios to
-DIRNet. Medians after warm-up, device work synchronised. Writes the table and the machine
-description to benchmarks/results/core-<host>.json, after every variant (an interrupted
-run keeps its finished rows). Never fails on time.
+or on a GPU, a lax.scan of 20 steps), first-call time and memory per call. On a GPU also
+the baseline with bfloat16 activations. Then the same baseline network in PyTorch eager
+(benchmarks/torch_dirnet.py, if torch is installed) and SimpleElastix per 256×256 pair
+with the paper's settings, as ratios to DIRNet. Medians after warm-up, device work
+synchronised. Baselines and PyTorch first, then the other variants. Writes the table and
+the machine description to benchmarks/results/core-<host>.json after every variant (an
+interrupted run keeps its finished rows). Never fails on time.
 """
 
 from __future__ import annotations
@@ -217,20 +218,33 @@ def main(argv: list[str]) -> None:
             out, json.dumps({"machine": machine.describe(), "rows": table.rows}, indent=2)
         )
 
-    # The paper's two networks: cardiac 256² first, then MNIST (four convs, two poolings).
-    for size, downsamplings, convs in ((256, 4, None), (28, 2, 4)):
-        base = DIRNetConfig(
-            image_shape=(size, size), num_downsamplings=downsamplings, conv_layers=convs
-        )
-        batches = (1, 32, 512) if on_gpu else (1, 32)
-        repeats = (20 if size == 28 else 5) // (2 if quick else 1) if not on_gpu else 30
-        for name in names:
-            bench_jax(table, name, variant(name, base), batches, repeats)
-            save()
-        bench_torch(table, base, repeats)
+    # The paper's two networks: cardiac 256² (four downsamplings) and MNIST (four convs,
+    # two downsamplings). The baselines and their PyTorch twins first, so that a run cut
+    # short by a time limit still has every comparison; then the other variants.
+    bases = {
+        size: DIRNetConfig(image_shape=(size, size), num_downsamplings=d, conv_layers=c)
+        for size, d, c in ((256, 4, None), (28, 2, 4))
+    }
+    batches = (1, 32, 512) if on_gpu else (1, 32)
+
+    def repeats(size):
+        return 30 if on_gpu else (20 if size == 28 else 5) // (2 if quick else 1)
+
+    for size, base in bases.items():
+        bench_jax(table, "baseline", base, batches, repeats(size))
+        if on_gpu:  # bfloat16 activations: for accelerators (slower on a CPU)
+            bf16 = base.replace(compute_dtype="bfloat16")
+            bench_jax(table, "baseline-bf16", bf16, batches, repeats(size))
+        bench_torch(table, base, repeats(size))
         save()
+    for name in names[1:]:
+        for size, base in bases.items():
+            bench_jax(table, name, variant(name, base), batches, repeats(size))
+            save()
     bench_elastix(table, pairs=3 if quick else 8)
     save()
+    order = {"jax": 0, "torch": 1, "elastix": 2}
+    table.rows.sort(key=lambda r: (-r["size"], order[r["impl"]]))  # stable: variants in order
 
     print(f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     header = (
