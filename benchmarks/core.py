@@ -11,10 +11,11 @@ batch; pair sampling and step in one dispatch, which is what training runs; and,
 or on a GPU, a lax.scan of 20 steps), first-call time and memory per call. On a GPU also
 the baseline with bfloat16 activations. Then the same baseline network in PyTorch eager
 (benchmarks/torch_dirnet.py, if torch is installed) and SimpleElastix per 256×256 pair
-with the paper's settings, as ratios to DIRNet. Medians after warm-up, device work
-synchronised. Baselines and PyTorch first, then the other variants. Writes the table and
-the machine description to benchmarks/results/core-<host>.json after every variant (an
-interrupted run keeps its finished rows). Never fails on time.
+with the paper's settings, as ratios to DIRNet. Medians after warm-up (each measure
+repeated for at least a second), device work synchronised. Baselines and PyTorch first,
+then the other variants. Writes the table and the machine description to
+benchmarks/results/core-<host>.json after every variant (an interrupted run keeps its
+finished rows). Never fails on time.
 """
 
 from __future__ import annotations
@@ -38,13 +39,17 @@ from dirnet_jax.workdir import atomic_write_text
 FUSED = 20  # steps per dispatch in the fused training rows
 
 
+MIN_SECONDS = 1.0  # each measure repeats until it has run this long (fast calls: many times)
+
+
 def timed(fn, repeats: int, sync=jax.block_until_ready) -> tuple[float, float]:
-    """(first call incl. compile, median of `repeats` further calls), seconds."""
+    """(first call incl. compile, median of at least `repeats` further calls and of as many
+    as fit in MIN_SECONDS), seconds."""
     t = time.perf_counter()
     sync(fn())
     first = time.perf_counter() - t
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (sum(times) < MIN_SECONDS and len(times) < 1000):
         t = time.perf_counter()
         sync(fn())
         times.append(time.perf_counter() - t)
