@@ -3,12 +3,15 @@
 # SimpleITK there, so the cardiac cohort is generated in memory and the elastix row is
 # computed on a CPU machine afterwards). Steps, each under its own time limit (seconds):
 #
-#   bash benchmarks/gpu.sh tests   # versions; the kernel and model tests on the GPU (60)
-#   bash benchmarks/gpu.sh train   # cardiac experiment, paper settings, every variant (300)
-#   bash benchmarks/gpu.sh bench   # the benchmark table, all variants, PyTorch ratios (190)
-#   bash benchmarks/gpu.sh all     # the three in this order
+#   bash benchmarks/gpu.sh tests     # versions; the kernel and model tests on the GPU (60)
+#   bash benchmarks/gpu.sh bench     # the benchmark table: baselines (float32 and bf16) and
+#                                    # PyTorch at both sizes first, then the variants (240)
+#   bash benchmarks/gpu.sh profile   # top kernels: one 256² pair, batch 512, a train step (90)
+#   bash benchmarks/gpu.sh train     # cardiac experiment, paper settings, every variant (300)
+#   bash benchmarks/gpu.sh all       # tests, bench, profile (train is done: README Table 1)
 #
-# Logs and results go to $OUT (default benchmarks/results/gpu). After `train`, unpack
+# Limits: TESTS_SECONDS, BENCH_SECONDS, PROFILE_SECONDS, TRAIN_SECONDS. Logs and results go
+# to $OUT (default benchmarks/results/gpu). After `train`, unpack
 # $OUT/sunnybrook-paper.tar.gz into runs/ on a machine with the full install and run
 #   python -m experiments.sunnybrook --variant=C1 --workdir=runs/sunnybrook-paper
 # there: the trained variants are reused and the SimpleElastix row is added.
@@ -41,15 +44,24 @@ train() {
 }
 
 bench() {
-  timeout "${BENCH_SECONDS:-190}" $py -m benchmarks.core --out="$OUT/bench_gpu.json" 2>&1 |
+  timeout "${BENCH_SECONDS:-240}" $py -m benchmarks.core --out="$OUT/bench_gpu.json" 2>&1 |
     tee "$OUT/bench_gpu.log"
 }
 
+profile() {
+  local end=$((SECONDS + ${PROFILE_SECONDS:-90}))
+  for args in "--batch=1" "--batch=512" "--what=train --batch=32"; do
+    # shellcheck disable=SC2086  # $args holds several flags
+    timeout $((end - SECONDS > 10 ? end - SECONDS : 10)) $py -m benchmarks.profile $args \
+      --top=30 2>&1 | tee -a "$OUT/profile_gpu.log"
+  done
+}
+
 case "${1:-all}" in
-tests | train | bench) "$1" ;;
-all) tests; train; bench ;;
+tests | bench | profile | train) "$1" ;;
+all) tests; bench; profile ;;
 *)
-  echo "usage: bash benchmarks/gpu.sh tests|train|bench|all" >&2
+  echo "usage: bash benchmarks/gpu.sh tests|bench|profile|train|all" >&2
   exit 2
   ;;
 esac
