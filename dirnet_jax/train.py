@@ -30,6 +30,18 @@ from dirnet_jax.models import apply, init_variables
 
 Batch = dict[str, jax.Array]  # {'fixed', 'moving'}: [B, *spatial, C]
 
+# XLA:CPU in jaxlib 0.10 hands the convolutions of a training step to YNNPACK, whose kernel
+# gradients of the 256² layers took 86 and 70 ms of a 545 ms step (7 and 34 GFLOP/s);
+# XLA's own convolutions make the step 422 ms (28²: unchanged). These are the library
+# fusions XLA:CPU picks by default, minus convolutions. Set for jaxlib 0.10 only, where it
+# was measured: a jaxlib that does not know an option refuses to compile.
+YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+TRAIN_COMPILER_OPTIONS = (
+    {"xla_cpu_experimental_ynn_fusion_type": YNN_WITHOUT_CONVOLUTIONS}
+    if jax.__version__.startswith("0.10.")
+    else None
+)
+
 
 class TrainState(train_state.TrainState):
     batch_stats: Any
@@ -103,14 +115,17 @@ def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, 
     return state, {"loss": loss}
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@functools.partial(jax.jit, donate_argnums=0, compiler_options=TRAIN_COMPILER_OPTIONS)
 def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One Adam step on a batch of pairs; metrics: {'loss'}."""
     return _train_step(state, batch)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("steps", "batch_size", "grouped", "sharding"), donate_argnums=0
+    jax.jit,
+    static_argnames=("steps", "batch_size", "grouped", "sharding"),
+    donate_argnums=0,
+    compiler_options=TRAIN_COMPILER_OPTIONS,
 )
 def train_steps(
     state: TrainState,

@@ -1,6 +1,7 @@
 """Training: toy learning, determinism, checkpoints that resume (also after kill -9), NaN stop."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -139,6 +140,25 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, steps_per_dispatch):
     good = (first_bad - 1) // 5 * 5
     assert f"last good checkpoint: step {good} in " in str(err.value)
     assert train.checkpoint_manager(tmp_path, config).latest_step() == good  # NaN never saved
+
+
+def test_training_convolutions_are_xla_own_on_cpu():
+    # TRAIN_COMPILER_OPTIONS keeps YNNPACK off the convolutions (slower kernel gradients).
+    if train.TRAIN_COMPILER_OPTIONS is None:
+        pytest.skip("the options are set for jaxlib 0.10 only")
+    config = DIRNetConfig()  # 256², batch 32: XLA:CPU picks YNNPACK for large convolutions
+    state, pool = train.create_train_state(config), jnp.zeros((32, 256, 256, 1))
+    args = (state, pool, train.data_key(config))
+    kwargs = dict(steps=1, batch_size=32, grouped=False)  # compiled, never run
+
+    def library_convolutions(jitted):
+        hlo = jitted.lower(*args, **kwargs).compile().as_text()
+        return re.findall(r'%ynn_fusion[.\d]* = [^\n]*op_name="[^"]*/conv_general_dilated"', hlo)
+
+    static = ("steps", "batch_size", "grouped", "sharding")
+    default = jax.jit(train.train_steps.__wrapped__, static_argnames=static)
+    assert library_convolutions(default)  # what XLA:CPU would do without the options
+    assert not library_convolutions(train.train_steps)
 
 
 def test_each_jitted_function_traces_once(tmp_path, pool):
