@@ -47,6 +47,17 @@ OUTPUT_INIT = nn.initializers.normal(stddev=1e-5)
 BN_EPSILON = 1e-5
 
 
+def pool2(x: jax.Array, reduce) -> jax.Array:
+    """2×…×2 pooling with stride 2 of [B, *spatial, C] (sizes even): `reduce` (jnp.mean,
+    jnp.max) over the window axes of a reshape. Same values as nn.avg_pool / nn.max_pool;
+    XLA fuses it with the layer before, and its gradient is a broadcast, where
+    reduce_window's was a padded reduce_window (28² training: ~200 µs of a 3.6 ms step)."""
+    spatial = x.shape[1:-1]
+    split = [d for s in spatial for d in (s // 2, 2)]
+    windows = tuple(range(2, 2 * len(spatial) + 1, 2))
+    return reduce(x.reshape(x.shape[0], *split, x.shape[-1]), axis=windows)
+
+
 def stack_channels(a: jax.Array, b: jax.Array) -> jax.Array:
     """``concatenate([a, b], axis=-1)`` for [..., C] arrays, written as a select between
     zero-padded copies: XLA:CPU (jax 0.10) runs a concatenate along the minor axis ~20×
@@ -92,12 +103,9 @@ class Regressor(nn.Module):
             return normalized(conv, x)
 
         def downsample(x):
-            window = (2,) * ndim
-            if cfg.downsampling == "avg":
-                return nn.avg_pool(x, window, strides=window)
-            if cfg.downsampling == "max":
-                return nn.max_pool(x, window, strides=window)
-            return layer(x, 2, strides=2, padding="VALID")
+            if cfg.downsampling == "strided":
+                return layer(x, 2, strides=2, padding="VALID")
+            return pool2(x, jnp.mean if cfg.downsampling == "avg" else jnp.max)
 
         overlap = cfg.receptive_field == "overlap"
         last_down = cfg.num_downsamplings - 1

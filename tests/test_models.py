@@ -1,5 +1,6 @@
 """Regressor and DIRNet: every paper variant's shapes, identity start, input checks."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ from dirnet_jax.models import (
     Regressor,
     fold_batchnorm,
     pairs_per_pass,
+    pool2,
     register,
     register_batched,
     stack_channels,
@@ -192,6 +194,19 @@ def test_bfloat16_activations_register_within_bfloat16_precision(rng, name):
     error = float(jnp.abs(half.grid - full.grid).max())
     assert scale > 0.1 and 1e-5 * scale < error < 0.05 * scale  # bfloat16, and close
     np.testing.assert_allclose(half.warped, full.warped, atol=0.05)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 6, 5), (2, 4, 6, 8, 3)])
+@pytest.mark.parametrize("reduce,flax_pool", [(jnp.mean, nn.avg_pool), (jnp.max, nn.max_pool)])
+def test_pool2_is_flax_pooling_values_and_gradients(rng, shape, reduce, flax_pool):
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    window = (2,) * (len(shape) - 2)
+    reference = flax_pool(x, window, strides=window)
+    np.testing.assert_allclose(pool2(x, reduce), reference, rtol=1e-6, atol=1e-6)
+    weights = jnp.asarray(rng.normal(size=reference.shape), jnp.float32)
+    grad = jax.grad(lambda x: (pool2(x, reduce) * weights).sum())(x)
+    grad_ref = jax.grad(lambda x: (flax_pool(x, window, strides=window) * weights).sum())(x)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-6, atol=1e-6)
 
 
 def test_stack_channels_is_concatenate(rng):
