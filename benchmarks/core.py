@@ -11,7 +11,8 @@ batch; pair sampling and step in one dispatch, which is what training runs; and,
 or on a GPU, a lax.scan of 20 steps), first-call time and memory per call. On a GPU also
 the baseline with bfloat16 activations. Then the same baseline network in PyTorch eager
 (benchmarks/torch_dirnet.py, if torch is installed) and SimpleElastix per 256×256 pair
-with the paper's settings, as ratios to DIRNet. Medians after warm-up (each measure
+with the paper's settings, as ratios to DIRNet; every 256×256 row times the same synthetic
+cardiac ED/ES pairs (`test_pairs`). Medians after warm-up (each measure
 repeated for at least a second), device work synchronised. Baselines and PyTorch first,
 then the other variants. Writes the table and the machine description to
 benchmarks/results/core-<host>.json after every variant (an interrupted run keeps its
@@ -33,6 +34,7 @@ import numpy as np
 
 from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, init_variables, machine, variant
 from dirnet_jax.models import register
+from dirnet_jax.preprocess import minmax
 from dirnet_jax.train import create_train_state, data_key, train_step, train_steps
 from dirnet_jax.workdir import atomic_write_text
 
@@ -88,12 +90,25 @@ class Table:
         return None
 
 
-def bench_jax(table: Table, name: str, config: DIRNetConfig, batches, repeats: int) -> None:
-    rng = np.random.default_rng(0)
+def test_pairs(size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n (fixed, moving) pairs, each [n, size, size, 1] float32 in [0, 1]. At 256×256 the
+    cardiac pairs that SimpleElastix registers too: end-diastole (fixed) and end-systole
+    (moving) of the 8 slices of a synthetic patient, repeated up to n; at 28×28 uniform
+    noise (a DIRNet's speed does not depend on what the images show)."""
+    if size != 256:
+        rng = np.random.default_rng(0)
+        return tuple(rng.uniform(size=(n, size, size, 1)).astype(np.float32) for _ in range(2))
+    from dirnet_jax.datasets import phantom
+
+    data = phantom.generate_patient(phantom.CohortSpec(slices=8, phases=20), 0)
+    ed, es = (minmax(data["images"][:, p])[..., None] for p in (0, data["es_phase"]))
+    repeat = -(-n // len(ed))
+    return np.tile(ed, (repeat, 1, 1, 1))[:n], np.tile(es, (repeat, 1, 1, 1))[:n]
+
+
+def bench_jax(table: Table, name: str, config: DIRNetConfig, pairs, batches, repeats: int) -> None:
     size = config.image_shape[0]
-    biggest = max(batches)
-    fixed = jnp.asarray(rng.uniform(size=(biggest, size, size, 1)), jnp.float32)
-    moving = jnp.asarray(rng.uniform(size=(biggest, size, size, 1)), jnp.float32)
+    fixed, moving = (jnp.asarray(a[: max(batches)]) for a in pairs)
     variables = init_variables(config, jax.random.key(0))
     for b in batches:
         f, m = fixed[:b], moving[:b]
@@ -130,7 +145,7 @@ def bench_jax(table: Table, name: str, config: DIRNetConfig, batches, repeats: i
         table.add("jax", name, size, what, first, sec, steps, "steps/s", mb)
 
 
-def bench_torch(table: Table, config: DIRNetConfig, repeats: int) -> None:
+def bench_torch(table: Table, config: DIRNetConfig, pairs, repeats: int) -> None:
     try:
         import torch
 
@@ -148,8 +163,7 @@ def bench_torch(table: Table, config: DIRNetConfig, repeats: int) -> None:
     size = config.image_shape[0]
     model = DIRNet(size, config.num_downsamplings, config.features, config.conv_layers)
     model = model.to(device)
-    fixed = torch.rand(32, 1, size, size, device=device)
-    moving = torch.rand(32, 1, size, size, device=device)
+    fixed, moving = (torch.from_numpy(a[:32]).permute(0, 3, 1, 2).to(device) for a in pairs)
 
     def peak_mb():  # since the last call, CUDA only
         if device != "cuda":
@@ -183,23 +197,18 @@ def bench_torch(table: Table, config: DIRNetConfig, repeats: int) -> None:
     )
 
 
-def bench_elastix(table: Table, pairs: int) -> None:
+def bench_elastix(table: Table, pairs, count: int) -> None:
+    """SimpleElastix (the paper's settings) on the first `count` of the 256² pairs."""
     try:
         from dirnet_jax import elastix
-        from dirnet_jax.datasets import phantom
 
-        elastix.bspline_parameters(16)
+        params = elastix.bspline_parameters(16 * 1.28, resolutions=2, iterations=100)
     except ImportError as err:
         print(f"no SimpleElastix row: {err}")
         return
-    spec = phantom.CohortSpec(slices=pairs, phases=20)
-    data = phantom.generate_patient(spec, 0)
-    params = elastix.bspline_parameters(16 * 1.28, resolutions=2, iterations=100)
     seconds = []
-    for s in range(pairs):
-        ed, es = data["images"][s, 0], data["images"][s, data["es_phase"]]
-        result = elastix.register_pair(es.astype(np.float32), ed.astype(np.float32), params,
-                                       spacing=(1.28, 1.28))  # fmt: skip
+    for fixed, moving in zip(*(a[:count, ..., 0] for a in pairs), strict=True):
+        result = elastix.register_pair(fixed, moving, params, spacing=(1.28, 1.28))
         seconds.append(result.seconds)
     sec = statistics.median(seconds)
     table.add("elastix", "baseline", 256, "register, 1 pair", float("nan"), sec, 1, "pairs/s")
@@ -235,18 +244,19 @@ def main(argv: list[str]) -> None:
     def repeats(size):
         return 30 if on_gpu else (20 if size == 28 else 5) // (2 if quick else 1)
 
+    pairs = {size: test_pairs(size, max(batches)) for size in bases}
     for size, base in bases.items():
-        bench_jax(table, "baseline", base, batches, repeats(size))
+        bench_jax(table, "baseline", base, pairs[size], batches, repeats(size))
         if on_gpu:  # bfloat16 activations: for accelerators (slower on a CPU)
             bf16 = base.replace(compute_dtype="bfloat16")
-            bench_jax(table, "baseline-bf16", bf16, batches, repeats(size))
-        bench_torch(table, base, repeats(size))
+            bench_jax(table, "baseline-bf16", bf16, pairs[size], batches, repeats(size))
+        bench_torch(table, base, pairs[size], repeats(size))
         save()
     for name in names[1:]:
         for size, base in bases.items():
-            bench_jax(table, name, variant(name, base), batches, repeats(size))
+            bench_jax(table, name, variant(name, base), pairs[size], batches, repeats(size))
             save()
-    bench_elastix(table, pairs=3 if quick else 8)
+    bench_elastix(table, pairs[256], count=3 if quick else 8)
     save()
     order = {"jax": 0, "torch": 1, "elastix": 2}
     table.rows.sort(key=lambda r: (-r["size"], order[r["impl"]]))  # stable: variants in order
