@@ -258,6 +258,8 @@ def register(
     """
     check_pair(config, fixed, moving)
     batch = fixed.shape[0]
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be a positive number of pairs, got {chunk}")
     chunk = pairs_per_pass(config, batch) if chunk is None else chunk
     if chunk >= batch:
         return apply(config, variables, fixed, moving)[0]

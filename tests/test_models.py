@@ -224,6 +224,8 @@ def test_register_in_chunks_equals_one_pass(rng, chunk):
     chunked = register(config, variables, fixed, moving, chunk=chunk)  # 3 + 3 + 1 for 3
     for a, b in zip(chunked, whole, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="chunk must be a positive number of pairs, got 0"):
+        register(config, variables, fixed, moving, chunk=0)
 
 
 def test_pairs_per_pass_keeps_a_pass_in_cache_on_cpu():
