@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -47,11 +48,11 @@ OUTPUT_INIT = nn.initializers.normal(stddev=1e-5)
 BN_EPSILON = 1e-5
 
 
-def pool2(x: jax.Array, reduce) -> jax.Array:
+def pool2(x: jax.Array, reduce: Callable[..., jax.Array]) -> jax.Array:
     """2×…×2 pooling with stride 2 of [B, *spatial, C] (sizes even): `reduce` (jnp.mean,
-    jnp.max) over the window axes of a reshape. Same values as nn.avg_pool / nn.max_pool;
-    XLA fuses it with the layer before, and its gradient is a broadcast, where
-    reduce_window's was a padded reduce_window (28² training: ~200 µs of a 3.6 ms step)."""
+    jnp.max) over the window axes of a reshape. Same values as nn.avg_pool / nn.max_pool,
+    but its gradient is a broadcast where reduce_window's was a padded reduce_window
+    (~100 µs of a 3.6 ms 28² training step on XLA:CPU)."""
     spatial = x.shape[1:-1]
     split = [d for s in spatial for d in (s // 2, 2)]
     windows = tuple(range(2, 2 * len(spatial) + 1, 2))
