@@ -62,7 +62,8 @@ def claim(workdir: str | os.PathLike, config: DIRNetConfig) -> Path:
     if not path.exists():
         atomic_write_text(path, config.to_json() + "\n")
         return workdir
-    stored = json.loads(path.read_text())
+    # A field the stored config lacks is newer than the run, which used its default.
+    stored = DIRNetConfig().to_dict() | json.loads(path.read_text())
     diff = {
         k: (stored.get(k), v)
         for k, v in mine.items()

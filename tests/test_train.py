@@ -222,6 +222,18 @@ def test_workdir_with_another_config_refuses(tmp_path, pool):
     assert json.loads((tmp_path / "config.json").read_text())["transformer"] == "cubic"
 
 
+def test_workdir_from_before_a_config_field_existed_is_reused(tmp_path):
+    # A run made before compute_dtype existed stored no such field: it used the default.
+    wd.claim(tmp_path, TOY)
+    path = tmp_path / "config.json"
+    stored = json.loads(path.read_text())
+    del stored["compute_dtype"]
+    path.write_text(json.dumps(stored))
+    assert wd.claim(tmp_path, TOY) == tmp_path
+    with pytest.raises(ValueError, match="compute_dtype: 'float32' there, 'bfloat16' now"):
+        wd.claim(tmp_path, TOY.replace(compute_dtype="bfloat16"))
+
+
 def test_custom_similarity_plugs_in(tmp_path, pool):
     state = train.fit(TOY.replace(similarity=mse_loss, num_steps=5), tmp_path, pool, progress=False)
     assert int(state.step) == 5
