@@ -12,7 +12,7 @@ or on a GPU, a lax.scan of 20 steps), first-call time and memory per call. On a 
 the baseline with bfloat16 activations. Then the same baseline network in PyTorch eager
 (benchmarks/torch_dirnet.py, if torch is installed) and SimpleElastix per 256×256 pair
 with the paper's settings, as ratios to DIRNet; every 256×256 row times the same synthetic
-cardiac ED/ES pairs (`test_pairs`). Medians after warm-up (each measure
+cardiac ED/ES pairs (`timed_pairs`). Medians after warm-up (each measure
 repeated for at least a second), device work synchronised. Baselines and PyTorch first,
 then the other variants. Writes the table and the machine description to
 benchmarks/results/core-<host>.json after every variant (an interrupted run keeps its
@@ -90,7 +90,7 @@ class Table:
         return None
 
 
-def test_pairs(size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+def timed_pairs(size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """n (fixed, moving) pairs, each [n, size, size, 1] float32 in [0, 1]. At 256×256 the
     cardiac pairs that SimpleElastix registers too: end-diastole (fixed) and end-systole
     (moving) of the 8 slices of a synthetic patient, repeated up to n; at 28×28 uniform
@@ -244,7 +244,7 @@ def main(argv: list[str]) -> None:
     def repeats(size):
         return 30 if on_gpu else (20 if size == 28 else 5) // (2 if quick else 1)
 
-    pairs = {size: test_pairs(size, max(batches)) for size in bases}
+    pairs = {size: timed_pairs(size, max(batches)) for size in bases}
     for size, base in bases.items():
         bench_jax(table, "baseline", base, pairs[size], batches, repeats(size))
         if on_gpu:  # bfloat16 activations: for accelerators (slower on a CPU)
