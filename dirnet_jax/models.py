@@ -215,18 +215,25 @@ def apply(
       (Registration, new batch_stats when `train`, else None).
     """
     check_pair(config, fixed, moving)
-    if train:
-        grid, updates = Regressor(config).apply(
-            variables, fixed, moving, train=True, mutable=["batch_stats"]
-        )
-        batch_stats = updates["batch_stats"]
-    else:  # running averages folded into the layers: fewer ops, the same grid (tested)
-        folded = Regressor(config, folded=True)
-        grid = folded.apply(fold_batchnorm(variables), fixed, moving, train=False)
-        batch_stats = None
-    displacement = TRANSFORM_FNS[config.transformer](grid, fixed.shape[1:-1])
+    if not train:  # running averages folded into the layers: fewer ops, the same grid (tested)
+        return _infer(config, fold_batchnorm(variables), fixed, moving), None
+    grid, updates = Regressor(config).apply(
+        variables, fixed, moving, train=True, mutable=["batch_stats"]
+    )
+    return _transform(config, grid, moving), updates["batch_stats"]
+
+
+def _transform(config: DIRNetConfig, grid: jax.Array, moving: jax.Array) -> Registration:
+    """Control grid [B, *grid, ndim] → dense field → warped moving images."""
+    displacement = TRANSFORM_FNS[config.transformer](grid, moving.shape[1:-1])
     warped = warp(moving, displacement, mode=config.boundary)
-    return Registration(warped, displacement, grid), batch_stats
+    return Registration(warped, displacement, grid)
+
+
+def _infer(config: DIRNetConfig, folded: Any, fixed: jax.Array, moving: jax.Array) -> Registration:
+    """Inference with variables from `fold_batchnorm`."""
+    grid = Regressor(config, folded=True).apply(folded, fixed, moving, train=False)
+    return _transform(config, grid, moving)
 
 
 # On XLA:CPU a pass over this many pixels keeps the regressor's activations in cache:
@@ -262,18 +269,19 @@ def register(
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be a positive number of pairs, got {chunk}")
     chunk = pairs_per_pass(config, batch) if chunk is None else chunk
+    folded = fold_batchnorm(variables)  # once, outside the passes
     if chunk >= batch:
-        return apply(config, variables, fixed, moving)[0]
+        return _infer(config, folded, fixed, moving)
     whole = batch - batch % chunk
 
     def chunks(a):
         return a[:whole].reshape(whole // chunk, chunk, *a.shape[1:])
 
-    head = jax.lax.map(lambda fm: apply(config, variables, *fm)[0], (chunks(fixed), chunks(moving)))
+    head = jax.lax.map(lambda fm: _infer(config, folded, *fm), (chunks(fixed), chunks(moving)))
     head = jax.tree.map(lambda a: a.reshape(whole, *a.shape[2:]), head)
     if whole == batch:
         return head
-    tail = apply(config, variables, fixed[whole:], moving[whole:])[0]
+    tail = _infer(config, folded, fixed[whole:], moving[whole:])
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head, tail)
 
 
