@@ -7,8 +7,9 @@
 Rows, all on this machine in one run: for each variant at 256×256 (four downsamplings, the
 cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registration pairs/s
 at batch 1 and 32 (and 512 on a GPU), training steps/s at batch 32 (a step on a given
-batch; pair sampling and step in one dispatch, which is what training runs; and, at 28×28
-or on a GPU, a lax.scan of 20 steps), first-call time and memory per call. On a GPU also
+batch; pair sampling and step in one dispatch; and as `fit` runs them, several steps per
+dispatch: 4 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and
+memory per call. On a GPU also
 the baseline with bfloat16 activations. Then the same baseline network in PyTorch eager
 (benchmarks/torch_dirnet.py, if torch is installed) and SimpleElastix per 256×256 pair
 with the paper's settings, as ratios to DIRNet; every 256×256 row times the same synthetic
@@ -35,11 +36,14 @@ import numpy as np
 from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, init_variables, machine, variant
 from dirnet_jax.models import register
 from dirnet_jax.preprocess import minmax
-from dirnet_jax.train import create_train_state, data_key, train_step, train_steps
+from dirnet_jax.train import (
+    create_train_state,
+    data_key,
+    default_steps_per_dispatch,
+    train_step,
+    train_steps,
+)
 from dirnet_jax.workdir import atomic_write_text
-
-FUSED = 20  # steps per dispatch in the fused training rows
-
 
 MIN_SECONDS = 1.0  # each measure repeats until it has run this long (fast calls: many times)
 
@@ -128,8 +132,7 @@ def bench_jax(table: Table, name: str, config: DIRNetConfig, pairs, batches, rep
     table.add("jax", name, size, "train step, batch 32", first, sec, 1, "steps/s", mb)
 
     pool, key = fixed[:32], data_key(config)
-    scans = (1, FUSED) if size <= 32 or jax.default_backend() != "cpu" else (1,)
-    for steps in scans:  # a scan at 256² on XLA:CPU takes minutes per call
+    for steps in (1, default_steps_per_dispatch()):
 
         def fused(steps=steps):
             state[0], losses = train_steps(
@@ -141,7 +144,7 @@ def bench_jax(table: Table, name: str, config: DIRNetConfig, pairs, batches, rep
         mb = compiled_mb(
             train_steps, state[0], pool, key, steps=steps, batch_size=32, grouped=False
         )
-        what = "train, sample+step" if steps == 1 else f"train, scan of {steps}"
+        what = "train, sample+step" if steps == 1 else f"train, {steps} steps/dispatch"
         table.add("jax", name, size, what, first, sec, steps, "steps/s", mb)
 
 

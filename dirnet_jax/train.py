@@ -143,23 +143,26 @@ def train_steps(
     ``sample_pairs(fold_in(key, s), pool, batch_size, grouped)``, exactly as a loop of
     `train_step` would, so chunks of any length give the same trajectory. `sharding`
     places each batch (data parallelism: split over devices along the batch axis).
-    On XLA:CPU a scan of steps ran 3× (28×28) to 10× (128×128) slower per step than single
-    steps, on an H100 20 % faster, so `fit` picks the chunk length by backend.
+    On accelerators the steps are a `lax.scan`; on XLA:CPU, which ran a scanned step 3×
+    (28×28) to 10× (128×128) slower, they are unrolled into straight-line code.
 
     Returns (state, [steps] losses).
     """
 
-    def body(state, _):
+    def body(state):
         batch = sample_pairs(jax.random.fold_in(key, state.step + 1), pool, batch_size, grouped)
         if sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, sharding)
         state, metrics = _train_step(state, batch)
         return state, metrics["loss"]
 
-    if steps == 1:  # XLA:CPU runs a scan's body several times slower than the same ops
-        state, loss = body(state, None)
-        return state, loss[None]
-    return jax.lax.scan(body, state, length=steps)
+    if jax.default_backend() != "cpu":
+        return jax.lax.scan(lambda state, _: body(state), state, length=steps)
+    losses = []
+    for _ in range(steps):
+        state, loss = body(state)
+        losses.append(loss)
+    return state, jnp.stack(losses)
 
 
 @jax.jit
@@ -279,6 +282,15 @@ def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState
     return state.replace(**restored)
 
 
+def default_steps_per_dispatch() -> int:
+    """Adam steps per jitted call in `fit`: 20 on accelerators (an H100 ran a scan of 20 at
+    458 steps/s against 383 for single steps, 256², batch 32); 4 on a CPU, where each call
+    page-faults its temporaries in afresh (653 MiB, 0.3 s of system time per 256² step)
+    and 4 straight-line steps share them: 256² 432 → 311 ms per step, 28² 3.6 → 3.3 ms
+    (benchmarks/NOTES.md)."""
+    return 4 if jax.default_backend() == "cpu" else 20
+
+
 def fit(
     config: DIRNetConfig,
     workdir: str | os.PathLike,
@@ -297,10 +309,8 @@ def fit(
         a pool; or [G, T, *image_shape(, C)], pairs drawn within a group (the phases of one
         slice, say). Validation uses ``num_val_pairs`` fixed pairs.
       progress: show a progress bar with ETA.
-      steps_per_dispatch: Adam steps per jitted call (a `lax.scan`; the trajectory is the
-        same). Default: 1 on CPU, where scanned steps run slower; 20 on accelerators: on
-        an H100 a scan of 20 ran 458 steps/s against 383 for single steps (256², batch 32;
-        benchmarks/NOTES.md).
+      steps_per_dispatch: Adam steps per jitted call (`train_steps`; the trajectory is the
+        same). Default `default_steps_per_dispatch()`.
 
     Returns:
       The final TrainState.
@@ -309,9 +319,7 @@ def fit(
       FloatingPointError: the loss became NaN or infinite (names the step and the last
         good checkpoint).
     """
-    chunk = steps_per_dispatch
-    if chunk is None:
-        chunk = 1 if jax.default_backend() == "cpu" else 20
+    chunk = default_steps_per_dispatch() if steps_per_dispatch is None else steps_per_dispatch
     if chunk < 1:
         raise ValueError(f"steps_per_dispatch must be at least 1, not {chunk}")
     primary = jax.process_index() == 0  # the one process that writes config and metrics
