@@ -156,7 +156,7 @@ def train_steps(
         state, metrics = _train_step(state, batch)
         return state, metrics["loss"]
 
-    if jax.default_backend() != "cpu":
+    if steps > 1 and jax.default_backend() != "cpu":
         return jax.lax.scan(lambda state, _: body(state), state, length=steps)
     losses = []
     for _ in range(steps):
