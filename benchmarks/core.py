@@ -7,16 +7,15 @@
 Rows, all on this machine in one run: for each variant at 256×256 (four downsamplings, the
 cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registration pairs/s
 at batch 1 and 32 (and 512 on a GPU), training steps/s at batch 32 (a step on a given
-batch; pair sampling and step in one dispatch; and as `fit` runs them, several steps per
-dispatch: 4 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and
-memory per call. On a GPU also
-the baseline with bfloat16 activations. Then the same baseline network in PyTorch eager
-(benchmarks/torch_dirnet.py, if torch is installed) and SimpleElastix per 256×256 pair
-with the paper's settings, as ratios to DIRNet; every 256×256 row times the same synthetic
-cardiac ED/ES pairs (`timed_pairs`). Medians after warm-up (each measure
-repeated for at least a second), device work synchronised. Baselines and PyTorch first,
-then the other variants. Writes the table and the machine description to
-benchmarks/results/core-<host>.json after every variant (an interrupted run keeps its
+batch; pair sampling and step in one dispatch; and several steps per dispatch as `fit` runs
+them: 4 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and
+memory per call. On a GPU also the baseline with bfloat16 activations. Then the same
+baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is installed) and
+SimpleElastix per 256×256 pair with the paper's settings, as ratios to DIRNet; every
+256×256 row times the same synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after
+warm-up (each measure repeated for at least a second), device work synchronised. Baselines
+and PyTorch first, then the other variants. Writes the table and the machine description
+to benchmarks/results/core-<host>.json after every variant (an interrupted run keeps its
 finished rows). Never fails on time.
 """
 

@@ -41,8 +41,9 @@ def define_run_flags(*, workdir: str, iterations: int | None, checkpoint_every: 
 
 def config_overrides(args: flags.FlagValues) -> dict[str, Any]:
     """The DIRNetConfig fields that the run flags set."""
-    names = ("batch_size", "learning_rate", "seed", "log_every", "checkpoint_every")
-    return {name: getattr(args, name) for name in (*names, "compute_dtype")}
+    names = ("batch_size", "learning_rate", "seed", "log_every", "checkpoint_every",
+             "compute_dtype")  # fmt: skip
+    return {name: getattr(args, name) for name in names}
 
 
 def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
