@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import flax.struct
@@ -23,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 from tqdm.auto import tqdm
 
+from dirnet_jax import hosts
 from dirnet_jax import workdir as wd
 from dirnet_jax.config import DIRNetConfig
 from dirnet_jax.losses import get_loss, ncc
@@ -322,8 +322,9 @@ def fit(
     chunk = default_steps_per_dispatch() if steps_per_dispatch is None else steps_per_dispatch
     if chunk < 1:
         raise ValueError(f"steps_per_dispatch must be at least 1, not {chunk}")
-    primary = jax.process_index() == 0  # the one process that writes config and metrics
-    workdir = wd.claim(workdir, config) if primary else Path(workdir)
+    primary = hosts.is_primary()  # the one process that writes config and metrics
+    # Every process checks the stored config (and fails alike), after process 0 wrote it.
+    workdir = hosts.primary_first(lambda: wd.claim(workdir, config), f"claim {workdir}")
     replicated, split = data_parallel(config)
     pool = jax.device_put(as_image_pool(config, train_images, "training images"), replicated)
     val_batch = None
@@ -337,8 +338,9 @@ def fit(
 
     mngr = checkpoint_manager(workdir, config)
     try:
-        state = restore_latest(mngr, create_train_state(config))
-        state = jax.device_put(state, replicated)
+        # Restored straight into the replicated placement: with several processes, each
+        # reads its own replica (a restored array cannot be moved to another host's devices).
+        state = restore_latest(mngr, jax.device_put(create_train_state(config), replicated))
         start = int(state.step)
         if primary:
             wd.truncate_metrics(workdir, start)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from dirnet_jax import hosts
 from dirnet_jax.config import COMPUTE_DTYPES, DIRNetConfig
 from dirnet_jax.models import Registration, register, register_batched
 
@@ -35,8 +36,16 @@ def define_run_flags(*, workdir: str, iterations: int | None, checkpoint_every: 
     )
     flags.DEFINE_bool("progress", True, "Show progress bars.")
     flags.DEFINE_bool(
-        "distributed", False, "Multi-host: call jax.distributed.initialize() first (SLURM…)."
+        "distributed",
+        False,
+        "Several processes (hosts) train one model: call jax.distributed.initialize() first. "
+        "Under SLURM it finds the processes itself; elsewhere give the three flags below.",
     )
+    flags.DEFINE_string(
+        "coordinator_address", None, "With --distributed: host:port of process 0's service."
+    )
+    flags.DEFINE_integer("num_processes", None, "With --distributed: processes in the job.")
+    flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 
 
 def config_overrides(args: flags.FlagValues) -> dict[str, Any]:
@@ -56,13 +65,23 @@ def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
         if not FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         if FLAGS.distributed:
-            jax.distributed.initialize()  # coordinator, process count and id from the cluster
+            jax.distributed.initialize(  # None: found from the cluster's environment
+                FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+            )
+            FLAGS.progress &= hosts.is_primary()  # one progress bar per job
         try:
             paths = run(FLAGS)
-        except (FileNotFoundError, ValueError, FloatingPointError, ImportError) as err:
+        except (
+            FileNotFoundError,
+            ValueError,
+            FloatingPointError,
+            ImportError,
+            hosts.PrimaryFailed,
+        ) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
-        print("\n".join(["wrote:", *(f"  {p}" for p in paths)]))
+        if hosts.is_primary():  # the others wrote nothing
+            print("\n".join(["wrote:", *(f"  {p}" for p in paths)]))
 
     app.run(main)
 

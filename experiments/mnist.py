@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags
 from tqdm.auto import tqdm
 
-from dirnet_jax import DIRNetConfig, machine, plots, train
+from dirnet_jax import DIRNetConfig, hosts, machine, plots, train
 from dirnet_jax import workdir as wd
 from dirnet_jax.losses import ncc
 from dirnet_jax.metrics import summarize
@@ -152,16 +152,23 @@ def train_seconds(records: list[dict[str, Any]]) -> float:
     return total
 
 
-def run_digit(digit: int, data: dict, config: DIRNetConfig, root: Path, args) -> dict:
-    """Train (or resume) and evaluate one digit; cached in digit_<d>/evaluation.json."""
+def run_digit(digit: int, data: dict, config: DIRNetConfig, root: Path, args) -> dict | None:
+    """Train (or resume) and evaluate one digit; cached in digit_<d>/evaluation.json.
+
+    Several processes train together; process 0 evaluates. Returns None on the others.
+    """
     run_dir = root / f"digit_{digit}"
     cache = run_dir / "evaluation.json"
     settings = {"config": config.to_dict(), "elastix_pairs": args.elastix_pairs}
-    if cache.exists():
-        cached = json.loads(cache.read_text())
-        if cached.get("settings") == settings:
-            figure = np.load(run_dir / "figure.npz")
-            return cached | {"figure": dict(figure)}
+
+    def is_cached() -> bool:
+        return cache.exists() and json.loads(cache.read_text()).get("settings") == settings
+
+    if hosts.on_primary(is_cached, f"digit {digit} cached", share=True):
+        if not hosts.is_primary():
+            return None
+        figure = np.load(run_dir / "figure.npz")
+        return json.loads(cache.read_text()) | {"figure": dict(figure)}
 
     train_x, train_y = data["train"]
     val_x, val_y = data["validation"]
@@ -173,21 +180,24 @@ def run_digit(digit: int, data: dict, config: DIRNetConfig, root: Path, args) ->
         to_float(val_x[val_y == digit]),
         progress=args.progress,
     )
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    metrics, figure = evaluate_digit(
-        config,
-        variables,
-        to_float(test_x[test_y == digit]),
-        digit,
-        seed=args.seed,
-        elastix_pairs=args.elastix_pairs,
-        progress=args.progress,
-    )
-    metrics["train_seconds"] = train_seconds(wd.read_metrics(run_dir))
-    with wd.atomic_output(run_dir / "figure.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, **figure)
-    wd.atomic_write_text(cache, json.dumps(metrics | {"settings": settings}, indent=2))
-    return metrics | {"settings": settings, "figure": figure}
+
+    def evaluate() -> dict:
+        metrics, figure = evaluate_digit(
+            config,
+            hosts.local_copy({"params": state.params, "batch_stats": state.batch_stats}),
+            to_float(test_x[test_y == digit]),
+            digit,
+            seed=args.seed,
+            elastix_pairs=args.elastix_pairs,
+            progress=args.progress,
+        )
+        metrics["train_seconds"] = train_seconds(wd.read_metrics(run_dir))
+        with wd.atomic_output(run_dir / "figure.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **figure)
+        wd.atomic_write_text(cache, json.dumps(metrics | {"settings": settings}, indent=2))
+        return metrics | {"settings": settings, "figure": figure}
+
+    return hosts.on_primary(evaluate, f"digit {digit} evaluated")
 
 
 def write_outputs(root: Path, results: dict[int, dict], config: DIRNetConfig) -> list[Path]:
@@ -253,13 +263,15 @@ def run(args) -> list[Path]:
 
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
-    mnist.prepare(args.data_dir, args.mnist_pickle)
+    hosts.primary_first(lambda: mnist.prepare(args.data_dir, args.mnist_pickle), "mnist prepared")
     data = {split: mnist.load(args.data_dir, split) for split in mnist.SPLITS}
     config = paper_config(num_steps=args.iterations, **common.config_overrides(args))
     digits = sorted({int(d) for d in args.digits})
     results = {}
     for digit in digits:
         results[digit] = run_digit(digit, data, config, root, args)
+        if not hosts.is_primary():
+            continue
         r = results[digit]
         elx = r["ncc_elastix"]
         print(
@@ -273,7 +285,7 @@ def run(args) -> list[Path]:
             ),
             flush=True,
         )
-    return write_outputs(root, results, config)
+    return hosts.on_primary(lambda: write_outputs(root, results, config), "outputs") or []
 
 
 if __name__ == "__main__":

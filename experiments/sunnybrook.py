@@ -28,6 +28,7 @@ table; ``--summarize`` only gathers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ import numpy as np
 from absl import flags
 from tqdm.auto import tqdm
 
-from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, machine, plots, train, variant
+from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, hosts, machine, plots, train, variant
 from dirnet_jax import workdir as wd
 from dirnet_jax.datasets import phantom
 from dirnet_jax.metrics import mask_metrics, summarize
@@ -120,7 +121,10 @@ def data_source(args, spec: phantom.CohortSpec | None, scd_size: int):
         return f"phantom:{spec.name}", lambda split: phantom.load_split(spec, split)
     from dirnet_jax.datasets import cardiac
 
-    builder = cardiac.builder(args.data_dir, scd_dir=args.scd_dir, spec=spec, size=scd_size)
+    builder = hosts.primary_first(
+        lambda: cardiac.builder(args.data_dir, scd_dir=args.scd_dir, spec=spec, size=scd_size),
+        "cardiac data prepared",
+    )
     data = "scd" if args.scd_dir else "phantom"
     return f"{data}:{builder.builder_config.name}", lambda split: cardiac.load(builder, split)
 
@@ -212,19 +216,61 @@ def evaluate_elastix(
     return row, np.stack(warped)
 
 
-def cached(folder: Path, settings: dict, compute) -> tuple[dict, np.ndarray]:
-    """compute() → (row, warped example), cached in folder/evaluation.json + example.npy."""
-    path, example = folder / "evaluation.json", folder / "example.npy"
-    if path.exists() and example.exists():
+def cached_row(folder: Path, settings: dict) -> dict | None:
+    """The Table 1 row cached in folder/evaluation.json for these settings, if any."""
+    path = folder / "evaluation.json"
+    if path.exists() and (folder / "example.npy").exists():
         stored = json.loads(path.read_text())
         if stored.get("settings") == settings:
-            return stored["row"], np.load(example)
-    row, warped_example = compute()
+            return stored["row"]
+    return None
+
+
+def store_row(folder: Path, settings: dict, row: dict, warped_example: np.ndarray) -> dict:
+    """Cache a row and its warped example image in folder (example first: the row marks
+    the pair complete). Returns the row."""
     folder.mkdir(parents=True, exist_ok=True)
-    with wd.atomic_output(example) as tmp, open(tmp, "wb") as f:
+    with wd.atomic_output(folder / "example.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, warped_example)
-    wd.atomic_write_text(path, json.dumps({"settings": settings, "row": row}, indent=2) + "\n")
-    return row, warped_example
+    text = json.dumps({"settings": settings, "row": row}, indent=2) + "\n"
+    wd.atomic_write_text(folder / "evaluation.json", text)
+    return row
+
+
+def variant_row(
+    config: DIRNetConfig,
+    run_dir: Path,
+    settings: dict,
+    train_data: np.ndarray,
+    val_data: np.ndarray,
+    pairs: Pairs,
+    args,
+) -> dict | None:
+    """Train (or resume) a DIRNet in run_dir and evaluate it: its Table 1 row, cached.
+
+    Several processes train together; process 0 alone reads, evaluates and writes the cache
+    (the others get the row only when it was cached, else None).
+    """
+    settings = settings | {"config": config.to_dict()}
+    name = run_dir.name
+    row = hosts.on_primary(
+        functools.partial(cached_row, run_dir, settings), f"{name} cached", share=True
+    )
+    if row is not None:
+        return row
+    state = train.fit(config, run_dir, train_data, val_data, progress=args.progress)
+
+    def evaluate() -> dict:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        row, warped = evaluate_dirnet(config, hosts.local_copy(variables), pairs)
+        return store_row(run_dir, settings, row, warped[example_index(pairs)])
+
+    return hosts.on_primary(evaluate, f"{name} evaluated")
+
+
+def print_row(name: str, row: dict | None) -> None:
+    if hosts.is_primary():
+        print(f"{name}: Dice {row['dice']['mean']:.3f} ± {row['dice']['std']:.3f}", flush=True)
 
 
 def base_config(preset: Preset, args) -> DIRNetConfig:
@@ -262,31 +308,24 @@ def run(
         val_data = load_split(raw("validation"), "validation", preset.size)["images"]
         for name in names:
             config = variant(name, base_config(preset, args))
-            run_dir = root / name
-
-            def compute(config=config, run_dir=run_dir):
-                state = train.fit(config, run_dir, train_data, val_data, progress=args.progress)
-                variables = {"params": state.params, "batch_stats": state.batch_stats}
-                row, warped = evaluate_dirnet(config, variables, pairs)
-                return row, warped[example_index(pairs)]
-
-            row, _ = cached(run_dir, settings | {"config": config.to_dict()}, compute)
-            print(f"{name}: Dice {row['dice']['mean']:.3f} ± {row['dice']['std']:.3f}", flush=True)
+            row = variant_row(config, root / name, settings, train_data, val_data, pairs, args)
+            print_row(name, row)
         if args.elastix:
             spacing_px = 2**preset.num_downsamplings  # the DIRNet's control-point spacing
+            elastix_settings = settings | {"grid_spacing_px": spacing_px}
 
-            def compute_elastix():
-                row, warped = evaluate_elastix(pairs, spacing_px, args.progress)
-                return row, warped[example_index(pairs)]
+            def elastix_row() -> dict:
+                row = cached_row(root / "elastix", elastix_settings)
+                if row is None:
+                    row, warped = evaluate_elastix(pairs, spacing_px, args.progress)
+                    store_row(root / "elastix", elastix_settings, row, warped[example_index(pairs)])
+                return row
 
-            row, _ = cached(
-                root / "elastix", settings | {"grid_spacing_px": spacing_px}, compute_elastix
-            )
-            print(
-                f"SimpleElastix: Dice {row['dice']['mean']:.3f} ± {row['dice']['std']:.3f}",
-                flush=True,
-            )
-    return write_outputs(root, pairs, settings, data, preset_name)
+            print_row("SimpleElastix", hosts.on_primary(elastix_row, "elastix"))
+    outputs = hosts.on_primary(
+        lambda: write_outputs(root, pairs, settings, data, preset_name), "outputs"
+    )
+    return outputs or []
 
 
 def gather(root: Path, settings: dict) -> dict[str, tuple[dict, np.ndarray]]:

@@ -14,8 +14,8 @@ from dirnet_jax.toy import shifted_blobs
 CONFIG = dict(image_shape=(28, 28), num_downsamplings=2, batch_size=8, learning_rate=1e-3,
               num_steps=30, log_every=10, checkpoint_every=30)  # fmt: skip
 
-FOUR_DEVICES = """
-import json, sys
+FOUR_DEVICES = r"""
+import json, re, sys
 import jax
 from dirnet_jax import DIRNetConfig, train
 from dirnet_jax.toy import shifted_blobs
@@ -27,8 +27,12 @@ _, split = train.data_parallel(config)
 pool = jax.numpy.zeros((4, 28, 28, 1))
 hlo = train.train_steps.lower(state, pool, train.data_key(config), steps=1, batch_size=8,
                               grouped=False, sharding=split).compile().as_text()
+# Each device draws its own slice of the batch's pairs from the pool: [2, 1, 28, 28, 1].
+gathered = [int(re.search(r"= f32\[(\d+),", line).group(1)) for line in hlo.splitlines()
+            if " gather(" in line and "slice_sizes={1,28,28,1}" in line]
 print(json.dumps({"param_devices": len(kernel.sharding.device_set),
-                  "all_reduce": "all-reduce" in hlo, "kernel": kernel.ravel().tolist()}))
+                  "all_reduce": "all-reduce" in hlo, "gathered": gathered,
+                  "kernel": kernel.ravel().tolist()}))
 try:
     train.data_parallel(config.replace(batch_size=6))
 except ValueError as err:
@@ -45,6 +49,7 @@ def test_four_devices_follow_one(tmp_path):
     report = json.loads(report)
     assert report["param_devices"] == 4  # parameters replicated on every device
     assert report["all_reduce"]  # gradients and BatchNorm statistics are reduced across them
+    assert report["gathered"] and set(report["gathered"]) == {8 // 4}  # fixed and moving
     assert error == "batch_size 6 does not split over the 4 devices"
 
     config = DIRNetConfig(**CONFIG)

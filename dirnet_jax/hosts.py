@@ -1,0 +1,91 @@
+"""One job over several processes (hosts, after `jax.distributed.initialize`): who does what.
+
+Training runs on every process alike (`train.fit`: each device computes its slice of
+every batch). Everything else an experiment does (preparing data, evaluating, elastix,
+writing results) is done once, by process 0, while the others wait for it and learn its
+outcome. The waiting goes through JAX's coordination service (a key-value store), not
+through device collectives, and lasts as long as process 0 works; an error there is
+raised on every process, so the whole job stops with the same one-line message instead
+of hanging. With one process (the usual case) every function here is trivial.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+T = TypeVar("T")
+
+# How long the other processes wait for process 0: days, so that a long elastix row or
+# evaluation does not end a job (JAX's own shutdown barrier waits only 5 minutes).
+WAIT_MS = 7 * 24 * 3600 * 1000
+
+
+# Times each name was used in this process: every process makes the same calls in the same
+# order, so name and count make the same key everywhere, and a name may recur (two runs).
+_uses: collections.Counter[str] = collections.Counter()
+
+
+class PrimaryFailed(RuntimeError):
+    """Raised on the other processes when process 0 failed: its message."""
+
+
+def is_primary() -> bool:
+    """Whether this process does the job's single-process work (it is process 0)."""
+    return jax.process_index() == 0
+
+
+def on_primary(fn: Callable[[], T], name: str, *, share: bool = False) -> T | None:
+    """Run fn() on process 0 only; every other process waits until it has finished.
+
+    Args:
+      fn: the work, called with no arguments.
+      name: what is done, e.g. "digit 3 evaluated" (with a count, the key the others
+        wait on).
+      share: send fn()'s result, which must then be JSON-serialisable, to every process.
+
+    Returns:
+      fn()'s result on process 0; on the others that result with `share`, else None.
+
+    Raises:
+      Whatever fn raised, on process 0; PrimaryFailed with its message on the others.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    client = ocp.multihost.get_jax_distributed_client()
+    key = f"dirnet_jax/{name}/{_uses[name]}"
+    _uses[name] += 1
+    if is_primary():
+        try:
+            result = fn()
+        except Exception as err:
+            client.key_value_set(key, json.dumps({"error": str(err)}))
+            raise
+        client.key_value_set(key, json.dumps({"result": result if share else None}))
+        return result
+    outcome = json.loads(client.blocking_key_value_get(key, WAIT_MS))
+    if "error" in outcome:
+        raise PrimaryFailed(f"process 0 failed: {outcome['error']}")
+    return outcome["result"]
+
+
+def primary_first(fn: Callable[[], T], name: str) -> T:
+    """fn() on process 0, then on the others: for steps that write once (preparing a
+    dataset, claiming a work directory) and that every process then reads."""
+    result = on_primary(fn, name)
+    return result if is_primary() else fn()
+
+
+def local_copy(tree: Any) -> Any:
+    """Replicated arrays of a multi-process job → copies on this process's first device,
+    so that it can run computations alone (evaluation); unchanged with one process."""
+    if jax.process_count() == 1:
+        return tree
+    host = jax.tree.map(np.asarray, tree)  # each process holds a full replica
+    return jax.device_put(host, jax.local_devices()[0])

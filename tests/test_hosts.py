@@ -1,0 +1,104 @@
+"""Several processes (hosts) on one machine: `--distributed` end to end, against one process.
+
+Two processes with two virtual CPU devices each form a four-device job over JAX's
+coordination service and gloo collectives, as hosts of a cluster would.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dirnet_jax import hosts
+from dirnet_jax import workdir as wd
+
+pytest.importorskip("tensorflow_datasets")
+pytest.importorskip("SimpleITK")
+from tests.test_mnist_data import write_standin
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(args: list[str], logs: Path) -> list[tuple[int, str, str]]:
+    """Run `python -m experiments.mnist --distributed` as processes 0 and 1 of one job.
+
+    Returns (exit code, stdout, stderr) of each.
+    """
+    port = free_port()
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(2):
+        cmd = [sys.executable, "-m", "experiments.mnist", "--distributed",
+               f"--coordinator_address=localhost:{port}", "--num_processes=2",
+               f"--process_id={i}", *args]  # fmt: skip
+        # Files, not pipes: a process blocked on a full pipe would stall the other one.
+        out, err = open(logs / f"{i}.out", "w"), open(logs / f"{i}.err", "w")
+        procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err), out, err))
+    results = []
+    for i, (proc, out, err) in enumerate(procs):
+        code = proc.wait(timeout=600)
+        out.close(), err.close()
+        results.append((code, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text()))
+    return results
+
+
+def test_one_process_needs_no_coordination():
+    assert hosts.is_primary()
+    assert hosts.on_primary(lambda: 3, "three", share=True) == 3
+    assert hosts.primary_first(lambda: "x", "x") == "x"
+    tree = {"a": np.ones(2)}
+    assert hosts.local_copy(tree) is tree
+
+
+def test_two_processes_train_resume_and_write_once(tmp_path):
+    write_standin(tmp_path / "mnist.pkl.gz", sizes=(200, 60, 60))
+    common = [f"--data_dir={tmp_path / 'tfds'}", f"--mnist_pickle={tmp_path / 'mnist.pkl.gz'}",
+              "--digits=3", "--batch_size=8", "--elastix_pairs=1", "--log_every=10",
+              "--checkpoint_every=10", "--noprogress"]  # fmt: skip
+    two = tmp_path / "two"
+
+    # 10 iterations, then resumed to 20: process 0 prepares the data, evaluates and writes.
+    for iterations in (10, 20):
+        args = [*common, f"--workdir={two}", f"--iterations={iterations}"]
+        (code0, out0, err0), (code1, out1, err1) = two_processes(args, tmp_path / "logs")
+        assert code0 == 0, err0[-3000:]
+        assert code1 == 0, err1[-3000:]
+        assert "wrote:" in out0 and "results.json" in out0
+        assert "wrote:" not in out1 and "digit 3" not in out1  # process 1 writes nothing
+    assert [r["step"] for r in wd.read_metrics(two / "digit_3")] == [10, 20]
+
+    # The same run in one process on one device: the same training and evaluation.
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.mnist", *common, f"--workdir={tmp_path / 'one'}",
+         "--iterations=20"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [wd.read_metrics(d / "digit_3") for d in (two, tmp_path / "one")]
+    for key in ("train_loss", "val_loss"):
+        np.testing.assert_allclose(*[[r[key] for r in run] for run in runs], rtol=1e-4)
+    digits = [json.loads((d / "results.json").read_text())["digits"]["3"]
+              for d in (two, tmp_path / "one")]  # fmt: skip
+    for key in ("ncc_before", "ncc_dirnet", "ncc_elastix"):
+        np.testing.assert_allclose(digits[0][key]["mean"], digits[1][key]["mean"], atol=1e-5)
+
+    # An error on process 0 (the work directory holds another configuration) stops both
+    # processes with its one-line message, at once.
+    args = [*common, f"--workdir={two}", "--iterations=20", "--batch_size=4"]
+    (code0, _, err0), (code1, _, err1) = two_processes(args, tmp_path / "logs")
+    assert code0 == 1 and code1 == 1
+    message = "holds a run with another configuration (batch_size: 8 there, 4 now)"
+    assert f"error: {two / 'digit_3'} {message}" in err0
+    assert f"error: process 0 failed: {two / 'digit_3'} {message}" in err1
