@@ -1,5 +1,8 @@
 """Cardiac data: the synthetic cohort's realism targets, the SCD reader on a fake tree."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -102,3 +105,33 @@ def test_split_is_a_third_each_by_pathology():
     assert [len(v) for v in splits.values()] == [15, 15, 15]
     for members in splits.values():
         assert sorted({p.pathology for p in members}) == ["A", "B", "C"]
+
+
+PREPARE = """
+import sys
+import subprocess
+import sys
+
+import numpy as np
+from dirnet_jax.datasets import cardiac, phantom
+spec = phantom.CohortSpec(num_patients=3, slices=1, phases=4, size=32)
+images = cardiac.load(cardiac.builder(sys.argv[1], spec=spec), "train")["images"]
+print(int(images.astype(np.int64).sum()))
+"""
+
+
+def test_jobs_started_together_prepare_the_data_once(tmp_path):
+    # A SLURM array on a fresh checkout: without the lock all but one failed to rename
+    # TFDS's finished folder into place, or read a dataset still being written.
+    cmd = [sys.executable, "-c", PREPARE, str(tmp_path / "tfds")]
+    logs = [(tmp_path / f"{i}.out", tmp_path / f"{i}.err") for i in range(3)]
+    procs = []
+    for out, err in logs:  # files, not pipes: a full pipe would stall a lock holder
+        with open(out, "w") as o, open(err, "w") as e:
+            procs.append(subprocess.Popen(cmd, stdout=o, stderr=e))
+    for proc, (_, err) in zip(procs, logs, strict=True):
+        assert proc.wait(timeout=300) == 0, err.read_text()[-2000:]
+    outs = [out.read_text() for out, _ in logs]
+    assert sum("Downloading and preparing" in text for text in outs) == 1  # TFDS's message
+    assert len({text.splitlines()[-1] for text in outs}) == 1  # the same data everywhere
+    assert len(list((tmp_path / "tfds" / "cardiac_phantom").glob("*/1.0.0"))) == 1

