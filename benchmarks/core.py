@@ -9,7 +9,8 @@ cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registra
 at batch 1 and 32 (and 512 on a GPU), training steps/s at batch 32 (a step on a given
 batch; pair sampling and step in one dispatch; and several steps per dispatch as `fit` runs
 them: 4 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and
-memory per call. On a GPU also the baseline with bfloat16 activations. Then the same
+memory per call. On a GPU also the baseline with bfloat16 activations, and the baseline's
+registration with BatchNorm not folded into the layers (what folding buys). Then the same
 baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is installed) and
 SimpleElastix per 256×256 pair with the paper's settings, as ratios to DIRNet; every
 256×256 row times the same synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after
@@ -21,6 +22,7 @@ finished rows). Never fails on time.
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import statistics
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, init_variables, machine, variant
-from dirnet_jax.models import register
+from dirnet_jax.models import Registration, Regressor, register, transform
 from dirnet_jax.preprocess import minmax
 from dirnet_jax.train import (
     create_train_state,
@@ -109,15 +111,30 @@ def timed_pairs(size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.tile(ed, (repeat, 1, 1, 1))[:n], np.tile(es, (repeat, 1, 1, 1))[:n]
 
 
-def bench_jax(table: Table, name: str, config: DIRNetConfig, pairs, batches, repeats: int) -> None:
-    size = config.image_shape[0]
+@functools.partial(jax.jit, static_argnums=0)
+def register_unfolded(config: DIRNetConfig, variables, fixed, moving) -> Registration:
+    """`register` with BatchNorm as its own per-channel scale and shift (running averages),
+    not folded into the layers: the other side of the folding comparison on a GPU."""
+    grid = Regressor(config).apply(variables, fixed, moving, train=False)
+    return transform(config, grid, moving)
+
+
+def bench_register(table, name, config, pairs, batches, repeats, fn=register) -> None:
+    """Rows 'register, batch b': fn(config, variables, fixed, moving) on b pairs."""
     fixed, moving = (jnp.asarray(a[: max(batches)]) for a in pairs)
     variables = init_variables(config, jax.random.key(0))
     for b in batches:
         f, m = fixed[:b], moving[:b]
-        first, sec = timed(lambda f=f, m=m: register(config, variables, f, m), repeats)
-        mb = compiled_mb(register, config, variables, f, m)
-        table.add("jax", name, size, f"register, batch {b}", first, sec, b, "pairs/s", mb)
+        first, sec = timed(lambda f=f, m=m: fn(config, variables, f, m), repeats)
+        mb = compiled_mb(fn, config, variables, f, m)
+        what = f"register, batch {b}"
+        table.add("jax", name, config.image_shape[0], what, first, sec, b, "pairs/s", mb)
+
+
+def bench_jax(table: Table, name: str, config: DIRNetConfig, pairs, batches, repeats: int) -> None:
+    size = config.image_shape[0]
+    bench_register(table, name, config, pairs, batches, repeats)
+    fixed, moving = (jnp.asarray(a[:32]) for a in pairs)
 
     batch = {"fixed": fixed[:32], "moving": moving[:32]}
     state = [create_train_state(config)]  # the step functions donate their state
@@ -252,6 +269,10 @@ def main(argv: list[str]) -> None:
         if on_gpu:  # bfloat16 activations: for accelerators (slower on a CPU)
             bf16 = base.replace(compute_dtype="bfloat16")
             bench_jax(table, "baseline-bf16", bf16, pairs[size], batches, repeats(size))
+            # What folding BatchNorm into the layers buys there (on a CPU: nothing).
+            unfolded = "baseline-unfolded"
+            bench_register(table, unfolded, base, pairs[size], batches, repeats(size),
+                           fn=register_unfolded)  # fmt: skip
         bench_torch(table, base, pairs[size], repeats(size))
         save()
     for name in names[1:]:

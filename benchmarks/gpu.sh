@@ -7,11 +7,13 @@
 #   bash benchmarks/gpu.sh bench     # the benchmark table: baselines (float32 and bf16) and
 #                                    # PyTorch at both sizes first, then the variants (240)
 #   bash benchmarks/gpu.sh profile   # top kernels: one 256² pair, batch 512, a train step (90)
+#   bash benchmarks/gpu.sh fusion    # the quick table again with cuDNN runtime fusion, which
+#                                    # can fuse conv + bias + ELU (folded BatchNorm) (120)
 #   bash benchmarks/gpu.sh train     # cardiac experiment, paper settings, every variant (300)
-#   bash benchmarks/gpu.sh all       # tests, bench, profile (train is done: README Table 1)
+#   bash benchmarks/gpu.sh all       # tests, bench, profile, fusion (~9 min; train is done)
 #
-# Limits: TESTS_SECONDS, BENCH_SECONDS, PROFILE_SECONDS, TRAIN_SECONDS. Logs and results go
-# to $OUT (default benchmarks/results/gpu). After `train`, unpack
+# Limits: TESTS_SECONDS, BENCH_SECONDS, PROFILE_SECONDS, FUSION_SECONDS, TRAIN_SECONDS.
+# Logs and results go to $OUT (default benchmarks/results/gpu). After `train`, unpack
 # $OUT/sunnybrook-paper.tar.gz into runs/ on a machine with the full install and run
 #   python -m experiments.sunnybrook --variant=C1 --workdir=runs/sunnybrook-paper
 # there: the trained variants are reused and the SimpleElastix row is added.
@@ -48,6 +50,12 @@ bench() {
     tee "$OUT/bench_gpu.log"
 }
 
+fusion() {
+  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_use_runtime_fusion=true" \
+    timeout "${FUSION_SECONDS:-120}" $py -m benchmarks.core --quick \
+    --out="$OUT/bench_gpu_runtime_fusion.json" 2>&1 | tee "$OUT/bench_gpu_runtime_fusion.log"
+}
+
 profile() {
   local end=$((SECONDS + ${PROFILE_SECONDS:-90}))
   for args in "--batch=1" "--batch=512" "--what=train --batch=32"; do
@@ -58,10 +66,10 @@ profile() {
 }
 
 case "${1:-all}" in
-tests | bench | profile | train) "$1" ;;
-all) tests; bench; profile ;;
+tests | bench | profile | fusion | train) "$1" ;;
+all) tests; bench; profile; fusion ;;
 *)
-  echo "usage: bash benchmarks/gpu.sh tests|bench|profile|train|all" >&2
+  echo "usage: bash benchmarks/gpu.sh tests|bench|profile|fusion|train|all" >&2
   exit 2
   ;;
 esac

@@ -69,6 +69,14 @@ def stack_channels(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(jax.lax.broadcasted_iota(jnp.int32, a.shape, a.ndim - 1) < c, a, b)
 
 
+def elu_unguarded(x: jax.Array) -> jax.Array:
+    """ELU as ``select(x > 0, x, expm1(x))``: the values of `nn.elu`, without its guard
+    (expm1 of min(x, 0)), which keeps gradients finite where expm1(x) overflows (x > 88).
+    Inference only: this is the form XLA's GPU compiler fuses into a cuDNN convolution
+    with its bias (with ``--xla_gpu_use_runtime_fusion``)."""
+    return jnp.where(x > 0, x, jnp.expm1(x))
+
+
 class Regressor(nn.Module):
     """Maps an image pair to control-point displacements in pixels."""
 
@@ -95,7 +103,7 @@ class Regressor(nn.Module):
                     epsilon=BN_EPSILON,
                     dtype=cfg.compute_dtype,
                 )(x)
-            return nn.elu(x)
+            return elu_unguarded(x) if self.folded else nn.elu(x)  # folded: inference only
 
         def layer(x, kernel, strides=1, padding="SAME"):
             conv = functools.partial(
@@ -220,10 +228,10 @@ def apply(
     grid, updates = Regressor(config).apply(
         variables, fixed, moving, train=True, mutable=["batch_stats"]
     )
-    return _transform(config, grid, moving), updates["batch_stats"]
+    return transform(config, grid, moving), updates["batch_stats"]
 
 
-def _transform(config: DIRNetConfig, grid: jax.Array, moving: jax.Array) -> Registration:
+def transform(config: DIRNetConfig, grid: jax.Array, moving: jax.Array) -> Registration:
     """Control grid [B, *grid, ndim] → dense field → warped moving images."""
     displacement = TRANSFORM_FNS[config.transformer](grid, moving.shape[1:-1])
     warped = warp(moving, displacement, mode=config.boundary)
@@ -233,7 +241,7 @@ def _transform(config: DIRNetConfig, grid: jax.Array, moving: jax.Array) -> Regi
 def _infer(config: DIRNetConfig, folded: Any, fixed: jax.Array, moving: jax.Array) -> Registration:
     """Inference with variables from `fold_batchnorm`."""
     grid = Regressor(config, folded=True).apply(folded, fixed, moving, train=False)
-    return _transform(config, grid, moving)
+    return transform(config, grid, moving)
 
 
 # On XLA:CPU a pass over this many pixels keeps the regressor's activations in cache:
