@@ -46,6 +46,11 @@ def define_run_flags(*, workdir: str, iterations: int | None, checkpoint_every: 
     )
     flags.DEFINE_integer("num_processes", None, "With --distributed: processes in the job.")
     flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
+    flags.register_multi_flags_validator(
+        ["distributed", "coordinator_address", "num_processes", "process_id"],
+        lambda f: f["distributed"] or all(f[k] is None for k in f if k != "distributed"),
+        message="--coordinator_address, --num_processes and --process_id need --distributed",
+    )
 
 
 def config_overrides(args: flags.FlagValues) -> dict[str, Any]:

@@ -102,3 +102,10 @@ def test_two_processes_train_resume_and_write_once(tmp_path):
     message = "holds a run with another configuration (batch_size: 8 there, 4 now)"
     assert f"error: {two / 'digit_3'} {message}" in err0
     assert f"error: process 0 failed: {two / 'digit_3'} {message}" in err1
+
+
+def test_cluster_flags_need_distributed():
+    cmd = [sys.executable, "-m", "experiments.sunnybrook", "--process_id=1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "--process_id need --distributed" in proc.stderr
