@@ -22,7 +22,8 @@ the elastix row finish within 20 minutes on 2 CPU cores.
 Writes to --workdir: results.json, results.md (Table 1), fig3_validation_loss.png and
 fig4_example.png; <variant>/ and elastix/ hold each run and its cached evaluation. Runs of
 several variants (e.g. one cluster job each) into one work directory are gathered into one
-table; ``--summarize`` only gathers.
+table; ``--summarize`` only gathers, and on a directory of such work directories (one per
+seed of a sweep) also writes summary.md: every method over the runs, mean ± sd.
 """
 
 from __future__ import annotations
@@ -322,10 +323,20 @@ def run(
                 return row
 
             print_row("SimpleElastix", hosts.on_primary(elastix_row, "elastix"))
-    outputs = hosts.on_primary(
-        lambda: write_outputs(root, pairs, settings, data, preset_name), "outputs"
-    )
-    return outputs or []
+
+    def outputs() -> list[Path]:
+        # With --summarize, a work directory of runs (seed0/, seed1/, … of a sweep) gets each
+        # run's outputs rebuilt and a table over the runs; its own runs, if any, as always.
+        subdirs = sorted(d for d in root.iterdir() if d.is_dir()) if args.summarize else []
+        runs = [d for d in subdirs if gather(d, settings)]
+        if not runs:
+            return write_outputs(root, pairs, settings, data, preset_name)
+        paths = [p for d in runs for p in write_outputs(d, pairs, settings, data, preset_name)]
+        if gather(root, settings):
+            paths += write_outputs(root, pairs, settings, data, preset_name)
+        return paths + write_summary(root, runs, pairs, settings, data, preset_name)
+
+    return hosts.on_primary(outputs, "outputs") or []
 
 
 def gather(root: Path, settings: dict) -> dict[str, tuple[dict, np.ndarray]]:
@@ -394,6 +405,56 @@ def write_outputs(root: Path, pairs: Pairs, settings: dict, data: str, preset: s
         title=f"{pairs.names[k]} (heart region)",
     )
     return paths
+
+
+def write_summary(
+    root: Path, runs: list[Path], pairs: Pairs, settings: dict, data: str, preset: str
+) -> list[Path]:
+    """summary.json and summary.md in root: each method's measures over the runs (work
+    directories, e.g. one per seed), the mean ± sd over runs of each run's mean over pairs."""
+    found = {run.name: gather(run, settings) for run in runs}
+    rows = {}
+    for name in ["elastix", *VARIANTS]:
+        per_run = {run: got[name][0] for run, got in found.items() if name in got}
+        if per_run:
+            rows[name] = {
+                key: summarize([row[key]["mean"] for row in per_run.values()])
+                for key in ("dice", "hd95_mm", "mad_mm")
+            } | {"runs": sorted(per_run)}
+    summary = {
+        "data": data,
+        "preset": preset,
+        "settings": settings,
+        "pairs": len(pairs),
+        "before": mask_rows(pairs.moving_mask, pairs),
+        "rows": rows,
+    }
+    paths = [root / "summary.json", root / "summary.md"]
+    wd.atomic_write_text(paths[0], json.dumps(summary, indent=2) + "\n")
+    wd.atomic_write_text(paths[1], summary_markdown(summary))
+    return paths
+
+
+def summary_markdown(summary: dict) -> str:
+    def fmt(s, digits=2):
+        return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+    before = summary["before"]
+    lines = [
+        f"Data: {summary['data']}, preset: {summary['preset']}, {summary['pairs']} test pairs. "
+        "Each row: mean ± sd over runs of the run's mean over the pairs (before "
+        f"registration: Dice {fmt(before['dice'], 3)} over the pairs).",
+        "",
+        "| | runs | Dice | 95th pct. surface distance (mm) | mean abs. surface distance (mm) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in summary["rows"].items():
+        label = "SimpleElastix" if name == "elastix" else dirnet_label(name)
+        lines.append(
+            f"| {label} | {len(row['runs'])} | {fmt(row['dice'], 3)} | {fmt(row['hd95_mm'])} | "
+            f"{fmt(row['mad_mm'])} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def heart_window(mask: np.ndarray, half: int | None = None) -> tuple[slice, slice]:

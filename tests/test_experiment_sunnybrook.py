@@ -60,6 +60,37 @@ def test_phantom_end_to_end(tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["rows"] == rows
 
 
+def test_sweep_of_seeds_is_summarized_over_runs(tmp_path):
+    # A sweep writes one work directory per seed; --summarize on their parent gathers them.
+    sweep = tmp_path / "sweep"
+    for seed, name, elastix in ((0, "C1", True), (1, "C1", False), (1, "B2", False)):
+        args = args_for(tmp_path, workdir=str(sweep / f"seed{seed}"), seed=seed, variant=name,
+                        elastix=elastix)  # fmt: skip
+        experiment.run(args, preset=TINY, spec=SPEC)
+    (sweep / "seed1" / "results.json").unlink()  # rebuilt by the summary
+    paths = experiment.run(
+        args_for(tmp_path, workdir=str(sweep), summarize=True), preset=TINY, spec=SPEC
+    )
+    assert sweep / "summary.md" in paths and sweep / "seed1" / "results.json" in paths
+    assert not (sweep / "results.json").exists()  # no runs of its own
+
+    per_seed = [json.loads((sweep / f"seed{s}" / "results.json").read_text())["rows"]
+                for s in (0, 1)]  # fmt: skip
+    assert list(per_seed[1]) == ["before", "B2", "C1"]
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert list(summary["rows"]) == ["elastix", "B2", "C1"]
+    assert summary["rows"]["elastix"]["runs"] == ["seed0"]
+    c1 = summary["rows"]["C1"]
+    assert c1["runs"] == ["seed0", "seed1"]
+    dice = [rows["C1"]["dice"]["mean"] for rows in per_seed]
+    assert c1["dice"]["mean"] == pytest.approx(np.mean(dice))
+    assert c1["dice"]["std"] == pytest.approx(np.std(dice)) and c1["dice"]["n"] == 2
+    assert summary["before"] == per_seed[0]["before"]
+    table = (sweep / "summary.md").read_text()
+    assert "| DIRNet C1 (receptive_field: overlap) | 2 |" in table
+    assert "| SimpleElastix | 1 |" in table
+
+
 def test_in_memory_cohort_is_the_prepared_one(tmp_path):
     key, raw = experiment.data_source(args_for(tmp_path), SPEC, 256)
     key_mem, raw_mem = experiment.data_source(args_for(tmp_path, in_memory=True), SPEC, 256)
