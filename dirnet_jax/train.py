@@ -302,6 +302,10 @@ def fit(
 ) -> TrainState:
     """Train a DIRNet on random pairs from `train_images`, resuming from `workdir` if present.
 
+    Data-parallel over every device (`data_parallel`). In a job of several processes
+    (`jax.distributed`), every process calls fit with the same arguments; process 0 writes
+    config and metrics, all save checkpoints (`hosts`).
+
     Args:
       config: model and schedule; ``num_steps`` is the total, counting resumed steps.
       workdir: where config.json, metrics.jsonl and checkpoints/ live.
