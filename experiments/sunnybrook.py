@@ -228,8 +228,8 @@ def cached_row(folder: Path, settings: dict) -> dict | None:
 
 
 def store_row(folder: Path, settings: dict, row: dict, warped_example: np.ndarray) -> dict:
-    """Cache a row and its warped example image in folder (example first: the row marks
-    the pair complete). Returns the row."""
+    """Cache a row and its warped example image in folder, the example first, so that a
+    cached row always has its example. Returns the row."""
     folder.mkdir(parents=True, exist_ok=True)
     with wd.atomic_output(folder / "example.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, warped_example)
