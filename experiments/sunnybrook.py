@@ -328,7 +328,7 @@ def run(
         # With --summarize, a work directory of runs (seed0/, seed1/, … of a sweep) gets each
         # run's outputs rebuilt and a table over the runs; its own runs, if any, as always.
         subdirs = sorted(d for d in root.iterdir() if d.is_dir()) if args.summarize else []
-        runs = [d for d in subdirs if gather(d, settings)]
+        runs = {d: found for d in subdirs if (found := gather(d, settings))}
         if not runs:
             return write_outputs(root, pairs, settings, data, preset_name)
         paths = [p for d in runs for p in write_outputs(d, pairs, settings, data, preset_name)]
@@ -408,14 +408,14 @@ def write_outputs(root: Path, pairs: Pairs, settings: dict, data: str, preset: s
 
 
 def write_summary(
-    root: Path, runs: list[Path], pairs: Pairs, settings: dict, data: str, preset: str
+    root: Path, runs: dict[Path, dict], pairs: Pairs, settings: dict, data: str, preset: str
 ) -> list[Path]:
     """summary.json and summary.md in root: each method's measures over the runs (work
-    directories, e.g. one per seed), the mean ± sd over runs of each run's mean over pairs."""
-    found = {run.name: gather(run, settings) for run in runs}
+    directory → `gather` of it; e.g. one per seed), the mean ± sd over runs of each run's
+    mean over the pairs."""
     rows = {}
     for name in ["elastix", *VARIANTS]:
-        per_run = {run: got[name][0] for run, got in found.items() if name in got}
+        per_run = {run.name: got[name][0] for run, got in runs.items() if name in got}
         if per_run:
             rows[name] = {
                 key: summarize([row[key]["mean"] for row in per_run.values()])
