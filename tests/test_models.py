@@ -9,6 +9,7 @@ import pytest
 from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, apply, init_variables, variant
 from dirnet_jax.models import (
     Regressor,
+    conv_elu_pool2,
     elu_unguarded,
     fold_batchnorm,
     pairs_per_pass,
@@ -181,6 +182,48 @@ def test_folded_batchnorm_gives_the_same_grid(rng, name):
     del variables["params"]["BatchNorm_0"]
     with pytest.raises(ValueError, match="BatchNorms: not a DIRNet regressor"):
         fold_batchnorm(variables)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 2), (3, 4, 6, 2, 3)])
+@pytest.mark.parametrize("downsampling", ["avg", "max"])
+def test_fused_first_layer_is_conv_elu_pool(rng, shape, downsampling):
+    x = rng.normal(size=shape).astype(np.float32)
+    ndim, cin = len(shape) - 2, shape[-1]
+    kernel = rng.normal(size=(3,) * ndim + (cin, 5)).astype(np.float32)
+    bias = rng.normal(size=5).astype(np.float32)
+    spatial = "DHW"[-ndim:]
+    conv = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (1,) * ndim,
+        "SAME",
+        dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    pool = nn.avg_pool if downsampling == "avg" else nn.max_pool
+    expected = pool(nn.elu(conv + bias), (2,) * ndim, strides=(2,) * ndim)
+    got = conv_elu_pool2(x, kernel, bias, downsampling)
+    assert got.shape == expected.shape and float(jnp.abs(expected).max()) > 1
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="avg or max"):
+        conv_elu_pool2(x, kernel, bias, "strided")
+
+
+@pytest.mark.parametrize("name,fused", [("baseline", True), ("A2", False), ("C1", True)])
+def test_inference_fuses_the_first_layer_where_it_can(rng, name, fused):
+    # One convolution fewer in the compiled inference network: the first is an elementwise
+    # loop together with its pooling (A2 downsamples by a strided conv: nothing to fuse).
+    config = variant(name, MNIST.replace(features=8))
+    variables = perturbed(config)
+    x = jnp.zeros((1, 28, 28, 1))
+
+    def convolutions(module, variables):
+        text = jax.jit(lambda v: module.apply(v, x, x, train=False)).lower(variables).as_text()
+        return text.count("stablehlo.convolution")
+
+    plain = convolutions(Regressor(config), variables)
+    fast = convolutions(Regressor(config, folded=True), fold_batchnorm(variables))
+    assert fast == plain - fused
 
 
 @pytest.mark.parametrize("name", ["baseline", "A2", "C2"])
