@@ -17,6 +17,10 @@ BatchNorm, ELU):
 
 Downsampling is average pooling (baseline), max pooling (A1) or a 2×2 stride-2 conv (A2).
 The output layer starts at (nearly) zero, so an untrained DIRNet is (nearly) the identity.
+
+Inference computes the same function faster: BatchNorm's running averages folded into the
+layers (`fold_batchnorm`), and the first conv, its ELU and the pooling after it as one
+elementwise loop (`conv_elu_pool2`).
 """
 
 from __future__ import annotations
