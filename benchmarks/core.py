@@ -10,8 +10,8 @@ at batch 1 and 32 (and 512 on a GPU), training steps/s at batch 32 (a step on a 
 batch; pair sampling and step in one dispatch; and several steps per dispatch as `fit` runs
 them: 4 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and
 memory per call. On a GPU also the baseline with bfloat16 activations, and the baseline's
-registration with BatchNorm not folded into the layers (what folding buys). Then the same
-baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is installed) and
+registration as plain layers (what folding BatchNorm and the fused first layer buy). Then
+the same baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is installed) and
 SimpleElastix per 256×256 pair with the paper's settings, as ratios to DIRNet; every
 256×256 row times the same synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after
 warm-up (each measure repeated for at least a second), device work synchronised. Baselines
@@ -113,8 +113,9 @@ def timed_pairs(size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.partial(jax.jit, static_argnums=0)
 def register_unfolded(config: DIRNetConfig, variables, fixed, moving) -> Registration:
-    """`register` with BatchNorm as its own per-channel scale and shift (running averages),
-    not folded into the layers: the other side of the folding comparison on a GPU."""
+    """`register` with plain layers: BatchNorm as its own per-channel scale and shift
+    (running averages), not folded, and the first conv, ELU and pooling as separate ops:
+    the other side of the comparison on a GPU."""
     grid = Regressor(config).apply(variables, fixed, moving, train=False)
     return transform(config, grid, moving)
 
