@@ -11,8 +11,8 @@ batch; pair sampling and step in one dispatch; and several steps per dispatch as
 them: 4 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and
 memory per call. On a GPU also the baseline with bfloat16 activations, and the baseline's
 registration as plain layers (what folding BatchNorm and the fused first layer buy). Then
-the same baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is installed) and
-SimpleElastix per 256×256 pair with the paper's settings, as ratios to DIRNet; every
+the same baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is
+installed) and SimpleElastix per 256×256 pair with the paper's settings, as ratios to DIRNet; every
 256×256 row times the same synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after
 warm-up (each measure repeated for at least a second), device work synchronised. Baselines
 and PyTorch first, then the other variants. Writes the table and the machine description
@@ -136,8 +136,7 @@ def bench_jax(table: Table, name: str, config: DIRNetConfig, pairs, batches, rep
     size = config.image_shape[0]
     bench_register(table, name, config, pairs, batches, repeats)
     fixed, moving = (jnp.asarray(a[:32]) for a in pairs)
-
-    batch = {"fixed": fixed[:32], "moving": moving[:32]}
+    batch = {"fixed": fixed, "moving": moving}
     state = [create_train_state(config)]  # the step functions donate their state
 
     def step():
@@ -148,7 +147,7 @@ def bench_jax(table: Table, name: str, config: DIRNetConfig, pairs, batches, rep
     mb = compiled_mb(train_step, state[0], batch)
     table.add("jax", name, size, "train step, batch 32", first, sec, 1, "steps/s", mb)
 
-    pool, key = fixed[:32], data_key(config)
+    pool, key = fixed, data_key(config)
     for steps in (1, default_steps_per_dispatch()):
 
         def fused(steps=steps):
@@ -270,7 +269,7 @@ def main(argv: list[str]) -> None:
         if on_gpu:  # bfloat16 activations: for accelerators (slower on a CPU)
             bf16 = base.replace(compute_dtype="bfloat16")
             bench_jax(table, "baseline-bf16", bf16, pairs[size], batches, repeats(size))
-            # What folding BatchNorm into the layers buys there (on a CPU: nothing).
+            # Plain layers: what folding BatchNorm and the fused first layer buy there.
             unfolded = "baseline-unfolded"
             bench_register(table, unfolded, base, pairs[size], batches, repeats(size),
                            fn=register_unfolded)  # fmt: skip
