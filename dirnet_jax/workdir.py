@@ -30,6 +30,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     temporary name ends like `path` (".nii.gz" too), for writers that go by the suffix.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a rename would replace /dev/null, say
+        raise ValueError(f"{path} exists and is not a regular file: not writing over it")
     suffix = "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)

@@ -1,6 +1,7 @@
 """Training: toy learning, determinism, checkpoints that resume (also after kill -9), NaN stop."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -282,3 +283,15 @@ def test_fit_on_grouped_pool(tmp_path):
 def test_bad_training_images(tmp_path, images, message):
     with pytest.raises(ValueError, match=message):
         train.fit(TOY, tmp_path, images, progress=False)
+
+
+def test_atomic_write_replaces_files_only(tmp_path):
+    path = tmp_path / "out.json"
+    wd.atomic_write_text(path, "old")
+    wd.atomic_write_text(path, "new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    os.mkfifo(tmp_path / "fifo")  # stands in for /dev/null, which root could rename over
+    for target in (tmp_path / "fifo", tmp_path):
+        with pytest.raises(ValueError, match="not a regular file"):
+            wd.atomic_write_text(target, "x")
+    assert (tmp_path / "fifo").is_fifo()
