@@ -78,6 +78,18 @@ def compiled_mb(jitted, *args, **kwargs) -> float:
     return total / 2**20
 
 
+def output_path(value: str, tool: str) -> Path:
+    """--out, checked before any work: `value`, or benchmarks/results/<tool>-<host>.json."""
+    out = Path(value or Path(__file__).parent / "results" / f"{tool}-{socket.gethostname()}.json")
+    if out.exists() and not out.is_file():
+        sys.exit(f"error: --out={out} is not a regular file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        sys.exit(f"error: --out={out}: cannot create its folder ({err.strerror})")
+    return out
+
+
 class Table:
     def __init__(self):
         self.rows: list[dict] = []
@@ -93,6 +105,16 @@ class Table:
             if (r["impl"], r["variant"], r["size"], r["what"]) == (impl, "baseline", size, what):
                 return r["per_sec"]
         return None
+
+
+def base_config(size: int) -> DIRNetConfig:
+    """The paper's two baseline networks: the cardiac one at 256×256 (four downsamplings),
+    the MNIST one at 28×28 (four convs, two downsamplings)."""
+    if size == 256:
+        return DIRNetConfig(image_shape=(256, 256), num_downsamplings=4)
+    if size == 28:
+        return DIRNetConfig(image_shape=(28, 28), num_downsamplings=2, conv_layers=4)
+    raise ValueError(f"the benchmark networks are 256×256 and 28×28, not {size}")
 
 
 def timed_pairs(size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,21 +169,27 @@ def bench_jax(table: Table, name: str, config: DIRNetConfig, pairs, batches, rep
     mb = compiled_mb(train_step, state[0], batch)
     table.add("jax", name, size, "train step, batch 32", first, sec, 1, "steps/s", mb)
 
-    pool, key = fixed, data_key(config)
     for steps in (1, default_steps_per_dispatch()):
+        state[0] = bench_train_steps(table, name, config, fixed, steps, repeats, state[0])
 
-        def fused(steps=steps):
-            state[0], losses = train_steps(
-                state[0], pool, key, steps=steps, batch_size=32, grouped=False
-            )
-            return losses
 
-        first, sec = timed(fused, repeats if steps == 1 else max(2, repeats // steps))
-        mb = compiled_mb(
-            train_steps, state[0], pool, key, steps=steps, batch_size=32, grouped=False
+def bench_train_steps(table, name, config, pool, steps, repeats, state=None):
+    """Row 'train, sample+step' (steps=1) or 'train, N steps/dispatch': `train_steps`
+    drawing batches of 32 pairs from `pool` on the device. Returns the trained state."""
+    state = [create_train_state(config) if state is None else state]  # donated by each call
+    key = data_key(config)
+
+    def fused():
+        state[0], losses = train_steps(
+            state[0], pool, key, steps=steps, batch_size=32, grouped=False
         )
-        what = "train, sample+step" if steps == 1 else f"train, {steps} steps/dispatch"
-        table.add("jax", name, size, what, first, sec, steps, "steps/s", mb)
+        return losses
+
+    first, sec = timed(fused, repeats if steps == 1 else max(2, repeats // steps))
+    mb = compiled_mb(train_steps, state[0], pool, key, steps=steps, batch_size=32, grouped=False)
+    what = "train, sample+step" if steps == 1 else f"train, {steps} steps/dispatch"
+    table.add("jax", name, config.image_shape[0], what, first, sec, steps, "steps/s", mb)
+    return state[0]
 
 
 def bench_torch(table: Table, config: DIRNetConfig, pairs, repeats: int) -> None:
@@ -239,9 +267,7 @@ def main(argv: list[str]) -> None:
     unknown = [a for a in argv if a != "--quick" and not a.startswith("--out=")]
     if unknown:
         sys.exit(f"error: unknown arguments {' '.join(unknown)} (known: --quick, --out=FILE)")
-    default = Path(__file__).parent / "results" / f"core-{socket.gethostname()}.json"
-    out = Path(outs[-1]) if outs else default
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = output_path(outs[-1] if outs else "", "core")
     on_gpu = jax.default_backend() != "cpu"
     names = ["baseline"] if quick else list(PAPER_VARIANTS)
     table = Table()
@@ -251,13 +277,9 @@ def main(argv: list[str]) -> None:
             out, json.dumps({"machine": machine.describe(), "rows": table.rows}, indent=2)
         )
 
-    # The paper's two networks: cardiac 256² (four downsamplings) and MNIST (four convs,
-    # two downsamplings). The baselines and their PyTorch twins first, so that a run cut
-    # short by a time limit still has every comparison; then the other variants.
-    bases = {
-        size: DIRNetConfig(image_shape=(size, size), num_downsamplings=d, conv_layers=c)
-        for size, d, c in ((256, 4, None), (28, 2, 4))
-    }
+    # The baselines and their PyTorch twins first, so that a run cut short by a time limit
+    # still has every comparison; then the other variants.
+    bases = {size: base_config(size) for size in (256, 28)}
     batches = (1, 32, 512) if on_gpu else (1, 32)
 
     def repeats(size):

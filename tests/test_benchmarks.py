@@ -1,10 +1,12 @@
 """The profiling tool: a real trace of a small call, parsed into per-operation times."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 
-from benchmarks import core, profile
+from benchmarks import core, flags, profile
 from dirnet_jax import DIRNetConfig, init_variables
 from dirnet_jax.models import register
 
@@ -46,3 +48,45 @@ def test_unfolded_row_registers_like_register():
     core.bench_register(table, "x", config, (fixed, moving), (1, 3), 2, fn=core.register_unfolded)
     assert [r["what"] for r in table.rows] == ["register, batch 1", "register, batch 3"]
     assert all(r["per_sec"] > 0 for r in table.rows)
+
+
+def test_flags_runs_each_set_in_its_own_process(tmp_path, capsys):
+    out = tmp_path / "flags.json"
+    flags.main(["--size=28", "--min_seconds=0.05", f"--out={out}",
+                "--xla_cpu_enable_fast_math=true", "--xla_no_such_flag=1"])  # fmt: skip
+    table = capsys.readouterr().out
+    sets = {s["name"]: s for s in json.loads(out.read_text())["sets"]}
+    assert list(sets) == ["default", "--xla_cpu_enable_fast_math=true", "--xla_no_such_flag=1",
+                          "default, again"]  # fmt: skip
+    # Each child saw its own set (XLA reads XLA_FLAGS once per process), and measured.
+    assert "fast_math" not in sets["default"]["xla_flags"]
+    assert sets["--xla_cpu_enable_fast_math=true"]["xla_flags"].endswith("fast_math=true")
+    for name in ("default", "--xla_cpu_enable_fast_math=true", "default, again"):
+        whats = [r["what"] for r in sets[name]["rows"]]
+        assert whats == ["register, batch 1", "register, batch 32", "train, 4 steps/dispatch"]
+        assert all(r["per_sec"] > 0 for r in sets[name]["rows"])
+    # A flag XLA does not know ends its own process only, and the table says why.
+    assert "Unknown flag" in sets["--xla_no_such_flag=1"]["error"]
+    row = next(line for line in table.splitlines() if line.startswith("--xla_cpu_enable_fast"))
+    assert row.count("×") == 3 and " ms " in row and "pairs/s" in row
+    assert "Unknown flag in XLA_FLAGS: --xla_no_such_flag=1" in table
+
+
+def test_flags_reports_sets_cut_short_by_the_time_budget(tmp_path, capsys):
+    opts, _ = flags.parse(["--size=28"])
+    assert "cut short" in flags.run_set("", opts, 0.01)["error"]
+    flags.main(["--size=28", "--seconds=0.5", f"--out={tmp_path / 'flags.json'}"])
+    table = capsys.readouterr().out
+    assert "not run: no time left" in table  # and the table is printed anyway
+
+
+@pytest.mark.parametrize("arg", ["--size=64", "--bogus=1", "--xla", "--seconds=0", "--seconds=x"])
+def test_flags_rejects_bad_arguments(arg):
+    with pytest.raises(SystemExit, match="error: "):
+        flags.main([arg])
+
+
+@pytest.mark.parametrize("tool", [core, flags])
+def test_out_that_is_not_a_file_is_refused_before_any_work(tool, tmp_path):
+    with pytest.raises(SystemExit, match="is not a regular file"):
+        tool.main([f"--out={tmp_path}"])
