@@ -5,13 +5,13 @@
 #
 #   bash benchmarks/gpu.sh tests     # versions; the model and kernel tests on the GPU (60)
 #   bash benchmarks/gpu.sh bench     # the benchmark table: baselines (float32 and bf16) and
-#                                    # PyTorch at both sizes first, then the variants (240)
+#                                    # PyTorch at both sizes first, then the variants (210)
 #   bash benchmarks/gpu.sh profile   # top kernels: one 256² pair, batch 512, a train step (90)
 #   bash benchmarks/gpu.sh flags     # one pair, batch 512 and training under XLA flag sets:
 #                                    # cuDNN runtime fusion (conv + bias + ELU), CUDA graphs
-#                                    # around loops, from one op, off; no Triton GEMMs (180)
+#                                    # around loops, from one op, off; no Triton GEMMs (150)
 #   bash benchmarks/gpu.sh train     # cardiac experiment, paper settings, every variant (300)
-#   bash benchmarks/gpu.sh all       # tests, bench, profile, flags (~10 min; train is done)
+#   bash benchmarks/gpu.sh all       # tests, bench, profile, flags (~9 min; train is done)
 #
 # Limits: TESTS_SECONDS, BENCH_SECONDS, PROFILE_SECONDS, FLAGS_SECONDS, TRAIN_SECONDS.
 # Logs and results go to $OUT (default benchmarks/results/gpu). After `train`, unpack
@@ -32,9 +32,9 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
   # The model tests first: the H100 run passed every kernel test but ran out of time there.
   # Full float32 convolutions and products, as on the CPU the tolerances were set on (the
   # GPU's default is TF32-like; the timings below use the default).
-  JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TESTS_SECONDS:-60}" $py -m pytest -q -p no:cacheprovider tests/test_models.py \
-    tests/test_bspline.py tests/test_resample.py tests/test_tps.py tests/test_losses.py \
-    >"$OUT/gpu_tests.log" 2>&1
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TESTS_SECONDS:-60}" \
+    $py -m pytest -q -p no:cacheprovider tests/test_models.py tests/test_bspline.py \
+    tests/test_resample.py tests/test_tps.py tests/test_losses.py >"$OUT/gpu_tests.log" 2>&1
   echo "tests: exit $?"
   tail -25 "$OUT/gpu_tests.log"
 }
@@ -50,12 +50,12 @@ train() {
 }
 
 bench() {
-  timeout "${BENCH_SECONDS:-240}" $py -m benchmarks.core --out="$OUT/bench_gpu.json" 2>&1 |
+  timeout "${BENCH_SECONDS:-210}" $py -m benchmarks.core --out="$OUT/bench_gpu.json" 2>&1 |
     tee "$OUT/bench_gpu.log"
 }
 
 flags() {  # the tool keeps to its budget and prints its table; timeout is a backstop
-  local budget=${FLAGS_SECONDS:-180}
+  local budget=${FLAGS_SECONDS:-150}
   timeout $((budget + 30)) $py -m benchmarks.flags --seconds="$budget" \
     --out="$OUT/flags_gpu.json" 2>&1 | tee "$OUT/flags_gpu.log"
 }
