@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 LOCK = ".prepare.lock"
+# TFDS warnings that say nothing to our users: every builder but the default ones is made
+# from a custom config, and asking whether data is prepared warns of a variant folder with
+# no dataset_info.json when the data is not there yet (a fresh data directory, or one
+# another job is writing: that job waits for the lock, then reads the finished data).
+CUSTOM_CONFIG = "Using custom data configuration"
+UNFINISHED = "Variant folder"
+
+
+@contextlib.contextmanager
+def _without(*starts: str) -> Iterator[None]:
+    """Drop the TFDS (absl) log records whose message starts with one of `starts`."""
+
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith(starts)
+
+    logger, drop = logging.getLogger("absl"), Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def look(make: Callable[[], Any]) -> tuple[Any, bool]:
+    """(the builder `make()` returns, whether its data is prepared), without TFDS's
+    warnings about custom configs and data that is not there yet."""
+    with _without(CUSTOM_CONFIG, UNFINISHED):
+        builder = make()
+        return builder, builder.is_prepared()
 
 
 def build_once(
@@ -21,12 +53,12 @@ def build_once(
     the data and all but one failing on TFDS's final rename. A builder made before the
     data was complete does not read it, so the one returned is made afterwards.
     """
-    if not make().is_prepared():
+    builder, prepared = look(make)
+    if not prepared:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(data_dir) / LOCK, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-            builder = make()
-            if not builder.is_prepared():
+            builder, prepared = look(make)  # made now: it sees data another job wrote
+            if not prepared:
                 builder.download_and_prepare(download_config=download_config)
-                return builder
-    return make()
+    return builder

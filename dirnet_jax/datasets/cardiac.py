@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dirnet_jax.datasets import phantom, scd
-from dirnet_jax.datasets.build import build_once
+from dirnet_jax.datasets.build import build_once, look
 
 ZLIB = tfds.features.Encoding.ZLIB
 
@@ -132,7 +132,7 @@ def builder(
         def make() -> Sunnybrook:
             return Sunnybrook(config=config, data_dir=data_dir, file_format="array_record")
 
-        if not make().is_prepared() and not Path(scd_dir).is_dir():
+        if not look(make)[1] and not Path(scd_dir).is_dir():
             raise FileNotFoundError(f"--scd_dir {scd_dir} is not a folder")
         manual = tfds.download.DownloadConfig(manual_dir=os.fspath(scd_dir))
         return build_once(make, data_dir, manual)

