@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from dirnet_jax import imageio, train
+from dirnet_jax import compile_cache, imageio, train
 from dirnet_jax import workdir as wd
 from dirnet_jax.config import DIRNetConfig
 from dirnet_jax.imageio import ImageError, LoadedImage
@@ -451,6 +451,7 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Output folder.")
     flags.DEFINE_integer("batch_size", 32, "Pairs per network call.", lower_bound=1)
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    compile_cache.define_flag()
     flags.mark_flags_as_required(["checkpoint", "out"])
 
 
@@ -462,6 +463,7 @@ def run_main() -> None:
 
     def _main(argv):
         logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only
+        compile_cache.use(flags.FLAGS.compilation_cache)
         try:
             if len(argv) > 1:
                 raise RegistrationError(f"unexpected arguments: {' '.join(argv[1:])}")

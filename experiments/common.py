@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from dirnet_jax import hosts
+from dirnet_jax import compile_cache, hosts
 from dirnet_jax.config import COMPUTE_DTYPES, DIRNetConfig
 from dirnet_jax.models import Registration, register, register_batched
 
@@ -35,6 +35,7 @@ def define_run_flags(*, workdir: str, iterations: int | None, checkpoint_every: 
         "compute_dtype", "float32", list(COMPUTE_DTYPES), "Regressor activations (GPU: bfloat16)."
     )
     flags.DEFINE_bool("progress", True, "Show progress bars.")
+    compile_cache.define_flag()
     flags.DEFINE_bool(
         "distributed",
         False,
@@ -69,6 +70,7 @@ def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         if not FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        compile_cache.use(FLAGS.compilation_cache)
         if FLAGS.distributed:
             jax.distributed.initialize(  # None: found from the cluster's environment
                 FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id

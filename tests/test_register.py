@@ -6,11 +6,12 @@ import subprocess
 import sys
 import types
 
+import jax
 import numpy as np
 import pytest
 
 sitk = pytest.importorskip("SimpleITK")
-from dirnet_jax import DIRNetConfig, train  # noqa: E402
+from dirnet_jax import DIRNetConfig, compile_cache, train  # noqa: E402
 from dirnet_jax import register as cli  # noqa: E402
 from dirnet_jax.losses import ncc  # noqa: E402
 from dirnet_jax.toy import shifted_blobs  # noqa: E402
@@ -297,3 +298,45 @@ def test_command_line_exit_codes(model_dir, pair, tmp_path):
         flags = ["--checkpoint=/nonexistent", f"--out={tmp_path}/o3", "--fixed=a", "--moving=b"]
         proc = subprocess.run([script, *flags], capture_output=True, text=True)
         assert proc.returncode == 1 and "not a dirnet-jax work directory" in proc.stderr
+
+
+def test_second_run_loads_compiled_programs(model_dir, pair, tmp_path):
+    np.save(tmp_path / "f.npy", pair[0])
+    np.save(tmp_path / "m.npy", pair[1])
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    cmd = [sys.executable, "-m", "dirnet_jax.register", f"--checkpoint={model_dir}",
+           f"--fixed={tmp_path}/f.npy", f"--moving={tmp_path}/m.npy", "--progress=false",
+           f"--compilation_cache={cache}"]  # fmt: skip
+
+    def run(out):
+        proc = subprocess.run([*cmd, f"--out={out}"], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return {p.name: p.read_bytes() for p in cache.iterdir()}
+
+    first = run(tmp_path / "o1")
+    programs = {name for name in first if name.endswith("-cache")}
+    assert len(programs) > 5  # the network, the warp, NCC, … all compiled once
+    second = run(tmp_path / "o2")
+    assert {name for name in second if name.endswith("-cache")} == programs  # none compiled
+    used = [n for n in second if n.endswith("-atime") and second[n] != first[n]]
+    assert len(used) == len(programs)  # every one read back
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "o1" / "warped.npy"), np.load(tmp_path / "o2" / "warped.npy")
+    )
+    run_off = subprocess.run(
+        [*cmd[:-1], "--compilation_cache=", f"--out={tmp_path}/o3"], env=env, capture_output=True
+    )
+    assert run_off.returncode == 0 and {p.name for p in cache.iterdir()} == set(second)
+
+
+def test_compilation_cache_set_by_jax_wins(monkeypatch):
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+    before = jax.config.jax_compilation_cache_dir
+    compile_cache.use("/mine")
+    assert jax.config.jax_compilation_cache_dir == before
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    compile_cache.use("")  # off
+    assert jax.config.jax_compilation_cache_dir == before
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    assert compile_cache.default_folder() == "/xdg/dirnet-jax/xla"
