@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.core import base_config
 from dirnet_jax import DIRNetConfig, init_variables, variant
 from dirnet_jax.models import register
 from dirnet_jax.train import create_train_state, data_key, train_steps
@@ -80,9 +81,7 @@ def op_times(trace_dir: Path) -> dict[str, collections.Counter]:
 def main(argv: list[str]) -> None:
     opts = parse(argv)
     size, batch, calls = int(opts["size"]), int(opts["batch"]), int(opts["calls"])
-    downsamplings, convs = (2, 4) if size <= 32 else (4, None)  # the paper's two networks
-    base = DIRNetConfig(image_shape=(size, size), num_downsamplings=downsamplings,
-                        conv_layers=convs, batch_size=batch)  # fmt: skip
+    base = base_config(size).replace(batch_size=batch)
     run = workload(opts["what"], variant(opts["variant"], base), batch)
     for _ in range(3):
         run()
