@@ -304,7 +304,8 @@ def main(argv: list[str]) -> None:
     order = {"jax": 0, "torch": 1, "elastix": 2}
     table.rows.sort(key=lambda r: (-r["size"], order[r["impl"]]))  # stable: variants in order
 
-    print(f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
+    print(f"\n{device}, jax {jax.__version__}, malloc: {machine.malloc()}")
     header = (
         f"{'impl':7} {'variant':8} {'size':>4}  {'measure':24} {'median':>11} "
         f"{'rate':>17} {'1st call':>8} {'MiB':>7} {'vs jax':>7}"

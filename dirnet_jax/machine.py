@@ -19,8 +19,27 @@ def describe() -> dict[str, str | int]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "jax": jax.__version__,
+        "malloc": malloc(),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+CACHING_MALLOCS = ("tcmalloc", "jemalloc", "mimalloc")
+
+
+def malloc() -> str:
+    """The allocator this process runs on: "tcmalloc", "jemalloc" or "mimalloc" when one is
+    loaded (``LD_PRELOAD``), else "system".
+
+    It matters for CPU timings of large images: glibc's malloc hands blocks over 32 MiB
+    back to the kernel on free, so XLA:CPU and PyTorch fault every call's temporaries in
+    afresh (benchmarks/NOTES.md)."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:  # not Linux
+        return "system"
+    return next((name for name in CACHING_MALLOCS if f"lib{name}" in maps), "system")
 
 
 def host_cpu() -> str:

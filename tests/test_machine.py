@@ -1,0 +1,36 @@
+"""What a timing was measured on: the allocator the process runs on."""
+
+import ctypes.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+CODE = "from dirnet_jax import machine; print(machine.malloc())"
+
+
+def malloc_in_child(preload: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if preload:
+        env["LD_PRELOAD"] = preload
+    out = subprocess.run(
+        [sys.executable, "-c", CODE], env=env, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_malloc_is_system_without_preload():
+    assert malloc_in_child("") == "system"
+
+
+@pytest.mark.parametrize(
+    "name, library",
+    [("tcmalloc", "tcmalloc_minimal"), ("tcmalloc", "tcmalloc"), ("jemalloc", "jemalloc")],
+)
+def test_malloc_names_a_preloaded_allocator(name, library):
+    path = ctypes.util.find_library(library)
+    if not sys.platform.startswith("linux") or path is None:
+        pytest.skip(f"lib{library} is not installed here")
+    assert malloc_in_child(path) == name
