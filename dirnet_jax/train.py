@@ -284,9 +284,10 @@ def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState
 
 def default_steps_per_dispatch() -> int:
     """Adam steps per jitted call in `fit`: 20 on accelerators (an H100 ran a scan of 20 at
-    458 steps/s against 383 for single steps, 256², batch 32); 4 on a CPU, where each call
-    page-faults its temporaries in afresh (653 MiB, 0.3 s of system time per 256² step)
-    and 4 straight-line steps share them: 256² 432 → 311 ms per step, 28² 3.6 → 3.3 ms
+    458 steps/s against 383 for single steps, 256², batch 32); 4 on a CPU, where under
+    glibc's malloc each call page-faults its temporaries in afresh (653 MiB, 0.3 s of
+    system time per 256² step) and 4 straight-line steps share them: 256² 432 → 311 ms per
+    step, 28² 3.6 → 3.3 ms. With tcmalloc preloaded, 1 and 4 are alike at 256²
     (benchmarks/NOTES.md)."""
     return 4 if jax.default_backend() == "cpu" else 20
 
