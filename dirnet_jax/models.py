@@ -20,7 +20,8 @@ The output layer starts at (nearly) zero, so an untrained DIRNet is (nearly) the
 
 Inference computes the same function faster: BatchNorm's running averages folded into the
 layers (`fold_batchnorm`), and the first conv, its ELU and the pooling after it as one
-elementwise loop (`conv_elu_pool2`).
+elementwise loop (`conv_elu_pool2`). Training computes the first conv (two input channels)
+as sums of products of shifted slices (`conv_taps`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,66 @@ def elu_unguarded(x: jax.Array) -> jax.Array:
     return jnp.where(x > 0, x, jnp.expm1(x))
 
 
+def _tap_sum(
+    padded: jax.Array, kernel: jax.Array, counts: tuple[int, ...], start: tuple[int, ...], step: int
+) -> jax.Array:
+    """Σ over kernel taps and input channels of ``padded[:, start + tap :: step][..., c] ·
+    kernel[tap, c]``, `counts` positions per spatial axis: a convolution as one elementwise
+    loop. [B, *padded spatial, Cin] → [B, *counts, Cout], float32."""
+    acc = jnp.float32(0)
+    for tap in itertools.product(range(kernel.shape[0]), repeat=len(counts)):
+        window = tuple(
+            slice(s + t, s + t + step * (n - 1) + 1, step)
+            for s, t, n in zip(start, tap, counts, strict=True)
+        )
+        for c in range(padded.shape[-1]):
+            value = padded[(slice(None), *window, c)][..., None].astype(jnp.float32)
+            acc = acc + value * kernel[(*tap, c)].astype(jnp.float32)
+    return acc
+
+
+def _pad_same(x: jax.Array, size: int) -> jax.Array:
+    return jnp.pad(x, [(0, 0), *[(size // 2, size // 2)] * (x.ndim - 2), (0, 0)])
+
+
+def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """XLA's SAME, stride-1 convolution of [B, *spatial, Cin] with [k, …, k, Cin, Cout]."""
+    axes = "DHW"[3 - (x.ndim - 2) :]
+    numbers = (f"N{axes}C", f"{axes}IO", f"N{axes}C")
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1,) * (x.ndim - 2), "SAME", dimension_numbers=numbers
+    )
+
+
+@jax.custom_vjp
+def conv_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``conv(x, kernel)`` (SAME zero padding, stride 1) as sums of products of shifted
+    slices of x, for inputs of few channels (the first layer: fixed and moving). On
+    XLA:CPU ~4.5× faster than the convolution (256², batch 32, 2 → 16 channels: 7.6
+    against 34 ms). The gradients are XLA's, of its own convolution: the products'
+    own gradient is a reduction per tap and channel (98 against 21 ms).
+
+    Args:
+      x: [B, *spatial, Cin]; kernel: [k, …, k, Cin, Cout] (k odd).
+
+    Returns:
+      [B, *spatial, Cout] in the dtype of x and kernel (accumulated in float32).
+    """
+    out = _tap_sum(_pad_same(x, kernel.shape[0]), kernel, x.shape[1:-1], (0,) * (x.ndim - 2), 1)
+    return out.astype(jnp.result_type(x, kernel))
+
+
+def _conv_taps_fwd(x, kernel):
+    return conv_taps(x, kernel), (x, kernel)
+
+
+def _conv_taps_bwd(residuals, cotangent):
+    return jax.vjp(_lax_conv, *residuals)[1](cotangent)
+
+
+conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
+
+
 def conv_elu_pool2(
     x: jax.Array, kernel: jax.Array, bias: jax.Array, downsampling: str
 ) -> jax.Array:
@@ -101,20 +162,13 @@ def conv_elu_pool2(
     Returns:
       [B, *spatial / 2, Cout] float32 (accumulated in float32 whatever the inputs).
     """
-    spatial, cin = x.shape[1:-1], x.shape[-1]
-    size = kernel.shape[0]
-    x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
-    padded = jnp.pad(x, [(0, 0), *[(size // 2, size // 2)] * len(spatial), (0, 0)])
-    window = []  # the activation at each position of the pooling window
-    for offset in itertools.product(range(2), repeat=len(spatial)):
-        acc = bias.astype(jnp.float32)
-        for tap in itertools.product(range(size), repeat=len(spatial)):
-            strided = tuple(
-                slice(o + t, o + t + n, 2) for o, t, n in zip(offset, tap, spatial, strict=True)
-            )
-            for c in range(cin):
-                acc = acc + padded[(slice(None), *strided, c)][..., None] * kernel[(*tap, c)]
-        window.append(elu_unguarded(acc))
+    half = tuple(n // 2 for n in x.shape[1:-1])
+    padded = _pad_same(x.astype(jnp.float32), kernel.shape[0])
+    kernel = kernel.astype(jnp.float32)
+    window = [  # the activation at each position of the pooling window
+        elu_unguarded(_tap_sum(padded, kernel, half, offset, 2) + bias.astype(jnp.float32))
+        for offset in itertools.product(range(2), repeat=len(half))
+    ]
     if downsampling == "avg":
         return sum(window[1:], window[0]) / len(window)
     if downsampling == "max":
@@ -136,6 +190,26 @@ class ConvELUPool(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         return conv_elu_pool2(x, kernel, bias, self.downsampling).astype(self.dtype or x.dtype)
+
+
+class TapConv(nn.Module):
+    """A 3×3 conv layer computed by `conv_taps`, with the parameters of the nn.Conv it
+    stands for ('kernel', and 'bias' if `use_bias`): the same initial values under the
+    same name."""
+
+    features: int
+    use_bias: bool = False
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (3,) * (x.ndim - 2) + (x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        y = conv_taps(x.astype(dtype), kernel.astype(dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,)).astype(dtype)
+        return y
 
 
 class Regressor(nn.Module):
@@ -176,6 +250,8 @@ class Regressor(nn.Module):
             return elu_unguarded(x) if self.folded else nn.elu(x)  # folded: inference only
 
         def layer(x, kernel, strides=1, padding="SAME"):
+            if train and not made["Conv"] and (kernel, strides) == (3, 1):  # `conv_taps`
+                return normalized(functools.partial(TapConv, cfg.features), "Conv", x)
             conv = functools.partial(
                 nn.Conv, cfg.features, (kernel,) * ndim, strides=strides, padding=padding
             )

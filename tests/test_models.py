@@ -1,15 +1,22 @@
 """Regressor and DIRNet: every paper variant's shapes, identity start, input checks."""
 
+import functools
+import itertools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
+from scipy.ndimage import correlate
 
-from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, apply, init_variables, variant
+from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, apply, init_variables, models, variant
 from dirnet_jax.models import (
     Regressor,
+    TapConv,
     conv_elu_pool2,
+    conv_taps,
     elu_unguarded,
     fold_batchnorm,
     pairs_per_pass,
@@ -207,6 +214,85 @@ def test_fused_first_layer_is_conv_elu_pool(rng, shape, downsampling):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="avg or max"):
         conv_elu_pool2(x, kernel, bias, "strided")
+
+
+@pytest.mark.parametrize("shape,cout", [((2, 7, 6, 2), 5), ((2, 4, 5, 3, 2), 3), ((1, 6, 6, 1), 4)])
+def test_conv_taps_is_a_zero_padded_correlation(rng, shape, cout):
+    x = rng.normal(size=shape).astype(np.float32)
+    ndim, cin = len(shape) - 2, shape[-1]
+    kernel = rng.normal(size=(3,) * ndim + (cin, cout)).astype(np.float32)
+    # Independent reference: scipy's correlation per image and channel pair, zeros outside.
+    expected = np.zeros((*shape[:-1], cout))
+    for b, c, o in itertools.product(range(shape[0]), range(cin), range(cout)):
+        expected[b, ..., o] += correlate(
+            x[b, ..., c].astype(np.float64), kernel[..., c, o], mode="constant"
+        )
+    got = conv_taps(jnp.asarray(x), jnp.asarray(kernel))
+    assert got.shape == expected.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 2), (2, 4, 3, 5, 2)])
+def test_conv_taps_gradients_are_the_convolutions(rng, shape):
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    ndim = len(shape) - 2
+    kernel = jnp.asarray(rng.normal(size=(3,) * ndim + (2, 4)), jnp.float32)
+    spatial = "DHW"[-ndim:]
+
+    def conv(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1,) * ndim, "SAME", precision=jax.lax.Precision.HIGHEST,
+            dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+        )  # fmt: skip
+
+    cotangent = jnp.asarray(rng.normal(size=(*shape[:-1], 4)), jnp.float32)
+    got = jax.vjp(conv_taps, x, kernel)[1](cotangent)
+    expected = jax.vjp(conv, x, kernel)[1](cotangent)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+    # and against finite differences of the products themselves
+    check_grads(conv_taps, (x, kernel), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_tap_conv_is_flax_conv_with_its_parameters(rng, use_bias):
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 2)), jnp.float32)
+    taps, flax_conv = TapConv(6, use_bias=use_bias), nn.Conv(6, (3, 3), use_bias=use_bias)
+    variables = taps.init(jax.random.key(3), x)
+    expected = flax_conv.init(jax.random.key(3), x)
+    jax.tree.map(np.testing.assert_array_equal, variables, expected)  # same initial values
+    variables = jax.tree.map(lambda v: v + 0.1, variables)
+    np.testing.assert_allclose(
+        taps.apply(variables, x), flax_conv.apply(variables, x), rtol=1e-5, atol=1e-5
+    )
+    half = TapConv(6, use_bias=use_bias, dtype=jnp.bfloat16).apply(variables, x)
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(half, flax_conv.apply(variables, x), rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("name", ["baseline", "A2", "C2"])
+def test_training_computes_the_first_conv_by_taps(rng, name, monkeypatch):
+    # One convolution fewer in the training network than at inference without folding,
+    # and the same function of the same variables as with flax's conv first.
+    config = variant(name, MNIST.replace(features=8, dense_features=32))
+    variables = perturbed(config)
+    fixed, moving = (jnp.asarray(rng.uniform(size=(4, 28, 28, 1)), jnp.float32) for _ in "ab")
+
+    def run(variables, train=True):
+        return Regressor(config).apply(variables, fixed, moving, train=train, mutable=True)
+
+    def convolutions(train):
+        text = jax.jit(functools.partial(run, train=train)).lower(variables).as_text()
+        return text.count("stablehlo.convolution")
+
+    assert convolutions(train=True) == convolutions(train=False) - 1
+    grid, stats = run(variables)
+    monkeypatch.setattr(models, "TapConv", lambda features, **kw: nn.Conv(features, (3, 3), **kw))
+    expected_grid, expected_stats = run(variables)
+    np.testing.assert_allclose(grid, expected_grid, rtol=1e-4, atol=1e-5)
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), stats, expected_stats
+    )
 
 
 @pytest.mark.parametrize("name,fused", [("baseline", True), ("A2", False), ("C1", True)])
