@@ -20,8 +20,9 @@ The output layer starts at (nearly) zero, so an untrained DIRNet is (nearly) the
 
 Inference computes the same function faster: BatchNorm's running averages folded into the
 layers (`fold_batchnorm`), and the first conv, its ELU and the pooling after it as one
-elementwise loop (`conv_elu_pool2`). Training computes the first conv (two input channels)
-as sums of products of shifted slices (`conv_taps`).
+elementwise loop (`conv_elu_pool2`). Training, and inference where no fused layer takes it
+(A2), compute the first conv (two input channels) as sums of products of shifted slices
+(`conv_taps`).
 """
 
 from __future__ import annotations
@@ -250,7 +251,9 @@ class Regressor(nn.Module):
             return elu_unguarded(x) if self.folded else nn.elu(x)  # folded: inference only
 
         def layer(x, kernel, strides=1, padding="SAME"):
-            if train and not made["Conv"] and (kernel, strides) == (3, 1):  # `conv_taps`
+            # The first conv by `conv_taps` in training and in folded inference (where no
+            # fused layer took it); plain at unfolded inference, the benchmarks' reference.
+            if (train or self.folded) and not made["Conv"] and (kernel, strides) == (3, 1):
                 return normalized(functools.partial(TapConv, cfg.features), "Conv", x)
             conv = functools.partial(
                 nn.Conv, cfg.features, (kernel,) * ndim, strides=strides, padding=padding
