@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -40,6 +41,18 @@ def malloc() -> str:
     except OSError:  # not Linux
         return "system"
     return next((name for name in CACHING_MALLOCS if f"lib{name}" in maps), "system")
+
+
+def malloc_advice(image_size: int) -> str | None:
+    """One line for CPU training of images of 128² and more under the system's malloc,
+    where tcmalloc makes a step 1.2–1.8× faster (README, Speed); None otherwise."""
+    linux = sys.platform.startswith("linux")  # LD_PRELOAD as written
+    if not linux or jax.default_backend() != "cpu" or image_size < 128 or malloc() != "system":
+        return None
+    return (
+        "note: CPU training at this size runs 1.2-1.8x faster with tcmalloc preloaded: "
+        "LD_PRELOAD=libtcmalloc_minimal.so.4 TCMALLOC_RELEASE_RATE=0 (README, Speed)"
+    )
 
 
 def host_cpu() -> str:

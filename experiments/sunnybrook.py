@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +306,8 @@ def run(
 
     if not args.summarize:
         names = VARIANTS if args.variant == "all" else [args.variant]
+        if (advice := machine.malloc_advice(preset.size)) and hosts.is_primary():
+            print(advice, file=sys.stderr, flush=True)
         train_data = load_split(raw("train"), "train", preset.size)["images"]
         val_data = load_split(raw("validation"), "validation", preset.size)["images"]
         for name in names:

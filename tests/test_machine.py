@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from dirnet_jax import machine
+
 CODE = "from dirnet_jax import machine; print(machine.malloc())"
 
 
@@ -34,3 +36,13 @@ def test_malloc_names_a_preloaded_allocator(name, library):
     if not sys.platform.startswith("linux") or path is None:
         pytest.skip(f"lib{library} is not installed here")
     assert malloc_in_child(path) == name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD advice")
+def test_malloc_advice_only_for_large_images_under_the_system_malloc(monkeypatch):
+    monkeypatch.setattr(machine, "malloc", lambda: "system")
+    assert machine.malloc_advice(28) is None
+    advice = machine.malloc_advice(128)
+    assert "LD_PRELOAD=libtcmalloc_minimal.so.4" in advice and "\n" not in advice
+    monkeypatch.setattr(machine, "malloc", lambda: "tcmalloc")
+    assert machine.malloc_advice(256) is None
