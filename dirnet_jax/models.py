@@ -41,6 +41,7 @@ import numpy as np
 
 from dirnet_jax.bspline import cubic_bspline_field, quadratic_bspline_field
 from dirnet_jax.config import DIRNetConfig
+from dirnet_jax.elu import elu, elu_unguarded
 from dirnet_jax.resample import warp
 from dirnet_jax.tps import tps_field
 
@@ -75,14 +76,6 @@ def stack_channels(a: jax.Array, b: jax.Array) -> jax.Array:
     keep = [(0, 0)] * (a.ndim - 1)
     a, b = jnp.pad(a, [*keep, (0, c)]), jnp.pad(b, [*keep, (c, 0)])
     return jnp.where(jax.lax.broadcasted_iota(jnp.int32, a.shape, a.ndim - 1) < c, a, b)
-
-
-def elu_unguarded(x: jax.Array) -> jax.Array:
-    """ELU as ``select(x > 0, x, expm1(x))``: the values of `nn.elu`, without its guard
-    (expm1 of min(x, 0)), which keeps gradients finite where expm1(x) overflows (x > 88).
-    Inference only: this is the form XLA's GPU compiler fuses into a cuDNN convolution
-    with its bias (with ``--xla_gpu_use_runtime_fusion``)."""
-    return jnp.where(x > 0, x, jnp.expm1(x))
 
 
 def _tap_sum(
@@ -248,7 +241,7 @@ class Regressor(nn.Module):
                     dtype=cfg.compute_dtype,
                     name=name("BatchNorm"),
                 )(x)
-            return elu_unguarded(x) if self.folded else nn.elu(x)  # folded: inference only
+            return elu_unguarded(x) if self.folded else elu(x)  # folded: inference only
 
         def layer(x, kernel, strides=1, padding="SAME"):
             # The first conv by `conv_taps` in training and in folded inference (where no
