@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dirnet_jax.batchnorm import BatchNorm
 from dirnet_jax.bspline import cubic_bspline_field, quadratic_bspline_field
 from dirnet_jax.config import DIRNetConfig
 from dirnet_jax.elu import elu, elu_unguarded
@@ -234,7 +235,7 @@ class Regressor(nn.Module):
             """linear (Conv or Dense, no bias) → BatchNorm → ELU."""
             x = linear(use_bias=self.folded, dtype=cfg.compute_dtype, name=name(kind))(x)
             if not self.folded:
-                x = nn.BatchNorm(
+                x = BatchNorm(
                     use_running_average=not train,
                     momentum=cfg.bn_momentum,
                     epsilon=BN_EPSILON,
