@@ -45,12 +45,12 @@ def malloc() -> str:
 
 def malloc_advice(image_size: int) -> str | None:
     """One line for CPU training of images of 128² and more under the system's malloc,
-    where tcmalloc makes a step 1.2–1.8× faster (README, Speed); None otherwise."""
+    where tcmalloc makes a step 1.1–1.7× faster (README, Speed); None otherwise."""
     linux = sys.platform.startswith("linux")  # LD_PRELOAD as written
     if not linux or jax.default_backend() != "cpu" or image_size < 128 or malloc() != "system":
         return None
     return (
-        "note: CPU training at this size runs 1.2-1.8x faster with tcmalloc preloaded: "
+        "note: CPU training at this size runs 1.1-1.7x faster with tcmalloc preloaded: "
         "LD_PRELOAD=libtcmalloc_minimal.so.4 TCMALLOC_RELEASE_RATE=0 (README, Speed)"
     )
 
