@@ -12,8 +12,11 @@ of hanging. With one process (the usual case) every function here is trivial.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
@@ -89,3 +92,46 @@ def local_copy(tree: Any) -> Any:
         return tree
     host = jax.tree.map(np.asarray, tree)  # each process holds a full replica
     return jax.device_put(host, jax.local_devices()[0])
+
+
+def _distributed() -> bool:
+    try:
+        ocp.multihost.get_jax_distributed_client()
+    except ValueError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[Callable[[int], int | None]]:
+    """Catch requests to stop while a loop runs; the loop asks after each of its iterations.
+
+    Yields ``requested(i)``, to be called by every process after its iteration i (0, 1, …,
+    the same sequence everywhere): the number of the signal that asks to stop, or None.
+
+    In a `jax.distributed` job JAX's preemption service catches SIGTERM on any process
+    and agrees with the others on an iteration at which all of them stop (JAX's
+    `reached_preemption_sync_point`); SIGINT there ends the processes as usual. With one
+    process SIGTERM and SIGINT are caught here (in the main thread), and a second one of
+    the same kind acts at once, as it would without this.
+    """
+    caught: list[int] = []
+    if _distributed():
+        yield lambda i: signal.SIGTERM if ocp.multihost.reached_preemption(i) else None
+        return
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda i: None  # Python only runs signal handlers in the main thread
+        return
+
+    def handler(signum, frame):
+        signal.signal(signum, previous[signum])  # a second one acts at once
+        caught.append(signum)
+
+    # A handler that C code installed (getsignal: None) cannot be put back: leave it.
+    kinds = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not None]
+    previous = {s: signal.signal(s, handler) for s in kinds}
+    try:
+        yield lambda i: caught[0] if caught else None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

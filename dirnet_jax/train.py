@@ -3,13 +3,17 @@
 `fit` runs the loop: pairs are drawn from a pool of images with ``fold_in(key, step)`` so a
 resumed run sees the same pairs as an uninterrupted one, checkpoints are saved every
 ``checkpoint_every`` steps and restored when present, metrics go to ``metrics.jsonl``, and a
-non-finite loss stops training with an error naming the step (never checkpointed).
+non-finite loss stops training with an error naming the step (never checkpointed). SIGTERM
+(a cluster's time limit or preemption) or Ctrl-C stops it after the running call, with a
+checkpoint of the step it reached (`Interrupted`).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
+import signal
 import time
 from typing import Any
 
@@ -323,6 +327,8 @@ def fit(
     Raises:
       FloatingPointError: the loss became NaN or infinite (names the step and the last
         good checkpoint).
+      Interrupted: SIGTERM or SIGINT (Ctrl-C) arrived; training stopped after the call
+        running then, with a checkpoint of the step it reached (`hosts.stop_requests`).
     """
     chunk = default_steps_per_dispatch() if steps_per_dispatch is None else steps_per_dispatch
     if chunk < 1:
@@ -362,9 +368,12 @@ def fit(
         )
         tick = time.perf_counter()
         pending: list[jax.Array] = []  # losses not yet checked on the host
-        step = start
-        with bar:
-            while step < config.num_steps:
+        step = saved = start
+        with bar, hosts.stop_requests() as requested:
+            for iteration in itertools.count():
+                signum = requested(iteration)
+                if signum is not None or step >= config.num_steps:
+                    break
                 # Whole chunks up to the next log, checkpoint or end, then single steps:
                 # two traces at most.
                 boundary = min(
@@ -403,10 +412,35 @@ def fit(
                     logged, tick = [], time.perf_counter()
                 if save:
                     mngr.save(step, args=ocp.args.StandardSave(_checkpoint_tree(state)))
+                    saved = step
+            if signum is not None:  # asked to stop: keep what was done, then say so
+                if pending:
+                    _checked(jnp.concatenate(pending), step, mngr)
+                if step != saved:
+                    mngr.save(step, args=ocp.args.StandardSave(_checkpoint_tree(state)))
+                mngr.wait_until_finished()
+                raise Interrupted(signum, step, config.num_steps, mngr.directory)
         mngr.wait_until_finished()
     finally:
         mngr.close()
     return state
+
+
+class Interrupted(Exception):
+    """`fit` stopped on a signal (SIGTERM, SIGINT) after saving a checkpoint of `step`."""
+
+    def __init__(self, signum: int, step: int, num_steps: int, directory: Any):
+        self.signum, self.step = signum, step
+        kept = f"checkpoint of step {step} in {directory}" if step else "no step taken"
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step} of {num_steps}; "
+            f"{kept}: run it again to resume"
+        )
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by that signal (SIGTERM: 143)."""
+        return 128 + self.signum
 
 
 def _checked(losses: jax.Array, last_step: int, mngr: ocp.CheckpointManager) -> list[float]:

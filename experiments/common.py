@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from dirnet_jax import compile_cache, hosts
+from dirnet_jax import compile_cache, hosts, train
 from dirnet_jax.config import COMPUTE_DTYPES, DIRNetConfig
 from dirnet_jax.models import Registration, register, register_batched
 
@@ -62,7 +62,8 @@ def config_overrides(args: flags.FlagValues) -> dict[str, Any]:
 
 
 def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
-    """absl entry point: run(FLAGS); one-line errors with exit code 1; print the outputs."""
+    """absl entry point: run(FLAGS); one-line errors with exit code 1, a run stopped by a
+    signal (`train.Interrupted`) with the shell's code for it; print the outputs."""
     FLAGS = flags.FLAGS
 
     def main(argv: list[str]) -> None:
@@ -87,6 +88,9 @@ def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
         ) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
+        except train.Interrupted as stop:  # SIGTERM or Ctrl-C: a checkpoint to resume from
+            print(stop, file=sys.stderr)
+            sys.exit(stop.exit_code)
         if hosts.is_primary():  # the others wrote nothing
             print("\n".join(["wrote:", *(f"  {p}" for p in paths)]))
 

@@ -1,8 +1,11 @@
 """`python -m experiments.mnist` end to end on a tiny stand-in MNIST (same builder path)."""
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -10,6 +13,8 @@ import pytest
 
 pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("SimpleITK")
+from dirnet_jax import train
+from dirnet_jax import workdir as wd
 from experiments import mnist as experiment
 from tests.test_mnist_data import write_standin
 
@@ -107,3 +112,35 @@ def test_bad_flags_exit_nonzero_with_one_line(tmp_path, flags, message):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+def wait_for_training(run, procs, timeout=120.0):
+    """Block until `run` has a metrics line (training is under way) or a process ended."""
+    deadline = time.monotonic() + timeout
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+        assert all(p.poll() is None for p in procs), "a process ended before training"
+        assert time.monotonic() < deadline, "no training within the time limit"
+        time.sleep(0.2)
+
+
+def test_sigterm_stops_with_a_checkpoint_and_its_exit_code(standin, tmp_path):
+    work = tmp_path / "w"
+    cmd = [sys.executable, "-m", "experiments.mnist", f"--workdir={work}",
+           f"--data_dir={standin / 'tfds'}", f"--mnist_pickle={standin / 'mnist.pkl.gz'}",
+           "--digits=3", "--iterations=100000", "--batch_size=8", "--log_every=10",
+           "--checkpoint_every=100000", "--noprogress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_training(work / "digit_3", [proc])
+        proc.send_signal(signal.SIGTERM)  # what a scheduler sends at the time limit
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    found = re.search(r"stopped by SIGTERM at step (\d+) of 100000; checkpoint of step \1 in (.+): "
+                      r"run it again to resume$", err.strip())  # fmt: skip
+    assert found, err[-3000:]
+    config = wd.load_config(work / "digit_3")
+    assert train.checkpoint_manager(work / "digit_3", config).all_steps() == [int(found[1])]
+    assert found[2] == str(work / "digit_3" / "checkpoints")
+    assert "wrote:" not in out and not (work / "results.json").exists()

@@ -6,6 +6,8 @@ coordination service and gloo collectives, as hosts of a cluster would.
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -14,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dirnet_jax import hosts
+from dirnet_jax import hosts, train
 from dirnet_jax import workdir as wd
 
 pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("SimpleITK")
+from tests.test_experiment_mnist import wait_for_training
 from tests.test_mnist_data import write_standin
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,11 +33,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_processes(args: list[str], logs: Path) -> list[tuple[int, str, str]]:
-    """Run `python -m experiments.mnist --distributed` as processes 0 and 1 of one job.
-
-    Returns (exit code, stdout, stderr) of each.
-    """
+def start_two(args: list[str], logs: Path) -> list[tuple[subprocess.Popen, Path]]:
+    """Start `python -m experiments.mnist --distributed` as processes 0 and 1 of one job,
+    each writing `<logs>/<i>.out` and `.err`."""
     port = free_port()
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     logs.mkdir(parents=True, exist_ok=True)
@@ -44,14 +45,26 @@ def two_processes(args: list[str], logs: Path) -> list[tuple[int, str, str]]:
                f"--coordinator_address=localhost:{port}", "--num_processes=2",
                f"--process_id={i}", *args]  # fmt: skip
         # Files, not pipes: a process blocked on a full pipe would stall the other one.
-        out, err = open(logs / f"{i}.out", "w"), open(logs / f"{i}.err", "w")
-        procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err), out, err))
+        with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
+            procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err), logs))
+    return procs
+
+
+def finish(procs: list[tuple[subprocess.Popen, Path]]) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of each of `start_two`'s processes, once they end."""
     results = []
-    for i, (proc, out, err) in enumerate(procs):
-        code = proc.wait(timeout=600)
-        out.close(), err.close()
+    for i, (proc, logs) in enumerate(procs):
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            proc.kill()
         results.append((code, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text()))
     return results
+
+
+def two_processes(args: list[str], logs: Path) -> list[tuple[int, str, str]]:
+    """Run processes 0 and 1 of one job (`start_two`) to the end."""
+    return finish(start_two(args, logs))
 
 
 def test_one_process_needs_no_coordination():
@@ -109,3 +122,28 @@ def test_cluster_flags_need_distributed():
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "--process_id need --distributed" in proc.stderr
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
+    write_standin(tmp_path / "mnist.pkl.gz", sizes=(200, 60, 60))
+    work = tmp_path / "two"
+    args = [f"--data_dir={tmp_path / 'tfds'}", f"--mnist_pickle={tmp_path / 'mnist.pkl.gz'}",
+            "--digits=3", "--batch_size=8", "--iterations=100000", "--log_every=10",
+            "--checkpoint_every=100000", "--noprogress", f"--workdir={work}"]  # fmt: skip
+    procs = start_two(args, tmp_path / "logs")
+    try:
+        wait_for_training(work / "digit_3", [p for p, _ in procs])
+        procs[1][0].send_signal(signal.SIGTERM)  # preempted: JAX tells the other process
+    finally:
+        results = finish(procs)
+    steps = set()
+    for code, out, err in results:
+        assert code == 128 + signal.SIGTERM, err[-3000:]
+        found = re.search(r"stopped by SIGTERM at step (\d+) of 100000; checkpoint of step \1",
+                          err)  # fmt: skip
+        assert found, err[-3000:]
+        steps.add(int(found[1]))
+        assert "wrote:" not in out
+    assert len(steps) == 1  # the same step on both: one whole checkpoint
+    config = wd.load_config(work / "digit_3")
+    assert train.checkpoint_manager(work / "digit_3", config).all_steps() == list(steps)

@@ -1,4 +1,5 @@
-"""Training: toy learning, determinism, checkpoints that resume (also after kill -9), NaN stop."""
+"""Training: toy learning, determinism, checkpoints that resume (also after kill -9 and
+after a stop by signal), NaN stop."""
 
 import json
 import os
@@ -109,6 +110,58 @@ def test_kill_minus_nine_then_rerun_resumes(tmp_path, pool):
     assert [r["step"] for r in wd.read_metrics(run)] == [10, 20, 30, 40]
     uninterrupted = train.fit(TOY, tmp_path / "uninterrupted", pool, progress=False)
     assert leaves_equal(resumed, uninterrupted)
+
+
+def signal_after_calls(monkeypatch, calls: int, signals: list[int]):
+    """Make `fit`'s `calls`-th call of train_steps send itself `signals` when it returns."""
+    made = []
+
+    def train_steps(*args, **kwargs):
+        out = real(*args, **kwargs)
+        made.append(kwargs["steps"])
+        if len(made) == calls:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+        return out
+
+    real = train.train_steps
+    monkeypatch.setattr(train, "train_steps", train_steps)
+    return made
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_at_the_step_with_a_checkpoint(tmp_path, pool, monkeypatch, signum):
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    run = tmp_path / "stopped"
+    # 3 steps per call: calls of 3, 3, 3, 1 up to the log at 10, so the 5th ends at 13.
+    made = signal_after_calls(monkeypatch, 5, [signum])
+    with pytest.raises(train.Interrupted) as stop:
+        train.fit(TOY, run, pool, progress=False, steps_per_dispatch=3)
+    assert sum(made) == 13 and len(made) == 5  # no call after the signal
+    assert (stop.value.step, stop.value.exit_code) == (13, 128 + signum)
+    name = signal.Signals(signum).name
+    assert str(stop.value) == (
+        f"stopped by {name} at step 13 of 40; checkpoint of step 13 in "
+        f"{run / 'checkpoints'}: run it again to resume"
+    )
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    assert train.checkpoint_manager(run, TOY).all_steps() == [13]
+
+    monkeypatch.undo()
+    resumed = train.fit(TOY, run, pool, progress=False, steps_per_dispatch=3)
+    assert [r["step"] for r in wd.read_metrics(run)] == [10, 20, 30, 40]
+    again = train.fit(TOY, tmp_path / "again", pool, progress=False, steps_per_dispatch=3)
+    assert leaves_equal(resumed, again)
+
+
+def test_second_signal_acts_at_once(tmp_path, pool, monkeypatch):
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    made = signal_after_calls(monkeypatch, 9, [signal.SIGINT, signal.SIGINT])
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(TOY, tmp_path, pool, progress=False, steps_per_dispatch=3)
+    assert len(made) == 9  # step 23
+    assert train.checkpoint_manager(tmp_path, TOY).all_steps() == [20]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
 
 def poisoned_mse(fixed, warped):
