@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import json
 import signal
 import threading
@@ -102,26 +103,33 @@ def _distributed() -> bool:
     return True
 
 
+# Ids of JAX's preemption sync points: one per `stop_requests` question in this process,
+# counting on from loop to loop, so that a SIGTERM that came between two loops (while
+# process 0 evaluated, say) stops the next one at its start.
+_sync_ids = itertools.count()
+
+
 @contextlib.contextmanager
-def stop_requests() -> Iterator[Callable[[int], int | None]]:
+def stop_requests() -> Iterator[Callable[[], int | None]]:
     """Catch requests to stop while a loop runs; the loop asks after each of its iterations.
 
-    Yields ``requested(i)``, to be called by every process after its iteration i (0, 1, …,
-    the same sequence everywhere): the number of the signal that asks to stop, or None.
+    Yields ``requested()``: the number of the signal that asks to stop, or None. Every
+    process must ask as often as the others.
 
     In a `jax.distributed` job JAX's preemption service catches SIGTERM on any process
-    and agrees with the others on an iteration at which all of them stop (JAX's
+    and agrees with the others on a question at which all of them stop (JAX's
     `reached_preemption_sync_point`); SIGINT there ends the processes as usual. With one
     process SIGTERM and SIGINT are caught here (in the main thread), and a second one of
     the same kind acts at once, as it would without this.
     """
-    caught: list[int] = []
     if _distributed():
-        yield lambda i: signal.SIGTERM if ocp.multihost.reached_preemption(i) else None
+        yield lambda: signal.SIGTERM if ocp.multihost.reached_preemption(next(_sync_ids)) else None
         return
     if threading.current_thread() is not threading.main_thread():
-        yield lambda i: None  # Python only runs signal handlers in the main thread
+        yield lambda: None  # Python runs signal handlers in the main thread only
         return
+
+    caught: list[int] = []
 
     def handler(signum, frame):
         signal.signal(signum, previous[signum])  # a second one acts at once
@@ -131,7 +139,7 @@ def stop_requests() -> Iterator[Callable[[int], int | None]]:
     kinds = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not None]
     previous = {s: signal.signal(s, handler) for s in kinds}
     try:
-        yield lambda i: caught[0] if caught else None
+        yield lambda: caught[0] if caught else None
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

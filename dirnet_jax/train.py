@@ -11,7 +11,6 @@ checkpoint of the step it reached (`Interrupted`).
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import signal
 import time
@@ -239,6 +238,15 @@ def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
     }
 
 
+class _CheckpointManager(ocp.CheckpointManager):
+    """orbax's, without its own questions to JAX's preemption sync point: it asks with the
+    step it saves, which would move the counter of questions `hosts.stop_requests` keeps
+    (JAX's protocol stops at the question after the last one asked anywhere)."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 def checkpoint_manager(
     workdir: str | os.PathLike, config: DIRNetConfig, *, read_only: bool = False
 ) -> ocp.CheckpointManager:
@@ -249,7 +257,7 @@ def checkpoint_manager(
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.max_checkpoints, create=True, cleanup_tmp_directories=True
         )
-    return ocp.CheckpointManager(
+    return _CheckpointManager(
         os.path.abspath(os.path.join(workdir, wd.CHECKPOINTS)), options=options
     )
 
@@ -370,10 +378,7 @@ def fit(
         pending: list[jax.Array] = []  # losses not yet checked on the host
         step = saved = start
         with bar, hosts.stop_requests() as requested:
-            for iteration in itertools.count():
-                signum = requested(iteration)
-                if signum is not None or step >= config.num_steps:
-                    break
+            while (signum := requested()) is None and step < config.num_steps:
                 # Whole chunks up to the next log, checkpoint or end, then single steps:
                 # two traces at most.
                 boundary = min(

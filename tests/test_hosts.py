@@ -129,7 +129,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
     work = tmp_path / "two"
     args = [f"--data_dir={tmp_path / 'tfds'}", f"--mnist_pickle={tmp_path / 'mnist.pkl.gz'}",
             "--digits=3", "--batch_size=8", "--iterations=100000", "--log_every=10",
-            "--checkpoint_every=100000", "--noprogress", f"--workdir={work}"]  # fmt: skip
+            "--checkpoint_every=20", "--noprogress", f"--workdir={work}"]  # fmt: skip
     procs = start_two(args, tmp_path / "logs")
     try:
         wait_for_training(work / "digit_3", [p for p, _ in procs])
@@ -146,4 +146,4 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
         assert "wrote:" not in out
     assert len(steps) == 1  # the same step on both: one whole checkpoint
     config = wd.load_config(work / "digit_3")
-    assert train.checkpoint_manager(work / "digit_3", config).all_steps() == list(steps)
+    assert train.checkpoint_manager(work / "digit_3", config).latest_step() == steps.pop()

@@ -164,6 +164,37 @@ def test_second_signal_acts_at_once(tmp_path, pool, monkeypatch):
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
 
+PREEMPTED_RUN = """
+import os, signal, socket, sys, time
+import jax
+from dirnet_jax import train
+from dirnet_jax.toy import shifted_blobs
+with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+jax.distributed.initialize(f"localhost:{port}", 1, 0)  # JAX's preemption service
+config = train.DIRNetConfig(**{config})
+pool = shifted_blobs(0, 16)
+train.fit(config, sys.argv[1], pool, progress=False)  # 40 steps
+os.kill(os.getpid(), signal.SIGTERM)  # between two runs: JAX's service catches it
+time.sleep(2)
+try:
+    train.fit(config.replace(num_steps=60), sys.argv[1], pool, progress=False)
+except train.Interrupted as stop:
+    print(stop)
+    sys.exit(stop.exit_code)
+"""
+
+
+def test_sigterm_in_a_distributed_job_stops_the_next_run(tmp_path):
+    script = PREEMPTED_RUN.replace("{config}", repr(TOY.to_dict()))
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True)
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert out.startswith("stopped by SIGTERM at step 40 of 60; checkpoint of step 40"), out
+    assert train.checkpoint_manager(tmp_path, TOY).latest_step() == 40
+
+
 def poisoned_mse(fixed, warped):
     """MSE, but NaN for every pair whose fixed image is the poisoned (constant 7) one."""
     poisoned = jnp.all(fixed == 7.0, axis=(1, 2, 3))
