@@ -1,6 +1,6 @@
 r"""Section 4.2 of the paper: DIRNets on cardiac cine MRI, ED ↔ ES, against SimpleElastix.
 
-    python -m experiments.sunnybrook --variant=C1 --preset=cpu     # ~15 min on 2 CPU cores
+    python -m experiments.sunnybrook --variant=C1 --preset=cpu     # 4–6 min on 2 CPU cores
     python -m experiments.sunnybrook --variant=all                 # paper settings (GPU)
     python -m experiments.sunnybrook --variant=C1 --scd_dir=/data/SCD   # the real SCD
 
@@ -14,7 +14,8 @@ before registration, SimpleElastix (B-spline with the DIRNet's control-point spa
 resolutions, 100 iterations each, normalized correlation), and every trained variant.
 
 Presets: ``paper`` (default) is 256×256, four downsamplings (16×16 grid, 16 px = 20.5 mm
-spacing) and 10,000 iterations: about 1.5 h per variant on a 2-core CPU, minutes on a GPU.
+spacing) and 10,000 iterations: about 35 min of training per variant on a 2-core CPU,
+about a minute on a GPU.
 ``cpu`` halves the resolution (128×128 at 2.56 mm, three downsamplings: the same 20.5 mm
 control-point spacing) and trains 4,000 iterations, so that one variant, the evaluation and
 the elastix row finish within 20 minutes on 2 CPU cores.
