@@ -431,8 +431,12 @@ def fit(
     return state
 
 
-class Interrupted(Exception):
-    """`fit` stopped on a signal (SIGTERM, SIGINT) after saving a checkpoint of `step`."""
+class Interrupted(BaseException):
+    """`fit` stopped on a signal (SIGTERM, SIGINT) after saving a checkpoint of `step`.
+
+    A BaseException, as KeyboardInterrupt and SystemExit are: a script that catches
+    Exception around `fit` (a sweep that logs a failed run and goes on) still stops.
+    """
 
     def __init__(self, signum: int, step: int, num_steps: int, directory: Any):
         self.signum, self.step = signum, step

@@ -139,6 +139,7 @@ def test_signal_stops_at_the_step_with_a_checkpoint(tmp_path, pool, monkeypatch,
         train.fit(TOY, run, pool, progress=False, steps_per_dispatch=3)
     assert sum(made) == 13 and len(made) == 5  # no call after the signal
     assert (stop.value.step, stop.value.exit_code) == (13, 128 + signum)
+    assert not isinstance(stop.value, Exception)  # `except Exception` does not swallow it
     name = signal.Signals(signum).name
     assert str(stop.value) == (
         f"stopped by {name} at step 13 of 40; checkpoint of step 13 in "
