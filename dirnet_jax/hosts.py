@@ -111,7 +111,7 @@ _sync_ids = itertools.count()
 
 @contextlib.contextmanager
 def stop_requests() -> Iterator[Callable[[], int | None]]:
-    """Catch requests to stop while a loop runs; the loop asks after each of its iterations.
+    """Catch requests to stop while a loop runs; the loop asks before each iteration.
 
     Yields ``requested()``: the number of the signal that asks to stop, or None. Every
     process must ask as often as the others.
