@@ -3,6 +3,7 @@
     make bench                                # python -m benchmarks.core
     python -m benchmarks.core --quick         # baseline only, fewer repeats
     python -m benchmarks.core --out=FILE.json # elsewhere than benchmarks/results/
+    python -m benchmarks.core --seconds=280   # start no variant after 280 s; print the table
 
 Rows, all on this machine in one run: for each variant at 256×256 (four downsamplings, the
 cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registration pairs/s
@@ -10,18 +11,22 @@ at batch 1 and 32 (and 512 on a GPU), training steps/s at batch 32 (a step on a 
 batch; pair sampling and step in one dispatch; and several steps per dispatch as `fit` runs
 them: 4 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and
 memory per call. On a GPU also the baseline with bfloat16 activations, and the baseline's
-registration as plain layers (what folding BatchNorm and the fused first layer buy). Then
+registration as plain layers (what folding BatchNorm and the fused first layer buy) and its
+training with XLA's convolution as the first conv instead of `conv_taps`. Then
 the same baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is
 installed) and SimpleElastix per 256×256 pair with the paper's settings, as ratios to DIRNet; every
 256×256 row times the same synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after
 warm-up (each measure repeated for at least a second), device work synchronised. Baselines
 and PyTorch first, then the other variants. Writes the table and the machine description
 to benchmarks/results/core-<host>.json after every variant (an interrupted run keeps its
-finished rows). Never fails on time.
+finished rows). Never fails on time: with `--seconds`, the blocks (a variant at one size)
+left when the budget is spent are listed as not run, and the table is printed.
+Each measure repeats for at least `--min_seconds` (default 1 on a CPU, 0.5 elsewhere).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import socket
@@ -33,8 +38,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
-from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, init_variables, machine, variant
+from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, init_variables, machine, models, variant
 from dirnet_jax.models import Registration, Regressor, register, transform
 from dirnet_jax.preprocess import minmax
 from dirnet_jax.train import (
@@ -152,9 +158,28 @@ def bench_register(table, name, config, pairs, batches, repeats, fn=register) ->
         table.add("jax", name, config.image_shape[0], what, first, sec, b, "pairs/s", mb)
 
 
+@contextlib.contextmanager
+def first_conv_by_xla():
+    """Training's first conv as XLA's convolution (flax's nn.Conv) instead of `conv_taps`,
+    while the context lasts: the other side of that comparison on a GPU. Give the config
+    a field of its own (a seed, say) so that jit traces the step again instead of reusing
+    a trace made without the context."""
+    taps = models.TapConv
+    models.TapConv = lambda features, **kw: nn.Conv(features, (3, 3), **kw)
+    try:
+        yield
+    finally:
+        models.TapConv = taps
+
+
 def bench_jax(table: Table, name: str, config: DIRNetConfig, pairs, batches, repeats: int) -> None:
-    size = config.image_shape[0]
     bench_register(table, name, config, pairs, batches, repeats)
+    bench_train(table, name, config, pairs, repeats)
+
+
+def bench_train(table: Table, name: str, config: DIRNetConfig, pairs, repeats: int) -> None:
+    """Rows 'train step, batch 32', 'train, sample+step' and 'train, N steps/dispatch'."""
+    size = config.image_shape[0]
     fixed, moving = (jnp.asarray(a[:32]) for a in pairs)
     batch = {"fixed": fixed, "moving": moving}
     state = [create_train_state(config)]  # the step functions donate their state
@@ -259,14 +284,34 @@ def bench_elastix(table: Table, pairs, count: int) -> None:
     table.add("elastix", "baseline", 256, "register, 1 pair", float("nan"), sec, 1, "pairs/s")
 
 
+def parse(argv: list[str]) -> tuple[bool, dict[str, float | str]]:
+    """(--quick given, {'out': path or '', 'seconds': budget, 'min_seconds': per measure})."""
+    opts, quick = {"out": "", "seconds": "inf", "min_seconds": ""}, False
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if arg == "--quick":
+            quick = True
+        elif arg.startswith("--") and key in opts and value:
+            opts[key] = value
+        else:
+            known = " ".join(f"--{k}=" for k in opts)
+            sys.exit(f"error: bad argument {arg!r}; known: --quick {known}")
+    for key in ("seconds", "min_seconds"):
+        try:
+            if opts[key] and not float(opts[key]) > 0:
+                raise ValueError
+        except ValueError:
+            sys.exit(f"error: --{key} is a positive number of seconds, not {opts[key]!r}")
+    return quick, opts
+
+
 def main(argv: list[str]) -> None:
-    quick = "--quick" in argv
-    outs = [a.removeprefix("--out=") for a in argv if a.startswith("--out=")]
-    unknown = [a for a in argv if a != "--quick" and not a.startswith("--out=")]
-    if unknown:
-        sys.exit(f"error: unknown arguments {' '.join(unknown)} (known: --quick, --out=FILE)")
-    out = output_path(outs[-1] if outs else "", "core")
+    global MIN_SECONDS
+    quick, opts = parse(argv)
+    out = output_path(opts["out"], "core")
     on_gpu = jax.default_backend() != "cpu"
+    MIN_SECONDS = float(opts["min_seconds"] or (0.5 if on_gpu else 1))
+    end = time.monotonic() + float(opts["seconds"])
     names = ["baseline"] if quick else list(PAPER_VARIANTS)
     table = Table()
 
@@ -275,8 +320,6 @@ def main(argv: list[str]) -> None:
             out, json.dumps({"machine": machine.describe(), "rows": table.rows}, indent=2)
         )
 
-    # The baselines and their PyTorch twins first, so that a run cut short by a time limit
-    # still has every comparison; then the other variants.
     bases = {size: base_config(size) for size in (256, 28)}
     batches = (1, 32, 512) if on_gpu else (1, 32)
 
@@ -284,22 +327,34 @@ def main(argv: list[str]) -> None:
         return 30 if on_gpu else (20 if size == 28 else 5) // (2 if quick else 1)
 
     pairs = {size: timed_pairs(size, max(batches)) for size in bases}
-    for size, base in bases.items():
-        bench_jax(table, "baseline", base, pairs[size], batches, repeats(size))
+
+    def baselines(size):
+        base, p, r = bases[size], pairs[size], repeats(size)
+        bench_jax(table, "baseline", base, p, batches, r)
         if on_gpu:  # bfloat16 activations: for accelerators (slower on a CPU)
-            bf16 = base.replace(compute_dtype="bfloat16")
-            bench_jax(table, "baseline-bf16", bf16, pairs[size], batches, repeats(size))
+            bench_jax(table, "baseline-bf16", base.replace(compute_dtype="bfloat16"), p, batches, r)
             # Plain layers: what folding BatchNorm and the fused first layer buy there.
-            unfolded = "baseline-unfolded"
-            bench_register(table, unfolded, base, pairs[size], batches, repeats(size),
-                           fn=register_unfolded)  # fmt: skip
-        bench_torch(table, base, pairs[size], repeats(size))
-        save()
+            bench_register(table, "baseline-unfolded", base, p, batches, r, fn=register_unfolded)
+            with first_conv_by_xla():  # and what `conv_taps` buys in training
+                bench_train(table, "baseline-xlaconv", base.replace(seed=1), p, r)
+        bench_torch(table, base, p, r)
+
+    # The baselines and their PyTorch twins first, so that a run cut short by a time limit
+    # still has every comparison; then the other variants.
+    blocks = [(f"baseline {size}²", functools.partial(baselines, size)) for size in bases]
     for name in names[1:]:
         for size, base in bases.items():
-            bench_jax(table, name, variant(name, base), pairs[size], batches, repeats(size))
-            save()
-    bench_elastix(table, pairs[256], count=3 if quick else 8)
+            config = variant(name, base)
+            blocks.append((f"{name} {size}²", functools.partial(
+                bench_jax, table, name, config, pairs[size], batches, repeats(size))))  # fmt: skip
+    blocks.append(("SimpleElastix", lambda: bench_elastix(table, pairs[256], 3 if quick else 8)))
+    skipped = []
+    for label, block in blocks:
+        if time.monotonic() > end:
+            skipped.append(label)
+            continue
+        block()
+        save()
     save()
     order = {"jax": 0, "torch": 1, "elastix": 2}
     table.rows.sort(key=lambda r: (-r["size"], order[r["impl"]]))  # stable: variants in order
@@ -323,6 +378,8 @@ def main(argv: list[str]) -> None:
             f"{r['first_call_s']:7.2f}s {r['memory_mb']:7.0f} {ratio:>7}"
         )
     print("vs jax: how many times faster the JAX row of the same measure is.")
+    if skipped:
+        print(f"not run, the --seconds budget was spent: {', '.join(skipped)}")
     print(f"\nwritten to {out}")
 
 

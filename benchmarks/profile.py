@@ -3,11 +3,13 @@
     python -m benchmarks.profile                                 # register, 256², batch 1
     python -m benchmarks.profile --what=train --size=28 --batch=32
     python -m benchmarks.profile --variant=C1 --calls=50 --top=40
+    python -m benchmarks.profile --hlo=register.hlo.txt       # and the compiled program
 
 Runs the call a few times to warm up, traces `--calls` more, and prints, for each process
 of the trace (the host; on a GPU also the device), the operations with the largest time
 per call: XLA fusions, convolutions and library calls, named as in the compiled HLO
-(`jax.jit(...).lower(...).compile().as_text()` says what each fusion holds). On XLA:CPU,
+(`--hlo=FILE` writes `jax.jit(...).lower(...).compile().as_text()`, which says what each
+fusion holds). On XLA:CPU,
 convolutions run on a thread pool: their events time the launch, not the work.
 """
 
@@ -28,9 +30,10 @@ from benchmarks.core import base_config
 from dirnet_jax import DIRNetConfig, init_variables, variant
 from dirnet_jax.models import register
 from dirnet_jax.train import create_train_state, data_key, train_steps
+from dirnet_jax.workdir import atomic_write_text
 
 FLAGS = {"what": "register", "size": "256", "batch": "1", "variant": "baseline",
-         "calls": "20", "top": "25"}  # fmt: skip
+         "calls": "20", "top": "25", "hlo": ""}  # fmt: skip
 
 
 def parse(argv: list[str]) -> dict[str, str]:
@@ -46,23 +49,27 @@ def parse(argv: list[str]) -> dict[str, str]:
 
 
 def workload(what: str, config: DIRNetConfig, batch: int):
-    """A no-argument function running one call and waiting for it."""
+    """(a no-argument function running one call and waiting for it, one returning the
+    call's compiled program as text)."""
     rng = np.random.default_rng(0)
     shape = (batch, *config.image_shape, 1)
     fixed = jnp.asarray(rng.uniform(size=shape), jnp.float32)
     moving = jnp.asarray(rng.uniform(size=shape), jnp.float32)
     if what == "register":
         variables = init_variables(config, jax.random.key(0))
-        return lambda: jax.block_until_ready(register(config, variables, fixed, moving))
+        args = (config, variables, fixed, moving)
+        return (
+            lambda: jax.block_until_ready(register(*args)),
+            lambda: register.lower(*args).compile().as_text(),
+        )
     state, key = [create_train_state(config)], data_key(config)
+    kwargs = dict(steps=1, batch_size=batch, grouped=False)
 
     def step():
-        state[0], losses = train_steps(
-            state[0], fixed, key, steps=1, batch_size=batch, grouped=False
-        )
+        state[0], losses = train_steps(state[0], fixed, key, **kwargs)
         return jax.block_until_ready(losses)
 
-    return step
+    return step, lambda: train_steps.lower(state[0], fixed, key, **kwargs).compile().as_text()
 
 
 def op_times(trace_dir: Path) -> dict[str, collections.Counter]:
@@ -82,9 +89,11 @@ def main(argv: list[str]) -> None:
     opts = parse(argv)
     size, batch, calls = int(opts["size"]), int(opts["batch"]), int(opts["calls"])
     base = base_config(size).replace(batch_size=batch)
-    run = workload(opts["what"], variant(opts["variant"], base), batch)
+    run, program = workload(opts["what"], variant(opts["variant"], base), batch)
     for _ in range(3):
         run()
+    if opts["hlo"]:
+        atomic_write_text(Path(opts["hlo"]), program())
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp, create_perfetto_trace=True)
         for _ in range(calls):

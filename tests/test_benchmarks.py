@@ -8,16 +8,24 @@ import pytest
 
 from benchmarks import core, flags, profile
 from dirnet_jax import DIRNetConfig, init_variables
-from dirnet_jax.models import register
+from dirnet_jax.models import Regressor, register
 
 
-def test_profile_names_the_compiled_operations(capsys):
-    profile.main(["--size=28", "--batch=2", "--calls=2", "--top=50"])
+@pytest.mark.parametrize("what", ["register", "train"])
+def test_profile_names_the_compiled_operations(tmp_path, capsys, what):
+    hlo = tmp_path / "program.txt"
+    profile.main([f"--what={what}", "--size=28", "--batch=2", "--calls=2", "--top=50",
+                  f"--hlo={hlo}"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "register baseline 28², batch 2, 2 calls on" in out
+    assert f"{what} baseline 28², batch 2, 2 calls on" in out
     assert "µs per call" in out
     times = [line.split(maxsplit=1) for line in out.splitlines() if "fusion" in line]
     assert times and all(float(us) >= 0 for us, _ in times)
+    # The operations are named as in the compiled program it wrote (some events as
+    # "end: <name>").
+    program = hlo.read_text()
+    assert program.startswith("HloModule")
+    assert all(f"%{name.strip().split(': ')[-1]} = " in program for _, name in times)
 
 
 @pytest.mark.parametrize("arg", ["--bad=1", "--what=infer", "--size"])
@@ -90,3 +98,35 @@ def test_flags_rejects_bad_arguments(arg):
 def test_out_that_is_not_a_file_is_refused_before_any_work(tool, tmp_path):
     with pytest.raises(SystemExit, match="is not a regular file"):
         tool.main([f"--out={tmp_path}"])
+
+
+def test_first_conv_by_xla_swaps_conv_taps_for_a_convolution_while_it_lasts():
+    config = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2, features=4)
+    variables = init_variables(config, jax.random.key(0))
+    x = jax.numpy.zeros((2, 28, 28, 1))
+
+    def convolutions():
+        def run(v):
+            return Regressor(config).apply(v, x, x, train=True, mutable=["batch_stats"])
+
+        return jax.jit(run).lower(variables).as_text().count("stablehlo.convolution")
+
+    taps = convolutions()
+    with core.first_conv_by_xla():
+        assert convolutions() == taps + 1
+    assert convolutions() == taps
+
+
+def test_core_keeps_to_its_time_budget_and_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "core.json"
+    core.main(["--quick", "--seconds=0.001", f"--out={out}"])
+    printed = capsys.readouterr().out
+    assert "not run, the --seconds budget was spent: baseline 256², baseline 28²" in printed
+    assert "impl    variant" in printed
+    assert json.loads(out.read_text())["rows"] == []
+
+
+@pytest.mark.parametrize("arg", ["--bad=1", "--quick=1", "--seconds=0", "--min_seconds=x"])
+def test_core_rejects_bad_arguments(arg):
+    with pytest.raises(SystemExit, match="error: "):
+        core.main([arg])
