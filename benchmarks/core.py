@@ -4,6 +4,7 @@
     python -m benchmarks.core --quick         # baseline only, fewer repeats
     python -m benchmarks.core --out=FILE.json # elsewhere than benchmarks/results/
     python -m benchmarks.core --seconds=280   # start no variant after 280 s; print the table
+    python -m benchmarks.core --variants=B2,C1  # these only (no baseline rows, no ratios)
 
 Rows, all on this machine in one run: for each variant at 256×256 (four downsamplings, the
 cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registration pairs/s
@@ -137,7 +138,7 @@ def timed_pairs(size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.tile(ed, (repeat, 1, 1, 1))[:n], np.tile(es, (repeat, 1, 1, 1))[:n]
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=models.INFER_COMPILER_OPTIONS)
 def register_unfolded(config: DIRNetConfig, variables, fixed, moving) -> Registration:
     """`register` with plain layers: BatchNorm as its own per-channel scale and shift
     (running averages), not folded, and the first conv, ELU and pooling as separate ops:
@@ -285,8 +286,9 @@ def bench_elastix(table: Table, pairs, count: int) -> None:
 
 
 def parse(argv: list[str]) -> tuple[bool, dict[str, float | str]]:
-    """(--quick given, {'out': path or '', 'seconds': budget, 'min_seconds': per measure})."""
-    opts, quick = {"out": "", "seconds": "inf", "min_seconds": ""}, False
+    """(--quick given, {'out': path or '', 'seconds': budget, 'min_seconds': per measure,
+    'variants': comma-separated names or ''})."""
+    opts, quick = {"out": "", "seconds": "inf", "min_seconds": "", "variants": ""}, False
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
         if arg == "--quick":
@@ -302,6 +304,10 @@ def parse(argv: list[str]) -> tuple[bool, dict[str, float | str]]:
                 raise ValueError
         except ValueError:
             sys.exit(f"error: --{key} is a positive number of seconds, not {opts[key]!r}")
+    unknown = set(opts["variants"].split(",")) - set(PAPER_VARIANTS) - {""}
+    if unknown:
+        sys.exit(f"error: --variants: no variant {', '.join(sorted(unknown))}; "
+                 f"known: {','.join(PAPER_VARIANTS)}")  # fmt: skip
     return quick, opts
 
 
@@ -312,7 +318,8 @@ def main(argv: list[str]) -> None:
     on_gpu = jax.default_backend() != "cpu"
     MIN_SECONDS = float(opts["min_seconds"] or (0.5 if on_gpu else 1))
     end = time.monotonic() + float(opts["seconds"])
-    names = ["baseline"] if quick else list(PAPER_VARIANTS)
+    names = opts["variants"].split(",") if opts["variants"] else list(PAPER_VARIANTS)
+    names = ["baseline"] if quick else names
     table = Table()
 
     def save():
@@ -341,13 +348,17 @@ def main(argv: list[str]) -> None:
 
     # The baselines and their PyTorch twins first, so that a run cut short by a time limit
     # still has every comparison; then the other variants.
-    blocks = [(f"baseline {size}²", functools.partial(baselines, size)) for size in bases]
-    for name in names[1:]:
+    blocks = [(f"baseline {size}²", functools.partial(baselines, size))
+              for size in bases if "baseline" in names]  # fmt: skip
+    for name in [n for n in names if n != "baseline"]:
         for size, base in bases.items():
             config = variant(name, base)
             blocks.append((f"{name} {size}²", functools.partial(
                 bench_jax, table, name, config, pairs[size], batches, repeats(size))))  # fmt: skip
-    blocks.append(("SimpleElastix", lambda: bench_elastix(table, pairs[256], 3 if quick else 8)))
+    if "baseline" in names:
+        blocks.append(
+            ("SimpleElastix", lambda: bench_elastix(table, pairs[256], 3 if quick else 8))
+        )
     skipped = []
     for label, block in blocks:
         if time.monotonic() > end:

@@ -57,6 +57,11 @@ TRANSFORM_FNS = {
 OUTPUT_INIT = nn.initializers.normal(stddev=1e-5)
 BN_EPSILON = 1e-5
 
+# XLA:GPU puts runs of 5 or more kernels into a CUDA graph by default and launches the
+# rest one by one; from one kernel up, a 256² pair took 0.19 ms on an H200 against 0.31
+# (batch 512 and training unchanged; benchmarks/NOTES.md). Other backends ignore it.
+INFER_COMPILER_OPTIONS = {"xla_gpu_graph_min_graph_size": 1}
+
 
 def pool2(x: jax.Array, reduce: Callable[..., jax.Array]) -> jax.Array:
     """2×…×2 pooling with stride 2 of [B, *spatial, C] (sizes even): `reduce` (jnp.mean,
@@ -412,7 +417,9 @@ def pairs_per_pass(config: DIRNetConfig, batch: int) -> int:
     return max(1, min(batch, CPU_PIXELS_PER_PASS // math.prod(config.image_shape)))
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="chunk")
+@functools.partial(
+    jax.jit, static_argnums=0, static_argnames="chunk", compiler_options=INFER_COMPILER_OPTIONS
+)
 def register(
     config: DIRNetConfig,
     variables: dict[str, Any],

@@ -124,9 +124,12 @@ def test_core_keeps_to_its_time_budget_and_prints_the_table(tmp_path, capsys):
     assert "not run, the --seconds budget was spent: baseline 256², baseline 28²" in printed
     assert "impl    variant" in printed
     assert json.loads(out.read_text())["rows"] == []
+    core.main(["--variants=B1,C2", "--seconds=0.001", f"--out={out}"])
+    printed = capsys.readouterr().out
+    assert "budget was spent: B1 256², B1 28², C2 256², C2 28²\n" in printed
 
 
-@pytest.mark.parametrize("arg", ["--bad=1", "--quick=1", "--seconds=0", "--min_seconds=x"])
+@pytest.mark.parametrize("arg", ["--bad=1", "--quick=1", "--seconds=0", "--min_seconds=x", "--variants=A1,Z9"])
 def test_core_rejects_bad_arguments(arg):
     with pytest.raises(SystemExit, match="error: "):
         core.main([arg])
