@@ -12,8 +12,10 @@ at batch 1 and 32 (and 512 on a GPU), training steps/s at batch 32 (a step on a 
 batch; pair sampling and step in one dispatch; and several steps per dispatch as `fit` runs
 them: 4 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and
 memory per call. On a GPU also the baseline with bfloat16 activations, and the baseline's
-registration as plain layers (what folding BatchNorm and the fused first layer buy) and its
-training with XLA's convolution as the first conv instead of `conv_taps`. Then
+registration as plain layers (what folding BatchNorm and the fused first layer buy), with
+the first layer unfused (XLA's convolution, then ELU and pooling), with XLA:GPU's default
+CUDA-graph threshold (one pair), and its training with XLA's convolution as the first conv
+instead of `conv_taps`. Then
 the same baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is
 installed) and SimpleElastix per 256×256 pair with the paper's settings, as ratios to DIRNet; every
 256×256 row times the same synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after
@@ -160,17 +162,40 @@ def bench_register(table, name, config, pairs, batches, repeats, fn=register) ->
 
 
 @contextlib.contextmanager
-def first_conv_by_xla():
-    """Training's first conv as XLA's convolution (flax's nn.Conv) instead of `conv_taps`,
-    while the context lasts: the other side of that comparison on a GPU. Give the config
-    a field of its own (a seed, say) so that jit traces the step again instead of reusing
-    a trace made without the context."""
-    taps = models.TapConv
-    models.TapConv = lambda features, **kw: nn.Conv(features, (3, 3), **kw)
+def swapped(name: str, value):
+    """`dirnet_jax.models.<name>` replaced by `value` while the context lasts: the other
+    side of a comparison on a GPU. Give the config a field of its own (a seed, say), so
+    that jit traces again instead of reusing a trace made without the swap."""
+    original = getattr(models, name)
+    setattr(models, name, value)
     try:
         yield
     finally:
-        models.TapConv = taps
+        setattr(models, name, original)
+
+
+def xla_conv(features: int, **kwargs) -> nn.Module:
+    """flax's 3×3 nn.Conv, for `swapped("TapConv", xla_conv)`: training's first conv by
+    XLA's convolution instead of `conv_taps`."""
+    return nn.Conv(features, (3, 3), **kwargs)
+
+
+def conv_then_elu_pool2(x, kernel, bias, downsampling: str) -> jax.Array:
+    """`models.conv_elu_pool2` as XLA's convolution, then ELU and pooling, for
+    `swapped("conv_elu_pool2", conv_then_elu_pool2)`: inference's first layer unfused."""
+    y = jax.lax.conv_general_dilated(
+        x.astype(jnp.float32), kernel.astype(jnp.float32), (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # fmt: skip
+    y = models.elu_unguarded(y + bias.astype(jnp.float32))
+    return models.pool2(y, jnp.mean if downsampling == "avg" else jnp.max)
+
+
+# `register` with XLA:GPU's default CUDA-graph threshold: what INFER_COMPILER_OPTIONS buys.
+register_default_graphs = jax.jit(
+    models.register.__wrapped__, static_argnums=0, static_argnames="chunk",
+    compiler_options={"xla_gpu_graph_min_graph_size": 5},
+)  # fmt: skip
 
 
 def bench_jax(table: Table, name: str, config: DIRNetConfig, pairs, batches, repeats: int) -> None:
@@ -342,7 +367,11 @@ def main(argv: list[str]) -> None:
             bench_jax(table, "baseline-bf16", base.replace(compute_dtype="bfloat16"), p, batches, r)
             # Plain layers: what folding BatchNorm and the fused first layer buy there.
             bench_register(table, "baseline-unfolded", base, p, batches, r, fn=register_unfolded)
-            with first_conv_by_xla():  # and what `conv_taps` buys in training
+            with swapped("conv_elu_pool2", conv_then_elu_pool2):  # the fused first layer
+                bench_register(table, "baseline-xlafirst", base.replace(seed=2), p, batches, r)
+            bench_register(table, "baseline-graphs5", base, p, (1,), r,
+                           fn=register_default_graphs)  # fmt: skip
+            with swapped("TapConv", xla_conv):  # and what `conv_taps` buys in training
                 bench_train(table, "baseline-xlaconv", base.replace(seed=1), p, r)
         bench_torch(table, base, p, r)
 

@@ -4,9 +4,10 @@
 # computed on a CPU machine afterwards). Steps, each under its own time limit (seconds):
 #
 #   bash benchmarks/gpu.sh tests     # versions; the model and kernel tests on the GPU (60)
-#   bash benchmarks/gpu.sh bench     # the benchmark table: baselines (float32 and bf16,
-#                                    # unfolded, XLA's first conv) and PyTorch at both sizes
-#                                    # first, then the variants while the budget lasts (240)
+#   bash benchmarks/gpu.sh bench     # the benchmark table: baselines (float32, bf16 and
+#                                    # the A/B rows) and PyTorch at both sizes first, then
+#                                    # the variants while the budget lasts (240); the rest
+#                                    # later by `python -m benchmarks.core --variants=…`
 #   bash benchmarks/gpu.sh profile   # top kernels: one 256² pair, batch 512, a train step,
 #                                    # and their compiled programs in hlo.tar.gz (75)
 #   bash benchmarks/gpu.sh flags     # one pair, batch 512 and training under XLA flag sets:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from benchmarks import core, flags, profile
-from dirnet_jax import DIRNetConfig, init_variables
+from dirnet_jax import DIRNetConfig, init_variables, variant
 from dirnet_jax.models import Regressor, register
 
 
@@ -100,7 +100,7 @@ def test_out_that_is_not_a_file_is_refused_before_any_work(tool, tmp_path):
         tool.main([f"--out={tmp_path}"])
 
 
-def test_first_conv_by_xla_swaps_conv_taps_for_a_convolution_while_it_lasts():
+def test_swapped_xla_conv_replaces_conv_taps_by_a_convolution_while_it_lasts():
     config = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2, features=4)
     variables = init_variables(config, jax.random.key(0))
     x = jax.numpy.zeros((2, 28, 28, 1))
@@ -112,7 +112,7 @@ def test_first_conv_by_xla_swaps_conv_taps_for_a_convolution_while_it_lasts():
         return jax.jit(run).lower(variables).as_text().count("stablehlo.convolution")
 
     taps = convolutions()
-    with core.first_conv_by_xla():
+    with core.swapped("TapConv", core.xla_conv):
         assert convolutions() == taps + 1
     assert convolutions() == taps
 
@@ -129,7 +129,41 @@ def test_core_keeps_to_its_time_budget_and_prints_the_table(tmp_path, capsys):
     assert "budget was spent: B1 256², B1 28², C2 256², C2 28²\n" in printed
 
 
-@pytest.mark.parametrize("arg", ["--bad=1", "--quick=1", "--seconds=0", "--min_seconds=x", "--variants=A1,Z9"])
+@pytest.mark.parametrize(
+    "arg", ["--bad=1", "--quick=1", "--seconds=0", "--min_seconds=x", "--variants=A1,Z9"]
+)
 def test_core_rejects_bad_arguments(arg):
     with pytest.raises(SystemExit, match="error: "):
         core.main([arg])
+
+
+@pytest.mark.parametrize("name", ["baseline", "A1"])
+def test_the_unfused_first_layer_and_default_graphs_register_alike(name):
+    # The GPU rows that time what the fused first layer and INFER_COMPILER_OPTIONS buy are
+    # only fair if they compute the same registrations.
+    config = variant(name, DIRNetConfig(image_shape=(28, 28), num_downsamplings=2))
+    variables = init_variables(config, jax.random.key(0))
+    params = dict(variables["params"])
+    kernel = params["output"]["kernel"]
+    params["output"] = {"kernel": jax.random.normal(jax.random.key(1), kernel.shape),
+                        "bias": params["output"]["bias"]}  # fmt: skip
+    variables = {"params": params, "batch_stats": variables["batch_stats"]}
+    fixed, moving = core.timed_pairs(28, 3)
+    fused = register(config, variables, fixed, moving)
+    assert 0.5 < float(np.abs(fused.grid).max()) < 20
+
+    def convolutions(config):
+        return (
+            register.lower(config, variables, fixed, moving)
+            .as_text()
+            .count("stablehlo.convolution")
+        )
+
+    fused_convolutions = convolutions(config)
+    with core.swapped("conv_elu_pool2", core.conv_then_elu_pool2):
+        unfused = register(config.replace(seed=2), variables, fixed, moving)
+        assert convolutions(config.replace(seed=3)) == fused_convolutions + 1
+    graphs5 = core.register_default_graphs(config, variables, fixed, moving)
+    for other in (unfused, graphs5):
+        np.testing.assert_allclose(other.grid, fused.grid, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(other.warped, fused.warped, rtol=1e-5, atol=1e-5)
