@@ -28,7 +28,7 @@ import csv
 import dataclasses
 import io
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -340,13 +340,44 @@ def _check_writable(out: Path) -> None:
         raise RegistrationError(f"cannot write to {out}: {err.strerror or err}") from None
 
 
+# Batches read, registered and written at a time by `register_files`: memory holds one
+# group's images and results, whatever the length of the CSV.
+GROUP_BATCHES = 8
+
+
 def register_files(
-    model: Model, rows: Sequence[Row], *, batch_size: int = 32, progress: bool = False
+    model: Model,
+    rows: Sequence[Row],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+    on_group: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Read, register and write every row; returns (summary records, per-row errors).
 
-    A row that cannot be read or registered is reported and skipped; the others go on.
+    Rows go in groups of GROUP_BATCHES batches, each read, registered and written before
+    the next; after each group `on_group` gets the records so far (the command rewrites
+    summary.csv there, so a run stopped part way lists what it finished). A row that
+    cannot be read or registered is reported and skipped; the others go on.
     """
+    records, errors = [], []
+    group = batch_size * GROUP_BATCHES
+    with tqdm(total=len(rows), unit="pair", disable=not progress, desc="registering") as bar:
+        for start in range(0, len(rows), group):
+            part = rows[start : start + group]
+            done, failed = _register_group(model, part, batch_size)
+            records += done
+            errors += failed
+            bar.update(len(part))
+            if on_group is not None:
+                on_group(records)
+    return records, errors
+
+
+def _register_group(
+    model: Model, rows: Sequence[Row], batch_size: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """`register_files` for one group of rows."""
     loaded, checked, errors, records = [], [], [], []
     for row in rows:
         files = [p for p in (row.fixed, row.moving, row.moving_labels) if p is not None]
@@ -363,7 +394,7 @@ def register_files(
     if not loaded:
         return records, errors
 
-    results = _register_checked(model, checked, batch_size, progress)
+    results = _register_checked(model, checked, batch_size, progress=False)
     for (row, images), result in zip(loaded, results, strict=True):
         fixed: LoadedImage = images[0]
         try:
@@ -420,9 +451,21 @@ def main(args) -> int:
     else:
         labels = Path(args.moving_labels) if args.moving_labels else None
         rows, errors = [Row(Path(args.fixed), Path(args.moving), labels, out)], []
-    records, failed = register_files(
-        model, rows, batch_size=args.batch_size, progress=args.progress
-    )
+    summary, finished = out / "summary.csv", []
+
+    def save(records):
+        finished[:] = records
+        if args.pairs:
+            write_summary(summary, records)
+
+    try:
+        records, failed = register_files(
+            model, rows, batch_size=args.batch_size, progress=args.progress, on_group=save
+        )
+    except KeyboardInterrupt:
+        listed = f"; {summary} lists them" if args.pairs and finished else ""
+        print(f"interrupted after {len(finished)} of {len(rows)} pairs{listed}", file=sys.stderr)
+        return 130
     errors += failed
     for r in records:
         print(
@@ -432,8 +475,8 @@ def main(args) -> int:
         if r["notes"]:
             print(f"  note: {r['notes']}")
     if args.pairs:
-        write_summary(out / "summary.csv", records)
-        print(f"summary: {out / 'summary.csv'}")
+        write_summary(summary, records)  # also when there were none
+        print(f"summary: {summary}")
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     return 1 if errors else 0

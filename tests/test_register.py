@@ -159,6 +159,46 @@ def test_csv_batch_reports_bad_rows_and_goes_on(model_dir, pair, tmp_path, capsy
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0002_m", "0004_m2"]
 
 
+def test_csv_goes_a_group_at_a_time_and_an_interrupt_keeps_the_summary(
+    model_dir, pair, tmp_path, monkeypatch, capsys
+):
+    fixed, moving = pair
+    write(tmp_path / "f.npy", fixed)
+    for k in range(5):
+        write(tmp_path / f"m{k}.npy", np.roll(moving, k, 0))
+    (tmp_path / "pairs.csv").write_text("".join(f"f.npy,m{k}.npy\n" for k in range(5)))
+    monkeypatch.setattr(cli, "GROUP_BATCHES", 1)  # groups of batch_size=2 rows: 2, 2, 1
+    groups, register_group = [], cli._register_group
+
+    def counted(model, rows, batch_size):
+        groups.append(len(rows))
+        if len(groups) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the last group
+        return register_group(model, rows, batch_size)
+
+    monkeypatch.setattr(cli, "_register_group", counted)
+    out = tmp_path / "out"
+    code = cli.main(args(model_dir, out, pairs=str(tmp_path / "pairs.csv"), batch_size=2))
+    assert code == 130 and groups == [2, 2, 1]
+    err = capsys.readouterr().err
+    assert err == f"interrupted after 4 of 5 pairs; {out / 'summary.csv'} lists them\n"
+    summary = (out / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[1] for line in summary[1:]] == [
+        str(tmp_path / f"m{k}.npy") for k in range(4)
+    ]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        f"{k + 1:04d}_m{k}" for k in range(4)
+    ]
+    # Uninterrupted, the groups give what one group gives.
+    monkeypatch.setattr(cli, "_register_group", register_group)
+    assert cli.main(args(model_dir, out, pairs=str(tmp_path / "pairs.csv"), batch_size=2)) == 0
+    grouped = np.load(out / "0005_m4" / "displacement.npy")
+    monkeypatch.setattr(cli, "GROUP_BATCHES", 8)
+    assert cli.main(args(model_dir, out, pairs=str(tmp_path / "pairs.csv"), batch_size=2)) == 0
+    np.testing.assert_array_equal(np.load(out / "0005_m4" / "displacement.npy"), grouped)
+    assert len((out / "summary.csv").read_text().splitlines()) == 6
+
+
 def test_constant_image_warns_but_registers(model_dir, pair, tmp_path, capsys):
     f = write(tmp_path / "f.npy", np.full((28, 28), 0.3))
     m = write(tmp_path / "m.npy", pair[1])
