@@ -15,7 +15,7 @@ memory per call. On a GPU also the baseline with bfloat16 activations, and the b
 registration as plain layers (what folding BatchNorm and the fused first layer buy), with
 the first layer unfused (XLA's convolution, then ELU and pooling), with XLA:GPU's default
 CUDA-graph threshold (one pair), and its training with XLA's convolution as the first conv
-instead of `conv_taps`. Then
+instead of `conv_taps`, and with `conv_taps`'s kernel gradient as one matrix product. Then
 the same baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is
 installed) and SimpleElastix per 256×256 pair with the paper's settings, as ratios to DIRNet; every
 256×256 row times the same synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after
@@ -189,6 +189,41 @@ def conv_then_elu_pool2(x, kernel, bias, downsampling: str) -> jax.Array:
     )  # fmt: skip
     y = models.elu_unguarded(y + bias.astype(jnp.float32))
     return models.pool2(y, jnp.mean if downsampling == "avg" else jnp.max)
+
+
+def _patches(x: jax.Array, k: int) -> jax.Array:
+    """[B, H, W, C] → [B·H·W, k·k·C]: each pixel's SAME zero-padded k×k neighbourhood,
+    ordered as a [k, k, C, …] kernel's first three axes."""
+    padded = models._pad_same(x, k)
+    h, w = x.shape[1:3]
+    taps = [padded[:, dy : dy + h, dx : dx + w, :] for dy in range(k) for dx in range(k)]
+    return jnp.stack(taps, axis=3).reshape(-1, k * k * x.shape[-1])
+
+
+_conv_taps = models.conv_taps  # the original, whatever is swapped in later
+
+
+@jax.custom_vjp
+def conv_taps_gemm_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`models.conv_taps` whose kernel gradient is one matrix product of the patches with
+    the cotangent (XLA's convolution gradient for the input, as there), for
+    `swapped("conv_taps", conv_taps_gemm_grad)`: on a GPU, a cuBLAS product instead of
+    cuDNN's filter gradient of a 2-channel input. 2-D only."""
+    return _conv_taps(x, kernel)
+
+
+def _gemm_grad_fwd(x, kernel):
+    return _conv_taps(x, kernel), (x, kernel)
+
+
+def _gemm_grad_bwd(residuals, cotangent):
+    x, kernel = residuals
+    dx = jax.vjp(lambda x: models._lax_conv(x, kernel), x)[1](cotangent)[0]
+    dk = _patches(x, kernel.shape[0]).T @ cotangent.reshape(-1, cotangent.shape[-1])
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv_taps_gemm_grad.defvjp(_gemm_grad_fwd, _gemm_grad_bwd)
 
 
 # `register` with XLA:GPU's default CUDA-graph threshold: what INFER_COMPILER_OPTIONS buys.
@@ -373,6 +408,8 @@ def main(argv: list[str]) -> None:
                            fn=register_default_graphs)  # fmt: skip
             with swapped("TapConv", xla_conv):  # and what `conv_taps` buys in training
                 bench_train(table, "baseline-xlaconv", base.replace(seed=1), p, r)
+            with swapped("conv_taps", conv_taps_gemm_grad):  # its kernel gradient as a GEMM
+                bench_train(table, "baseline-gemmgrad", base.replace(seed=3), p, r)
         bench_torch(table, base, p, r)
 
     # The baselines and their PyTorch twins first, so that a run cut short by a time limit

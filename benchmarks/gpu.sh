@@ -11,8 +11,8 @@
 #   bash benchmarks/gpu.sh profile   # top kernels: one 256² pair, batch 512, a train step,
 #                                    # and their compiled programs in hlo.tar.gz (75)
 #   bash benchmarks/gpu.sh flags     # one pair, batch 512 and training under XLA flag sets:
-#                                    # cuDNN runtime fusion (conv + bias + ELU), CUDA graphs
-#                                    # around loops, from one op, off; no Triton GEMMs (120)
+#                                    # CUDA graphs off; no Triton GEMMs; cuDNN runtime fusion
+#                                    # (conv + bias + ELU); graphs around loops, from one op (120)
 #   bash benchmarks/gpu.sh train     # cardiac experiment, paper settings, every variant (300)
 #   bash benchmarks/gpu.sh all       # tests, bench, profile, flags (~8.5 min; train is done)
 #
