@@ -19,7 +19,7 @@ instead of `conv_taps`, and with `conv_taps`'s kernel gradient as one matrix pro
 the same baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is
 installed) and SimpleElastix per 256×256 pair with the paper's settings, as ratios to DIRNet; every
 256×256 row times the same synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after
-warm-up (each measure repeated for at least a second), device work synchronised. Baselines
+warm-up, device work synchronised. Baselines
 and PyTorch first, then the other variants. Writes the table and the machine description
 to benchmarks/results/core-<host>.json after every variant (an interrupted run keeps its
 finished rows). Never fails on time: with `--seconds`, the blocks (a variant at one size)
@@ -345,7 +345,7 @@ def bench_elastix(table: Table, pairs, count: int) -> None:
     table.add("elastix", "baseline", 256, "register, 1 pair", float("nan"), sec, 1, "pairs/s")
 
 
-def parse(argv: list[str]) -> tuple[bool, dict[str, float | str]]:
+def parse(argv: list[str]) -> tuple[bool, dict[str, str]]:
     """(--quick given, {'out': path or '', 'seconds': budget, 'min_seconds': per measure,
     'variants': comma-separated names or ''})."""
     opts, quick = {"out": "", "seconds": "inf", "min_seconds": "", "variants": ""}, False

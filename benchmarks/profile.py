@@ -9,8 +9,8 @@ Runs the call a few times to warm up, traces `--calls` more, and prints, for eac
 of the trace (the host; on a GPU also the device), the operations with the largest time
 per call: XLA fusions, convolutions and library calls, named as in the compiled HLO
 (`--hlo=FILE` writes `jax.jit(...).lower(...).compile().as_text()`, which says what each
-fusion holds). On XLA:CPU,
-convolutions run on a thread pool: their events time the launch, not the work.
+fusion holds). On XLA:CPU, convolutions run on a thread pool: their events time the
+launch, not the work.
 """
 
 from __future__ import annotations

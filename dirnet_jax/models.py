@@ -58,8 +58,9 @@ OUTPUT_INIT = nn.initializers.normal(stddev=1e-5)
 BN_EPSILON = 1e-5
 
 # XLA:GPU puts runs of 5 or more kernels into a CUDA graph by default and launches the
-# rest one by one; from one kernel up, a 256² pair took 0.19 ms on an H200 against 0.31
-# (batch 512 and training unchanged; benchmarks/NOTES.md). Other backends ignore it.
+# rest one by one. From one kernel up, a 256² pair took 0.19 ms on an H200 against 0.31
+# (as XLA_FLAGS; compiled in here, 0.25 against 0.30 in another run; batch 512 and
+# training unchanged; benchmarks/NOTES.md). Other backends ignore it.
 INFER_COMPILER_OPTIONS = {"xla_gpu_graph_min_graph_size": 1}
 
 
