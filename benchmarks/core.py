@@ -36,6 +36,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -233,6 +234,12 @@ register_default_graphs = jax.jit(
 )  # fmt: skip
 
 
+def in_swap(name: str, value, bench, *args, **kwargs) -> None:
+    """bench(*args, **kwargs) with `models.<name>` swapped for `value`."""
+    with swapped(name, value):
+        bench(*args, **kwargs)
+
+
 def bench_jax(table: Table, name: str, config: DIRNetConfig, pairs, batches, repeats: int) -> None:
     bench_register(table, name, config, pairs, batches, repeats)
     bench_train(table, name, config, pairs, repeats)
@@ -395,27 +402,38 @@ def main(argv: list[str]) -> None:
 
     pairs = {size: timed_pairs(size, max(batches)) for size in bases}
 
-    def baselines(size):
+    def baseline_blocks(size: int) -> list[tuple[str, Callable[[], None]]]:
+        """The baseline, on a GPU its A/B rows, then PyTorch: (label, run) each."""
         base, p, r = bases[size], pairs[size], repeats(size)
-        bench_jax(table, "baseline", base, p, batches, r)
-        if on_gpu:  # bfloat16 activations: for accelerators (slower on a CPU)
-            bench_jax(table, "baseline-bf16", base.replace(compute_dtype="bfloat16"), p, batches, r)
-            # Plain layers: what folding BatchNorm and the fused first layer buy there.
-            bench_register(table, "baseline-unfolded", base, p, batches, r, fn=register_unfolded)
-            with swapped("conv_elu_pool2", conv_then_elu_pool2):  # the fused first layer
-                bench_register(table, "baseline-xlafirst", base.replace(seed=2), p, batches, r)
-            bench_register(table, "baseline-graphs5", base, p, (1,), r,
-                           fn=register_default_graphs)  # fmt: skip
-            with swapped("TapConv", xla_conv):  # and what `conv_taps` buys in training
-                bench_train(table, "baseline-xlaconv", base.replace(seed=1), p, r)
-            with swapped("conv_taps", conv_taps_gemm_grad):  # its kernel gradient as a GEMM
-                bench_train(table, "baseline-gemmgrad", base.replace(seed=3), p, r)
-        bench_torch(table, base, p, r)
+        rows = [("baseline", lambda: bench_jax(table, "baseline", base, p, batches, r))]
+        if on_gpu:  # bfloat16 activations are for accelerators (slower on a CPU)
+            bf16 = base.replace(compute_dtype="bfloat16")
+            rows += [
+                ("baseline-bf16", lambda: bench_jax(table, "baseline-bf16", bf16, p, batches, r)),
+                # Plain layers: what folding BatchNorm and the fused first layer buy.
+                ("baseline-unfolded", lambda: bench_register(
+                    table, "baseline-unfolded", base, p, batches, r, fn=register_unfolded)),
+                # The first layer alone unfused (BatchNorm still folded).
+                ("baseline-xlafirst", lambda: in_swap(
+                    "conv_elu_pool2", conv_then_elu_pool2, bench_register,
+                    table, "baseline-xlafirst", base.replace(seed=2), p, batches, r)),
+                # What INFER_COMPILER_OPTIONS buys.
+                ("baseline-graphs5", lambda: bench_register(
+                    table, "baseline-graphs5", base, p, (1,), r, fn=register_default_graphs)),
+                # What `conv_taps` buys in training, and its kernel gradient as a GEMM.
+                ("baseline-xlaconv", lambda: in_swap(
+                    "TapConv", xla_conv, bench_train,
+                    table, "baseline-xlaconv", base.replace(seed=1), p, r)),
+                ("baseline-gemmgrad", lambda: in_swap(
+                    "conv_taps", conv_taps_gemm_grad, bench_train,
+                    table, "baseline-gemmgrad", base.replace(seed=3), p, r)),
+            ]  # fmt: skip
+        rows.append(("PyTorch", lambda: bench_torch(table, base, p, r)))
+        return [(f"{label} {size}²", run) for label, run in rows]
 
     # The baselines and their PyTorch twins first, so that a run cut short by a time limit
     # still has every comparison; then the other variants.
-    blocks = [(f"baseline {size}²", functools.partial(baselines, size))
-              for size in bases if "baseline" in names]  # fmt: skip
+    blocks = [block for size in bases if "baseline" in names for block in baseline_blocks(size)]
     for name in [n for n in names if n != "baseline"]:
         for size, base in bases.items():
             config = variant(name, base)
@@ -425,12 +443,17 @@ def main(argv: list[str]) -> None:
         blocks.append(
             ("SimpleElastix", lambda: bench_elastix(table, pairs[256], 3 if quick else 8))
         )
-    skipped = []
+    skipped, failed = [], []
     for label, block in blocks:
         if time.monotonic() > end:
             skipped.append(label)
             continue
-        block()
+        try:
+            block()
+        except Exception as err:  # a row one backend cannot run: say so, and go on
+            first_line = next(iter(str(err).splitlines()), "")
+            failed.append(f"{label}: {type(err).__name__}: {first_line}")
+            print(f"failed: {failed[-1]}", file=sys.stderr, flush=True)
         save()
     save()
     order = {"jax": 0, "torch": 1, "elastix": 2}
@@ -457,6 +480,8 @@ def main(argv: list[str]) -> None:
     print("vs jax: how many times faster the JAX row of the same measure is.")
     if skipped:
         print(f"not run, the --seconds budget was spent: {', '.join(skipped)}")
+    for line in failed:
+        print(f"failed: {line}")
     print(f"\nwritten to {out}")
 
 

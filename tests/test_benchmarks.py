@@ -122,12 +122,32 @@ def test_core_keeps_to_its_time_budget_and_prints_the_table(tmp_path, capsys):
     out = tmp_path / "core.json"
     core.main(["--quick", "--seconds=0.001", f"--out={out}"])
     printed = capsys.readouterr().out
-    assert "not run, the --seconds budget was spent: baseline 256², baseline 28²" in printed
+    assert (
+        "not run, the --seconds budget was spent: baseline 256², PyTorch 256², baseline 28², "
+        "PyTorch 28², SimpleElastix\n"
+    ) in printed
     assert "impl    variant" in printed
     assert json.loads(out.read_text())["rows"] == []
     core.main(["--variants=B1,C2", "--seconds=0.001", f"--out={out}"])
     printed = capsys.readouterr().out
     assert "budget was spent: B1 256², B1 28², C2 256², C2 28²\n" in printed
+
+
+def test_core_reports_a_row_that_fails_and_goes_on(tmp_path, monkeypatch, capsys):
+    def fails_at_256(table, name, config, *args):
+        if config.image_shape[0] == 256:
+            raise RuntimeError("UNIMPLEMENTED: not on this backend\nmore detail")
+        table.add("jax", name, 28, "register, batch 1", 0.1, 1e-3, 1, "pairs/s")
+
+    monkeypatch.setattr(core, "bench_jax", fails_at_256)
+    monkeypatch.setattr(core, "bench_torch", lambda *args: None)
+    monkeypatch.setattr(core, "bench_elastix", lambda *args, **kwargs: None)
+    out = tmp_path / "core.json"
+    core.main(["--quick", f"--out={out}"])
+    captured = capsys.readouterr()
+    line = "failed: baseline 256²: RuntimeError: UNIMPLEMENTED: not on this backend\n"
+    assert captured.err == line and captured.out.endswith(line + f"\nwritten to {out}\n")
+    assert [r["size"] for r in json.loads(out.read_text())["rows"]] == [28]
 
 
 @pytest.mark.parametrize(
