@@ -455,7 +455,8 @@ def main(argv: list[str]) -> None:
             failed.append(f"{label}: {type(err).__name__}: {first_line}")
             print(f"failed: {failed[-1]}", file=sys.stderr, flush=True)
         save()
-    save()
+    if len(skipped) == len(blocks):  # no block ran, so none wrote it
+        save()
     order = {"jax": 0, "torch": 1, "elastix": 2}
     table.rows.sort(key=lambda r: (-r["size"], order[r["impl"]]))  # stable: variants in order
 

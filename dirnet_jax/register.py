@@ -475,7 +475,8 @@ def main(args) -> int:
         if r["notes"]:
             print(f"  note: {r['notes']}")
     if args.pairs:
-        write_summary(summary, records)  # also when there were none
+        if not rows:  # every row was bad, so no group wrote it
+            write_summary(summary, records)
         print(f"summary: {summary}")
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
