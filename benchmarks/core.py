@@ -5,6 +5,7 @@
     python -m benchmarks.core --out=FILE.json # elsewhere than benchmarks/results/
     python -m benchmarks.core --seconds=280   # start no variant after 280 s; print the table
     python -m benchmarks.core --variants=B2,C1  # these only (no baseline rows, no ratios)
+    python -m benchmarks.core --sizes=256     # one image size (default 256,28)
 
 Rows, all on this machine in one run: for each variant at 256×256 (four downsamplings, the
 cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registration pairs/s
@@ -181,15 +182,21 @@ def xla_conv(features: int, **kwargs) -> nn.Module:
     return nn.Conv(features, (3, 3), **kwargs)
 
 
-def conv_then_elu_pool2(x, kernel, bias, downsampling: str) -> jax.Array:
-    """`models.conv_elu_pool2` as XLA's convolution, then ELU and pooling, for
-    `swapped("conv_elu_pool2", conv_then_elu_pool2)`: inference's first layer unfused."""
+def xla_first_layer(x, kernel, bias, downsampling: str, dtype) -> jax.Array:
+    """`models.fused_first_layer` as XLA's loop on every backend, for
+    `swapped("fused_first_layer", xla_first_layer)`: what the Triton kernel buys."""
+    return models.conv_elu_pool2(x, kernel, bias, downsampling).astype(dtype)
+
+
+def unfused_first_layer(x, kernel, bias, downsampling: str, dtype) -> jax.Array:
+    """`models.fused_first_layer` as XLA's convolution, then ELU and pooling, for
+    `swapped("fused_first_layer", unfused_first_layer)`: inference's first layer unfused."""
     y = jax.lax.conv_general_dilated(
         x.astype(jnp.float32), kernel.astype(jnp.float32), (1, 1), "SAME",
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )  # fmt: skip
     y = models.elu_unguarded(y + bias.astype(jnp.float32))
-    return models.pool2(y, jnp.mean if downsampling == "avg" else jnp.max)
+    return models.pool2(y, jnp.mean if downsampling == "avg" else jnp.max).astype(dtype)
 
 
 def _patches(x: jax.Array, k: int) -> jax.Array:
@@ -354,8 +361,9 @@ def bench_elastix(table: Table, pairs, count: int) -> None:
 
 def parse(argv: list[str]) -> tuple[bool, dict[str, str]]:
     """(--quick given, {'out': path or '', 'seconds': budget, 'min_seconds': per measure,
-    'variants': comma-separated names or ''})."""
-    opts, quick = {"out": "", "seconds": "inf", "min_seconds": "", "variants": ""}, False
+    'variants': comma-separated names or '', 'sizes': comma-separated 256 and/or 28})."""
+    opts = {"out": "", "seconds": "inf", "min_seconds": "", "variants": "", "sizes": "256,28"}
+    quick = False
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
         if arg == "--quick":
@@ -375,6 +383,8 @@ def parse(argv: list[str]) -> tuple[bool, dict[str, str]]:
     if unknown:
         sys.exit(f"error: --variants: no variant {', '.join(sorted(unknown))}; "
                  f"known: {','.join(PAPER_VARIANTS)}")  # fmt: skip
+    if not opts["sizes"] or set(opts["sizes"].split(",")) - {"256", "28"}:
+        sys.exit(f"error: --sizes is 256, 28 or both, not {opts['sizes']!r}")
     return quick, opts
 
 
@@ -394,7 +404,7 @@ def main(argv: list[str]) -> None:
             out, json.dumps({"machine": machine.describe(), "rows": table.rows}, indent=2)
         )
 
-    bases = {size: base_config(size) for size in (256, 28)}
+    bases = {size: base_config(size) for size in (256, 28) if str(size) in opts["sizes"].split(",")}
     batches = (1, 32, 512) if on_gpu else (1, 32)
 
     def repeats(size):
@@ -408,25 +418,30 @@ def main(argv: list[str]) -> None:
         rows = [("baseline", lambda: bench_jax(table, "baseline", base, p, batches, r))]
         if on_gpu:  # bfloat16 activations are for accelerators (slower on a CPU)
             bf16 = base.replace(compute_dtype="bfloat16")
-            rows += [
+            rows += [  # the rows no GPU has measured yet first
+                # The first layer as XLA's loop instead of the Triton kernel.
+                ("baseline-xlaloop", lambda: in_swap(
+                    "fused_first_layer", xla_first_layer, bench_register,
+                    table, "baseline-xlaloop", base.replace(seed=4), p, batches, r)),
+                # What INFER_COMPILER_OPTIONS buys.
+                ("baseline-graphs5", lambda: bench_register(
+                    table, "baseline-graphs5", base, p, (1,), r, fn=register_default_graphs)),
+                # Training with `conv_taps`'s kernel gradient as one matrix product.
+                ("baseline-gemmgrad", lambda: in_swap(
+                    "conv_taps", conv_taps_gemm_grad, bench_train,
+                    table, "baseline-gemmgrad", base.replace(seed=3), p, r)),
+                # The first layer unfused (BatchNorm still folded).
+                ("baseline-xlafirst", lambda: in_swap(
+                    "fused_first_layer", unfused_first_layer, bench_register,
+                    table, "baseline-xlafirst", base.replace(seed=2), p, batches, r)),
                 ("baseline-bf16", lambda: bench_jax(table, "baseline-bf16", bf16, p, batches, r)),
                 # Plain layers: what folding BatchNorm and the fused first layer buy.
                 ("baseline-unfolded", lambda: bench_register(
                     table, "baseline-unfolded", base, p, batches, r, fn=register_unfolded)),
-                # The first layer alone unfused (BatchNorm still folded).
-                ("baseline-xlafirst", lambda: in_swap(
-                    "conv_elu_pool2", conv_then_elu_pool2, bench_register,
-                    table, "baseline-xlafirst", base.replace(seed=2), p, batches, r)),
-                # What INFER_COMPILER_OPTIONS buys.
-                ("baseline-graphs5", lambda: bench_register(
-                    table, "baseline-graphs5", base, p, (1,), r, fn=register_default_graphs)),
-                # What `conv_taps` buys in training, and its kernel gradient as a GEMM.
+                # What `conv_taps` buys in training.
                 ("baseline-xlaconv", lambda: in_swap(
                     "TapConv", xla_conv, bench_train,
                     table, "baseline-xlaconv", base.replace(seed=1), p, r)),
-                ("baseline-gemmgrad", lambda: in_swap(
-                    "conv_taps", conv_taps_gemm_grad, bench_train,
-                    table, "baseline-gemmgrad", base.replace(seed=3), p, r)),
             ]  # fmt: skip
         rows.append(("PyTorch", lambda: bench_torch(table, base, p, r)))
         return [(f"{label} {size}²", run) for label, run in rows]
@@ -439,7 +454,7 @@ def main(argv: list[str]) -> None:
             config = variant(name, base)
             blocks.append((f"{name} {size}²", functools.partial(
                 bench_jax, table, name, config, pairs[size], batches, repeats(size))))  # fmt: skip
-    if "baseline" in names:
+    if "baseline" in names and 256 in bases:
         blocks.append(
             ("SimpleElastix", lambda: bench_elastix(table, pairs[256], 3 if quick else 8))
         )

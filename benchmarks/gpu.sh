@@ -4,6 +4,8 @@
 # computed on a CPU machine afterwards). Steps, each under its own time limit (seconds):
 #
 #   bash benchmarks/gpu.sh tests     # versions; the model and kernel tests on the GPU (60)
+#   bash benchmarks/gpu.sh kernel    # the first layer alone: the Triton kernel in several
+#                                    # shapes against XLA (benchmarks/first_layer.py) (120)
 #   bash benchmarks/gpu.sh bench     # the benchmark table: baselines (float32, bf16 and
 #                                    # the A/B rows) and PyTorch at both sizes first, then
 #                                    # the variants while the budget lasts (240); the rest
@@ -14,9 +16,11 @@
 #                                    # CUDA graphs off; no Triton GEMMs; cuDNN runtime fusion
 #                                    # (conv + bias + ELU); graphs around loops, from one op (120)
 #   bash benchmarks/gpu.sh train     # cardiac experiment, paper settings, every variant (300)
-#   bash benchmarks/gpu.sh all       # tests, bench, profile, flags (~8.5 min; train is done)
+#   bash benchmarks/gpu.sh all       # tests, kernel, bench, profile, flags (~10 min; train
+#                                    # is done)
 #
-# Limits: TESTS_SECONDS, BENCH_SECONDS, PROFILE_SECONDS, FLAGS_SECONDS, TRAIN_SECONDS.
+# Limits: TESTS_SECONDS, KERNEL_SECONDS, BENCH_SECONDS, PROFILE_SECONDS, FLAGS_SECONDS,
+# TRAIN_SECONDS. BENCH_ARGS: more arguments for benchmarks.core (--sizes=256, say).
 # Logs and results go to $OUT (default benchmarks/results/gpu). After `train`, unpack
 # $OUT/sunnybrook-paper.tar.gz into runs/ on a machine with the full install and run
 #   python -m experiments.sunnybrook --variant=C1 --workdir=runs/sunnybrook-paper
@@ -32,14 +36,14 @@ tests() {
   $py -c "import jax, flax, optax, orbax.checkpoint as ocp, torch
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__,
       'orbax', getattr(ocp, '__version__', '?'), 'torch', torch.__version__, jax.devices())"
-  # The numerics the GPU has not run yet first: the H100 passed every kernel test, the H200
-  # (30 tests in 60 s) the ELU ones and the model tests up to `register_batched`. One line
-  # per test (-v), so a run cut short by the limit still says which passed.
+  # The numerics the GPU has not run yet first (the Triton kernel; then what the H200's
+  # 60 s did not reach). One line per test (-v), so a run cut short still says which passed.
   # Full float32 convolutions and products, as on the CPU the tolerances were set on (the
   # GPU's default is TF32-like; the timings below use the default).
   local m=tests/test_models.py
   JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TESTS_SECONDS:-60}" \
-    $py -m pytest -v -p no:cacheprovider $m::test_folded_batchnorm_gives_the_same_grid \
+    $py -m pytest -v -p no:cacheprovider tests/test_first_layer.py \
+    $m::test_folded_batchnorm_gives_the_same_grid \
     $m::test_fused_first_layer_is_conv_elu_pool $m::test_conv_taps_is_a_zero_padded_correlation \
     $m::test_conv_taps_gradients_are_the_convolutions $m::test_training_computes_the_first_conv_by_taps \
     $m::test_bfloat16_activations_register_within_bfloat16_precision tests/test_batchnorm.py \
@@ -60,9 +64,15 @@ train() {
   tar -czf "$OUT/sunnybrook-paper.tar.gz" -C /tmp sunnybrook-paper
 }
 
+kernel() {
+  timeout "${KERNEL_SECONDS:-120}" $py -m benchmarks.first_layer \
+    --out="$OUT/first_layer_gpu.json" 2>&1 | tee "$OUT/first_layer_gpu.log"
+}
+
 bench() {  # no variant starts after the budget; a block takes ~30 s; timeout is a backstop
   local budget=${BENCH_SECONDS:-240}
-  timeout $((budget + 40)) $py -m benchmarks.core --seconds=$((budget - 30)) \
+  # shellcheck disable=SC2086  # BENCH_ARGS holds several arguments
+  timeout $((budget + 40)) $py -m benchmarks.core --seconds=$((budget - 30)) ${BENCH_ARGS:-} \
     --out="$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
 }
 
@@ -85,10 +95,10 @@ profile() {
 }
 
 case "${1:-all}" in
-tests | bench | profile | flags | train) "$1" ;;
-all) tests; bench; profile; flags ;;
+tests | kernel | bench | profile | flags | train) "$1" ;;
+all) tests; kernel; bench; profile; flags ;;
 *)
-  echo "usage: bash benchmarks/gpu.sh tests|bench|profile|flags|train|all" >&2
+  echo "usage: bash benchmarks/gpu.sh tests|kernel|bench|profile|flags|train|all" >&2
   exit 2
   ;;
 esac

@@ -20,9 +20,9 @@ The output layer starts at (nearly) zero, so an untrained DIRNet is (nearly) the
 
 Inference computes the same function faster: BatchNorm's running averages folded into the
 layers (`fold_batchnorm`), and the first conv, its ELU and the pooling after it as one
-elementwise loop (`conv_elu_pool2`). Training, and inference where no fused layer takes it
-(A2), compute the first conv (two input channels) as sums of products of shifted slices
-(`conv_taps`).
+elementwise loop (`conv_elu_pool2`; on CUDA GPUs a Triton kernel, `dirnet_jax.first_layer`).
+Training, and inference where no fused layer takes it (A2), compute the first conv (two
+input channels) as sums of products of shifted slices (`conv_taps`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dirnet_jax import first_layer
 from dirnet_jax.batchnorm import BatchNorm
 from dirnet_jax.bspline import cubic_bspline_field, quadratic_bspline_field
 from dirnet_jax.config import DIRNetConfig
@@ -177,8 +178,25 @@ def conv_elu_pool2(
     raise ValueError(f"conv_elu_pool2 pools by avg or max, not {downsampling!r}")
 
 
+def fused_first_layer(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, downsampling: str, dtype: Any
+) -> jax.Array:
+    """`conv_elu_pool2` in `dtype`: on CUDA GPUs the Triton kernel of
+    :mod:`dirnet_jax.first_layer` where it takes the shape, XLA's loop elsewhere."""
+
+    def xla(x, kernel, bias):
+        return conv_elu_pool2(x, kernel, bias, downsampling).astype(dtype)
+
+    if not first_layer.applies(x.shape, kernel.shape[-1], downsampling):
+        return xla(x, kernel, bias)
+    gpu = functools.partial(
+        first_layer.conv_elu_pool2_gpu, downsampling=downsampling, out_dtype=dtype
+    )
+    return jax.lax.platform_dependent(x, kernel, bias, cuda=gpu, default=xla)
+
+
 class ConvELUPool(nn.Module):
-    """A folded 3×3 conv layer and the pooling after it as `conv_elu_pool2`, with the
+    """A folded 3×3 conv layer and the pooling after it as `fused_first_layer`, with the
     parameters of the nn.Conv it stands for ('kernel', 'bias')."""
 
     features: int
@@ -190,7 +208,7 @@ class ConvELUPool(nn.Module):
         shape = (3,) * (x.ndim - 2) + (x.shape[-1], self.features)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return conv_elu_pool2(x, kernel, bias, self.downsampling).astype(self.dtype or x.dtype)
+        return fused_first_layer(x, kernel, bias, self.downsampling, self.dtype or x.dtype)
 
 
 class TapConv(nn.Module):

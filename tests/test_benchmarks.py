@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import core, flags, profile
+from benchmarks import core, first_layer, flags, profile
 from dirnet_jax import DIRNetConfig, init_variables, models, variant
 from dirnet_jax.models import Regressor, register
 
@@ -131,6 +131,20 @@ def test_core_keeps_to_its_time_budget_and_prints_the_table(tmp_path, capsys):
     core.main(["--variants=B1,C2", "--seconds=0.001", f"--out={out}"])
     printed = capsys.readouterr().out
     assert "budget was spent: B1 256², B1 28², C2 256², C2 28²\n" in printed
+    core.main(["--variants=B1", "--sizes=28", "--seconds=1e-9", f"--out={out}"])
+    assert "budget was spent: B1 28²\n" in capsys.readouterr().out
+
+
+def test_first_layer_benchmark_times_the_kernel_against_xla(tmp_path, capsys):
+    out = tmp_path / "first_layer.json"
+    first_layer.main(["--size=32", "--batch=2", "--min_seconds=0.01", f"--out={out}"])
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {"xla loop", "xla unfused", "triton rows=1 warps=4", "copy"} <= set(rows)
+    # Every real implementation computes the layer; the one without expm1 must not.
+    for name in ("xla unfused", "triton rows=1 warps=4"):
+        assert rows[name]["max_abs_diff"] < 1e-5
+    assert rows["triton rows=1 warps=4, no expm1"]["max_abs_diff"] > 0.1
+    assert "first layer, 32², batch 2" in capsys.readouterr().out
 
 
 def test_core_reports_a_row_that_fails_and_goes_on(tmp_path, monkeypatch, capsys):
@@ -151,7 +165,8 @@ def test_core_reports_a_row_that_fails_and_goes_on(tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.parametrize(
-    "arg", ["--bad=1", "--quick=1", "--seconds=0", "--min_seconds=x", "--variants=A1,Z9"]
+    "arg",
+    ["--bad=1", "--quick=1", "--seconds=0", "--min_seconds=x", "--variants=A1,Z9", "--sizes=64"],
 )
 def test_core_rejects_bad_arguments(arg):
     with pytest.raises(SystemExit, match="error: "):
@@ -181,11 +196,13 @@ def test_the_unfused_first_layer_and_default_graphs_register_alike(name):
         )
 
     fused_convolutions = convolutions(config)
-    with core.swapped("conv_elu_pool2", core.conv_then_elu_pool2):
+    with core.swapped("fused_first_layer", core.unfused_first_layer):
         unfused = register(config.replace(seed=2), variables, fixed, moving)
         assert convolutions(config.replace(seed=3)) == fused_convolutions + 1
+    with core.swapped("fused_first_layer", core.xla_first_layer):
+        xla_loop = register(config.replace(seed=4), variables, fixed, moving)
     graphs5 = core.register_default_graphs(config, variables, fixed, moving)
-    for other in (unfused, graphs5):
+    for other in (unfused, xla_loop, graphs5):
         np.testing.assert_allclose(other.grid, fused.grid, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(other.warped, fused.warped, rtol=1e-5, atol=1e-5)
 

@@ -1,0 +1,97 @@
+"""Inference's first layer alone (3×3 conv 2 → 16, ELU, 2×2 pooling): the Triton kernel of
+dirnet_jax.first_layer in several shapes against XLA's loop and XLA's unfused layer.
+
+    python -m benchmarks.first_layer                    # 256², batch 512 (GPU)
+    python -m benchmarks.first_layer --size=64 --batch=2 --min_seconds=0.1  # a CPU smoke run
+
+Rows: each implementation's median time per call, the bandwidth that time implies for
+the bytes a perfect kernel moves (both images read once, the pooled output written once),
+and the largest difference from XLA's loop. "no expm1" leaves ELU's expm1 out (wrong
+values, on purpose) to show what it costs; "copy" reads and writes the input once (its own
+bytes), the bandwidth ceiling. Off a GPU the Triton rows run in Pallas' interpreter (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import core
+from dirnet_jax import first_layer, machine, models
+from dirnet_jax.workdir import atomic_write_text
+
+FLAGS = {"size": "256", "batch": "512", "min_seconds": "", "out": ""}
+SHAPES = [(1, 4), (2, 4), (4, 4), (1, 8), (2, 8), (4, 8), (1, 2)]  # (rows, warps)
+
+
+def parse(argv: list[str]) -> dict[str, str]:
+    opts = dict(FLAGS)
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in opts or not value:
+            sys.exit(f"error: bad argument {arg!r}; known: " + " ".join(f"--{k}=" for k in opts))
+        opts[key] = value
+    return opts
+
+
+def main(argv: list[str]) -> None:
+    opts = parse(argv)
+    out = core.output_path(opts["out"], "first_layer")
+    size, batch = int(opts["size"]), int(opts["batch"])
+    on_gpu = jax.default_backend() == "gpu"
+    core.MIN_SECONDS = float(opts["min_seconds"] or 0.5)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, size, size, 2)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 16)) * 0.5, jnp.float32)
+    bias = jnp.asarray(rng.normal(size=16) * 0.3, jnp.float32)
+    moved = (x.size + batch * (size // 2) ** 2 * 16) * 4  # bytes a perfect kernel moves
+
+    def triton(rows, warps, expm1=jnp.expm1):
+        return jax.jit(
+            lambda x, k, b: first_layer.kernel_call(
+                x, k, b, "avg", jnp.float32, rows, warps, not on_gpu, expm1
+            )
+        )
+
+    impls = {
+        "xla loop": jax.jit(lambda x, k, b: models.conv_elu_pool2(x, k, b, "avg")),
+        "xla unfused": jax.jit(
+            lambda x, k, b: core.unfused_first_layer(x, k, b, "avg", jnp.float32)
+        ),
+    }
+    for rows, warps in SHAPES if on_gpu else SHAPES[:1]:
+        impls[f"triton rows={rows} warps={warps}"] = triton(rows, warps)
+    impls["triton rows=1 warps=4, no expm1"] = triton(1, 4, expm1=lambda y: y)
+    reference = impls["xla loop"](x, kernel, bias)
+    impls["copy"] = jax.jit(lambda x, k, b: x * 2)  # reads and writes the input's bytes
+    rows = []
+    for name, fn in impls.items():
+        try:
+            first, sec = core.timed(lambda fn=fn: fn(x, kernel, bias), 10)
+            got = fn(x, kernel, bias)
+            diff = float(jnp.max(jnp.abs(got - reference))) if name != "copy" else 0.0
+            nbytes = 2 * x.nbytes if name == "copy" else moved
+        except Exception as err:  # a shape Triton refuses: say so and go on
+            print(f"failed: {name}: {type(err).__name__}: {str(err).splitlines()[0]}")
+            continue
+        rows.append(dict(impl=name, median_ms=sec * 1e3, gb_per_s=nbytes / sec / 1e9,
+                         first_call_s=first, max_abs_diff=diff))  # fmt: skip
+        print(f"{name:34} {sec * 1e3:9.3f} ms {nbytes / sec / 1e9:8.0f} GB/s  "
+              f"first {first:6.2f} s  max |Δ| {diff:.2e}", flush=True)  # fmt: skip
+    device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+    print(f"first layer, {size}², batch {batch}, on {device}; GB/s of {moved / 1e9:.2f} GB")
+    atomic_write_text(
+        out,
+        json.dumps(
+            {"machine": machine.describe(), "size": size, "batch": batch, "rows": rows}, indent=2
+        ),
+    )
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

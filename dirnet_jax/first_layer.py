@@ -1,0 +1,136 @@
+"""Inference's first layer, ``pool2(elu(conv3×3(x) + bias))``, as one GPU kernel (Pallas,
+Triton backend): it reads the images once and writes only the pooled activations.
+
+On an H200 (256², batch 512) XLA's own fusion of the same layer (`models.conv_elu_pool2`)
+took 1.6 ms of a 4.6 ms call, plus 0.35 ms for the strided slices it reads: about 4× what
+its arithmetic needs (benchmarks/NOTES.md). This kernel does the same sums in the same
+order, in float32.
+
+Layout trick: the images are zero-padded by 2 and reshaped to
+``[B, H/2 + 2, 2, W/2 + 2, 2, C]`` (row pair, row parity, column pair, column parity,
+channel), a free reshape. Pooled pixel (r, c) reads the 4×4 input window at rows
+2r − 1 … 2r + 2, that is padded rows 2r + 1 … 2r + 4 = pair r + (1 + u) // 2, parity
+(1 + u) % 2 for u = 0 … 3, and likewise for columns: every load is a slice of whole
+pairs, with no edge to mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Pooled rows and warps per Triton program (benchmarks/first_layer.py times others).
+ROWS, WARPS = 1, 4
+
+
+def applies(
+    x_shape: tuple[int, ...], features: int, downsampling: str, rows_per_program: int = ROWS
+) -> bool:
+    """Whether `conv_elu_pool2_gpu` takes a first layer of this shape: 2-D images whose
+    half width and feature count are powers of two (Triton's block shapes), avg or max
+    pooling. ``DIRNET_FIRST_LAYER=xla`` in the environment turns it off."""
+    if os.environ.get("DIRNET_FIRST_LAYER", "") == "xla" or len(x_shape) != 4:
+        return False
+    h, w = x_shape[1:3]
+    pow2 = lambda n: n >= 1 and n & (n - 1) == 0  # noqa: E731
+    return (
+        downsampling in ("avg", "max")
+        and h % 2 == 0
+        and w % 2 == 0
+        and pow2(w // 2)
+        and w // 2 >= 16
+        and pow2(features)
+        and (h // 2) % rows_per_program == 0
+    )
+
+
+def _kernel(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, pool, expm1):
+    """One program: pooled rows [r0, r0 + th) of one image pair, every column."""
+    pid = pl.program_id(0)
+    b, r0 = pid // (rows // th), (pid % (rows // th)) * th
+    acc = {}  # (a, b) position in the pooling window → conv output [th, tw, Cout]
+    for u in range(4):
+        for v in range(4):
+            for ch in range(cin):
+                xv = x_ref[
+                    b,
+                    pl.ds(r0 + (1 + u) // 2, th),
+                    (1 + u) % 2,
+                    pl.ds((1 + v) // 2, tw),
+                    (1 + v) % 2,
+                    pl.ds(ch, 1),
+                ]  # [th, tw, 1]
+                for a in range(2):
+                    for bb in range(2):
+                        dy, dx = u - a, v - bb
+                        if 0 <= dy < 3 and 0 <= dx < 3:
+                            term = xv * w_ref[dy, dx, ch, :][None, None, :]
+                            acc[a, bb] = term if (a, bb) not in acc else acc[a, bb] + term
+    bias = b_ref[:][None, None, :]
+    window = [acc[a, bb] + bias for a in range(2) for bb in range(2)]
+    window = [jnp.where(y > 0, y, expm1(y)) for y in window]
+    if pool == "avg":
+        out = (window[0] + window[1] + window[2] + window[3]) / 4
+    else:
+        out = jnp.maximum(jnp.maximum(window[0], window[1]), jnp.maximum(window[2], window[3]))
+    o_ref[b, pl.ds(r0, th), :, :] = out.astype(o_ref.dtype)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("downsampling", "out_dtype", "rows_per_program", "num_warps", "interpret"),
+)
+def conv_elu_pool2_gpu(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    downsampling: str,
+    out_dtype=jnp.float32,
+    rows_per_program: int = ROWS,
+    num_warps: int = WARPS,
+    interpret: bool = False,
+) -> jax.Array:
+    """`models.conv_elu_pool2` for 2-D images as one Triton kernel (see `applies`).
+
+    Args:
+      x: [B, H, W, Cin]; kernel: [3, 3, Cin, Cout]; bias: [Cout].
+      downsampling: "avg" or "max"; out_dtype: the output's dtype (sums in float32).
+      rows_per_program, num_warps: pooled rows and warps per Triton program.
+      interpret: run Pallas' interpreter (any backend: the tests on a CPU).
+
+    Returns:
+      [B, H/2, W/2, Cout].
+    """
+    return kernel_call(
+        x, kernel, bias, downsampling, out_dtype, rows_per_program, num_warps, interpret
+    )
+
+
+def kernel_call(
+    x, kernel, bias, downsampling, out_dtype, rows_per_program, num_warps, interpret,
+    expm1=jnp.expm1,
+):  # fmt: skip
+    """`conv_elu_pool2_gpu`, unjitted, with ELU's `expm1` replaceable (the benchmark of
+    benchmarks/first_layer.py times the kernel without it)."""
+    if not applies(x.shape, kernel.shape[-1], downsampling, rows_per_program):
+        raise ValueError(f"conv_elu_pool2_gpu does not take {x.shape} → {kernel.shape[-1]}")
+    batch, h, w, cin = x.shape
+    cout = kernel.shape[-1]
+    rows, tw, th = h // 2, w // 2, rows_per_program
+    padded = jnp.pad(x.astype(jnp.float32), [(0, 0), (2, 2), (2, 2), (0, 0)])
+    pairs = padded.reshape(batch, rows + 2, 2, tw + 2, 2, cin)
+    body = functools.partial(
+        _kernel, rows=rows, th=th, tw=tw, cin=cin, pool=downsampling, expm1=expm1
+    )
+    return pl.pallas_call(
+        body,
+        out_shape=jax.ShapeDtypeStruct((batch, rows, tw, cout), out_dtype),
+        grid=(batch * rows // th,),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+    )(pairs, kernel.astype(jnp.float32), bias.astype(jnp.float32))

@@ -1,0 +1,88 @@
+"""The first layer's Triton kernel: Pallas' interpreter on any backend, the compiled kernel
+on a CUDA GPU, both against XLA's convolution, ELU and pooling; and where models use it."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dirnet_jax import DIRNetConfig, first_layer, init_variables, models
+
+ON_GPU = jax.default_backend() == "gpu"  # else the kernel runs in Pallas' interpreter
+
+
+def reference(x, kernel, bias, downsampling):
+    """XLA's convolution at full float32 precision, flax's ELU and pooling."""
+    conv = jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )  # fmt: skip
+    pool = nn.avg_pool if downsampling == "avg" else nn.max_pool
+    return pool(nn.elu(conv + bias), (2, 2), strides=(2, 2))
+
+
+def random_layer(rng, shape, cout):
+    x = rng.normal(size=shape).astype(np.float32)
+    kernel = (rng.normal(size=(3, 3, shape[-1], cout)) * 0.7).astype(np.float32)
+    bias = (rng.normal(size=cout) * 0.5).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias)
+
+
+@pytest.mark.parametrize(
+    "shape,cout,downsampling,rows",
+    [((2, 32, 32, 2), 16, "avg", 1), ((3, 8, 64, 2), 16, "max", 2), ((1, 16, 32, 1), 8, "avg", 4)],
+)
+def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling, rows):
+    x, kernel, bias = random_layer(rng, shape, cout)
+    expected = reference(x, kernel, bias, downsampling)
+    got = first_layer.conv_elu_pool2_gpu(
+        x, kernel, bias, downsampling, rows_per_program=rows, interpret=not ON_GPU
+    )
+    assert got.shape == expected.shape and got.dtype == jnp.float32
+    # The edges matter most (the padding): expect both signs of ELU and values > 1 there.
+    assert float(jnp.abs(expected[:, 0]).max()) > 1 and float(expected.min()) < -0.2
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # The same sums in the same order as XLA's loop: closer to it than to the reference.
+    np.testing.assert_allclose(
+        got, models.conv_elu_pool2(x, kernel, bias, downsampling), rtol=3e-6, atol=3e-6
+    )
+
+
+def test_kernel_writes_bfloat16(rng):
+    x, kernel, bias = random_layer(rng, (2, 16, 32, 2), 16)
+    got = first_layer.conv_elu_pool2_gpu(
+        x, kernel, bias, "avg", out_dtype=jnp.bfloat16, interpret=not ON_GPU
+    )
+    assert got.dtype == jnp.bfloat16
+    expected = reference(x, kernel, bias, "avg")
+    np.testing.assert_allclose(got.astype(jnp.float32), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_applies_only_to_shapes_triton_takes(monkeypatch):
+    assert first_layer.applies((4, 256, 256, 2), 16, "avg")
+    assert first_layer.applies((1, 6, 32, 2), 16, "max")
+    assert not first_layer.applies((4, 28, 28, 2), 16, "avg")  # half width 14
+    assert not first_layer.applies((4, 256, 24, 2), 16, "avg")  # half width 12
+    assert not first_layer.applies((4, 64, 64, 2), 12, "avg")  # 12 features
+    assert not first_layer.applies((4, 64, 64, 2), 16, "strided")
+    assert not first_layer.applies((4, 16, 16, 16, 2), 16, "avg")  # 3-D
+    assert not first_layer.applies((4, 6, 64, 2), 16, "avg", rows_per_program=2)
+    monkeypatch.setenv("DIRNET_FIRST_LAYER", "xla")
+    assert not first_layer.applies((4, 256, 256, 2), 16, "avg")
+    with pytest.raises(ValueError, match="does not take"):
+        first_layer.conv_elu_pool2_gpu(
+            jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 16)), jnp.ones(16), "avg", interpret=True
+        )
+
+
+@pytest.mark.parametrize("size,uses", [(32, True), (28, False)])
+def test_register_lowers_the_kernel_for_cuda_only(size, uses):
+    # Lowering for CUDA runs the whole Pallas → Triton lowering (block shapes, ops) here.
+    config = DIRNetConfig(image_shape=(size, size), num_downsamplings=2)
+    variables = init_variables(config, jax.random.key(0))
+    pair = jnp.zeros((2, size, size, 1), jnp.float32)
+    traced = models.register.trace(config, variables, pair, pair)
+    cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert ("xla.gpu.triton" in cuda) == uses
+    assert "xla.gpu.triton" not in traced.lower(lowering_platforms=("cpu",)).as_text()
