@@ -12,16 +12,16 @@ cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registra
 at batch 1 and 32 (and 512 on a GPU), training steps/s at batch 32 (a step on a given
 batch; pair sampling and step in one dispatch; and several steps per dispatch as `fit` runs
 them: 4 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and
-memory per call. On a GPU also the baseline with bfloat16 activations, and the baseline's
-registration as plain layers (what folding BatchNorm and the fused first layer buy), with
-the first layer unfused (XLA's convolution, then ELU and pooling), with XLA:GPU's default
-CUDA-graph threshold (one pair), and its training with XLA's convolution as the first conv
-instead of `conv_taps`, and with `conv_taps`'s kernel gradient as one matrix product. Then
-the same baseline network in PyTorch eager (benchmarks/torch_dirnet.py, if torch is
-installed) and SimpleElastix per 256×256 pair with the paper's settings, as ratios to DIRNet; every
+memory per call. Each baseline is followed by the same network in PyTorch eager
+(benchmarks/torch_dirnet.py, if torch is installed), as ratios to DIRNet, and on a GPU by
+its A/B rows: registration with the first layer as XLA's loop instead of the Triton kernel,
+and unfused (XLA's convolution, then ELU and pooling), with XLA:GPU's default CUDA-graph
+threshold (one pair), as plain layers (what folding BatchNorm and the fused first layer
+buy), with bfloat16 activations; training with XLA's convolution as the first conv instead
+of `conv_taps`, and with `conv_taps`'s kernel gradient as one matrix product. Then the
+other variants, and SimpleElastix per 256×256 pair with the paper's settings. Every
 256×256 row times the same synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after
-warm-up, device work synchronised. Baselines
-and PyTorch first, then the other variants. Writes the table and the machine description
+warm-up, device work synchronised. Writes the table and the machine description
 to benchmarks/results/core-<host>.json after every variant (an interrupted run keeps its
 finished rows). Never fails on time: with `--seconds`, the blocks (a variant at one size)
 left when the budget is spent are listed as not run, and the table is printed.
@@ -413,9 +413,12 @@ def main(argv: list[str]) -> None:
     pairs = {size: timed_pairs(size, max(batches)) for size in bases}
 
     def baseline_blocks(size: int) -> list[tuple[str, Callable[[], None]]]:
-        """The baseline, on a GPU its A/B rows, then PyTorch: (label, run) each."""
+        """The baseline, PyTorch, then on a GPU the baseline's A/B rows: (label, run) each."""
         base, p, r = bases[size], pairs[size], repeats(size)
-        rows = [("baseline", lambda: bench_jax(table, "baseline", base, p, batches, r))]
+        rows = [
+            ("baseline", lambda: bench_jax(table, "baseline", base, p, batches, r)),
+            ("PyTorch", lambda: bench_torch(table, base, p, r)),
+        ]
         if on_gpu:  # bfloat16 activations are for accelerators (slower on a CPU)
             bf16 = base.replace(compute_dtype="bfloat16")
             rows += [  # the rows no GPU has measured yet first
@@ -443,11 +446,10 @@ def main(argv: list[str]) -> None:
                     "TapConv", xla_conv, bench_train,
                     table, "baseline-xlaconv", base.replace(seed=1), p, r)),
             ]  # fmt: skip
-        rows.append(("PyTorch", lambda: bench_torch(table, base, p, r)))
         return [(f"{label} {size}²", run) for label, run in rows]
 
-    # The baselines and their PyTorch twins first, so that a run cut short by a time limit
-    # still has every comparison; then the other variants.
+    # The baselines, their PyTorch twins and A/B rows first, so that a run cut short by a
+    # time limit still has every comparison; then the other variants.
     blocks = [block for size in bases if "baseline" in names for block in baseline_blocks(size)]
     for name in [n for n in names if n != "baseline"]:
         for size, base in bases.items():

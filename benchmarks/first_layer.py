@@ -6,9 +6,10 @@ dirnet_jax.first_layer in several shapes against XLA's loop and XLA's unfused la
 
 Rows: each implementation's median time per call, the bandwidth that time implies for
 the bytes a perfect kernel moves (both images read once, the pooled output written once),
-and the largest difference from XLA's loop. "no expm1" leaves ELU's expm1 out (wrong
-values, on purpose) to show what it costs; "copy" reads and writes the input once (its own
-bytes), the bandwidth ceiling. Off a GPU the Triton rows run in Pallas' interpreter (slow).
+and the largest difference from XLA's loop. Triton rows are named by the kernel's form,
+rows and warps per program, and ELU's expm1 ("exp": as exp − 1; "no expm1": left out, wrong
+values on purpose, to show what it costs). "copy" reads and writes the input once (its own
+bytes): the bandwidth ceiling. Off a GPU the Triton rows run in Pallas' interpreter.
 """
 
 from __future__ import annotations
@@ -25,7 +26,18 @@ from dirnet_jax import first_layer, machine, models
 from dirnet_jax.workdir import atomic_write_text
 
 FLAGS = {"size": "256", "batch": "512", "min_seconds": "", "out": ""}
-SHAPES = [(1, 4), (2, 4), (4, 4), (1, 8), (2, 8), (4, 8), (1, 2)]  # (rows, warps)
+# (form, rows, warps, expm1) of the Triton kernel: the default first.
+SHAPES = [
+    (first_layer.FORM, first_layer.ROWS, first_layer.WARPS, first_layer.EXPM1),
+    ("broadcast", 1, 8, "expm1"),
+    ("broadcast", 1, 16, "exp"),
+    ("scalar", 1, 4, "expm1"),
+    ("scalar", 1, 4, "exp"),
+    ("scalar", 1, 2, "exp"),
+    ("scalar", 1, 8, "exp"),
+    ("scalar", 2, 4, "exp"),
+    ("scalar", 2, 8, "exp"),
+]
 
 
 def parse(argv: list[str]) -> dict[str, str]:
@@ -50,10 +62,10 @@ def main(argv: list[str]) -> None:
     bias = jnp.asarray(rng.normal(size=16) * 0.3, jnp.float32)
     moved = (x.size + batch * (size // 2) ** 2 * 16) * 4  # bytes a perfect kernel moves
 
-    def triton(rows, warps, expm1=jnp.expm1):
+    def triton(form, rows, warps, expm1):
         return jax.jit(
             lambda x, k, b: first_layer.kernel_call(
-                x, k, b, "avg", jnp.float32, rows, warps, not on_gpu, expm1
+                x, k, b, "avg", jnp.float32, rows, warps, not on_gpu, form, expm1
             )
         )
 
@@ -63,9 +75,13 @@ def main(argv: list[str]) -> None:
             lambda x, k, b: core.unfused_first_layer(x, k, b, "avg", jnp.float32)
         ),
     }
-    for rows, warps in SHAPES if on_gpu else SHAPES[:1]:
-        impls[f"triton rows={rows} warps={warps}"] = triton(rows, warps)
-    impls["triton rows=1 warps=4, no expm1"] = triton(1, 4, expm1=lambda y: y)
+    for form, rows, warps, expm1 in SHAPES if on_gpu else SHAPES[:1] + SHAPES[4:5]:
+        name = f"triton {form} rows={rows} warps={warps} {expm1}"
+        impls[name] = triton(form, rows, warps, first_layer.EXPM1S[expm1])
+    form, rows, warps, _ = SHAPES[0]
+    impls[f"triton {form} rows={rows} warps={warps} no expm1"] = triton(
+        form, rows, warps, lambda y: y
+    )
     reference = impls["xla loop"](x, kernel, bias)
     impls["copy"] = jax.jit(lambda x, k, b: x * 2)  # reads and writes the input's bytes
     rows = []
@@ -80,7 +96,7 @@ def main(argv: list[str]) -> None:
             continue
         rows.append(dict(impl=name, median_ms=sec * 1e3, gb_per_s=nbytes / sec / 1e9,
                          first_call_s=first, max_abs_diff=diff))  # fmt: skip
-        print(f"{name:34} {sec * 1e3:9.3f} ms {nbytes / sec / 1e9:8.0f} GB/s  "
+        print(f"{name:44} {sec * 1e3:9.3f} ms {nbytes / sec / 1e9:8.0f} GB/s  "
               f"first {first:6.2f} s  max |Δ| {diff:.2e}", flush=True)  # fmt: skip
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
     print(f"first layer, {size}², batch {batch}, on {device}; GB/s of {moved / 1e9:.2f} GB")

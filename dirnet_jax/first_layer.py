@@ -1,10 +1,11 @@
 """Inference's first layer, ``pool2(elu(conv3×3(x) + bias))``, as one GPU kernel (Pallas,
 Triton backend): it reads the images once and writes only the pooled activations.
 
-On an H200 (256², batch 512) XLA's own fusion of the same layer (`models.conv_elu_pool2`)
-took 1.6 ms of a 4.6 ms call, plus 0.35 ms for the strided slices it reads: about 4× what
-its arithmetic needs (benchmarks/NOTES.md). This kernel does the same sums in the same
-order, in float32.
+On an H200 (256², batch 512; benchmarks/NOTES.md) XLA's own fusion of the same layer
+(`models.conv_elu_pool2`) took 1.6 ms, plus 0.35 ms for the strided slices it reads; this
+kernel takes 0.94 ms, and a whole `register` call 3.9 ms instead of 4.6. It does the same
+sums in the same order in float32, and computes ELU's expm1 as exp − 1 (`EXPM1`; within
+about 1.2e-7 of it, 0.3 ms less than libdevice's expm1).
 
 Layout trick: the images are zero-padded by 2 and reshaped to
 ``[B, H/2 + 2, 2, W/2 + 2, 2, C]`` (row pair, row parity, column pair, column parity,
@@ -24,8 +25,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# Pooled rows and warps per Triton program (benchmarks/first_layer.py times others).
-ROWS, WARPS = 1, 4
+# The kernel's form (`FORMS`), pooled rows and warps per Triton program, and ELU's expm1
+# (`EXPM1S`): the fastest of those benchmarks/first_layer.py timed on an H200.
+FORM, ROWS, WARPS, EXPM1 = "broadcast", 1, 8, "exp"
 
 
 def applies(
@@ -49,22 +51,37 @@ def applies(
     )
 
 
-def _kernel(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, pool, expm1):
-    """One program: pooled rows [r0, r0 + th) of one image pair, every column."""
+def _load(x_ref, b, r0, th, tw, u, v, ch):
+    """Input row 2r − 1 + u, column 2c − 1 + v, channel ch for pooled rows r0 … r0 + th and
+    every column c: [th, tw]."""
+    return x_ref[
+        b, pl.ds(r0 + (1 + u) // 2, th), (1 + u) % 2, pl.ds((1 + v) // 2, tw), (1 + v) % 2, ch
+    ]
+
+
+def _pool(window, pool, expm1):
+    """ELU of the four conv outputs of each pooling window, then their mean or max."""
+    window = [jnp.where(y > 0, y, expm1(y)) for y in window]
+    if pool == "avg":
+        return (window[0] + window[1] + window[2] + window[3]) / 4
+    return jnp.maximum(jnp.maximum(window[0], window[1]), jnp.maximum(window[2], window[3]))
+
+
+def _program(rows, th):
+    """(pair, first pooled row) of this program."""
     pid = pl.program_id(0)
-    b, r0 = pid // (rows // th), (pid % (rows // th)) * th
+    return pid // (rows // th), (pid % (rows // th)) * th
+
+
+def _kernel_broadcast(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, pool, expm1):
+    """Pooled rows [r0, r0 + th) of one pair as [th, tw, Cout] arrays: each input value
+    times a row of the kernel."""
+    b, r0 = _program(rows, th)
     acc = {}  # (a, b) position in the pooling window → conv output [th, tw, Cout]
     for u in range(4):
         for v in range(4):
             for ch in range(cin):
-                xv = x_ref[
-                    b,
-                    pl.ds(r0 + (1 + u) // 2, th),
-                    (1 + u) % 2,
-                    pl.ds((1 + v) // 2, tw),
-                    (1 + v) % 2,
-                    pl.ds(ch, 1),
-                ]  # [th, tw, 1]
+                xv = _load(x_ref, b, r0, th, tw, u, v, ch)[:, :, None]
                 for a in range(2):
                     for bb in range(2):
                         dy, dx = u - a, v - bb
@@ -73,12 +90,40 @@ def _kernel(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, pool, expm1):
                             acc[a, bb] = term if (a, bb) not in acc else acc[a, bb] + term
     bias = b_ref[:][None, None, :]
     window = [acc[a, bb] + bias for a in range(2) for bb in range(2)]
-    window = [jnp.where(y > 0, y, expm1(y)) for y in window]
-    if pool == "avg":
-        out = (window[0] + window[1] + window[2] + window[3]) / 4
-    else:
-        out = jnp.maximum(jnp.maximum(window[0], window[1]), jnp.maximum(window[2], window[3]))
-    o_ref[b, pl.ds(r0, th), :, :] = out.astype(o_ref.dtype)
+    o_ref[b, pl.ds(r0, th), :, :] = _pool(window, pool, expm1).astype(o_ref.dtype)
+
+
+def _kernel_scalar(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, pool, expm1):
+    """The same, one output channel at a time as [th, tw] arrays: input values times scalar
+    weights, stored channel by channel."""
+    b, r0 = _program(rows, th)
+    xs = {
+        (u, v, ch): _load(x_ref, b, r0, th, tw, u, v, ch)
+        for u in range(4)
+        for v in range(4)
+        for ch in range(cin)
+    }
+    for k in range(cout):
+        window = []
+        for a in range(2):
+            for bb in range(2):
+                acc = None
+                for dy in range(3):
+                    for dx in range(3):
+                        for ch in range(cin):
+                            term = xs[a + dy, bb + dx, ch] * w_ref[dy, dx, ch, k]
+                            acc = term if acc is None else acc + term
+                window.append(acc + b_ref[k])
+        o_ref[b, pl.ds(r0, th), :, k] = _pool(window, pool, expm1).astype(o_ref.dtype)
+
+
+def exp_minus_one(y: jax.Array) -> jax.Array:
+    """``exp(y) − 1``: expm1 within 1.2e-7 absolute for y ≤ 0 (ELU's branch), cheaper."""
+    return jnp.exp(y) - 1
+
+
+FORMS = {"broadcast": _kernel_broadcast, "scalar": _kernel_scalar}
+EXPM1S = {"expm1": jnp.expm1, "exp": exp_minus_one}
 
 
 @functools.partial(
@@ -113,10 +158,10 @@ def conv_elu_pool2_gpu(
 
 def kernel_call(
     x, kernel, bias, downsampling, out_dtype, rows_per_program, num_warps, interpret,
-    expm1=jnp.expm1,
+    form=FORM, expm1=EXPM1S[EXPM1],
 ):  # fmt: skip
-    """`conv_elu_pool2_gpu`, unjitted, with ELU's `expm1` replaceable (the benchmark of
-    benchmarks/first_layer.py times the kernel without it)."""
+    """`conv_elu_pool2_gpu`, unjitted, its `form` (a key of FORMS) and ELU's `expm1`
+    chosen by the caller (benchmarks/first_layer.py times them)."""
     if not applies(x.shape, kernel.shape[-1], downsampling, rows_per_program):
         raise ValueError(f"conv_elu_pool2_gpu does not take {x.shape} → {kernel.shape[-1]}")
     batch, h, w, cin = x.shape
@@ -125,7 +170,7 @@ def kernel_call(
     padded = jnp.pad(x.astype(jnp.float32), [(0, 0), (2, 2), (2, 2), (0, 0)])
     pairs = padded.reshape(batch, rows + 2, 2, tw + 2, 2, cin)
     body = functools.partial(
-        _kernel, rows=rows, th=th, tw=tw, cin=cin, pool=downsampling, expm1=expm1
+        FORMS[form], rows=rows, th=th, tw=tw, cin=cin, cout=cout, pool=downsampling, expm1=expm1
     )
     return pl.pallas_call(
         body,

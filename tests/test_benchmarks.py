@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import core, first_layer, flags, profile
+from benchmarks import core, first_layer, flags, one_pair, profile
 from dirnet_jax import DIRNetConfig, init_variables, models, variant
 from dirnet_jax.models import Regressor, register
 
@@ -139,11 +139,13 @@ def test_first_layer_benchmark_times_the_kernel_against_xla(tmp_path, capsys):
     out = tmp_path / "first_layer.json"
     first_layer.main(["--size=32", "--batch=2", "--min_seconds=0.01", f"--out={out}"])
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
-    assert {"xla loop", "xla unfused", "triton rows=1 warps=4", "copy"} <= set(rows)
+    default = "triton {} rows={} warps={}".format(*first_layer.SHAPES[0][:3])
+    expm1 = first_layer.SHAPES[0][3]
+    assert {"xla loop", "xla unfused", f"{default} {expm1}", "copy"} <= set(rows)
     # Every real implementation computes the layer; the one without expm1 must not.
-    for name in ("xla unfused", "triton rows=1 warps=4"):
+    for name in ("xla unfused", f"{default} {expm1}", "triton scalar rows=1 warps=4 exp"):
         assert rows[name]["max_abs_diff"] < 1e-5
-    assert rows["triton rows=1 warps=4, no expm1"]["max_abs_diff"] > 0.1
+    assert rows[f"{default} no expm1"]["max_abs_diff"] > 0.1
     assert "first layer, 32², batch 2" in capsys.readouterr().out
 
 
@@ -231,3 +233,20 @@ def test_gemm_kernel_gradient_is_the_convolution_gradient(rng):
     with core.swapped("conv_taps", core.conv_taps_gemm_grad):
         got = jax.grad(loss)(variables["params"], 3)
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), got, want)
+
+
+def test_one_pair_interleaves_register_and_its_twins(tmp_path, capsys):
+    out = tmp_path / "one_pair.json"
+    one_pair.main(["--size=28", "--rounds=2", "--calls=3", f"--out={out}"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == [
+        "register",
+        "XLA's first layer",
+        "CUDA graphs from 5 kernels",
+    ]
+    for r in rows:  # the median of all calls lies between the rounds' medians
+        assert 0 < r["round_min_ms"] <= r["median_ms"] <= r["round_max_ms"]
+    assert "one 28² pair, 2 rounds × 3 calls each" in capsys.readouterr().out
+    for arg in ("--size=64", "--rounds=0", "--calls=x", "--bad=1"):
+        with pytest.raises(SystemExit, match="error: "):
+            one_pair.main([arg])

@@ -49,6 +49,16 @@ def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling, rows):
     )
 
 
+@pytest.mark.parametrize("form", list(first_layer.FORMS))
+@pytest.mark.parametrize("expm1", list(first_layer.EXPM1S))
+def test_every_form_of_the_kernel_is_conv_elu_pool(rng, form, expm1):
+    x, kernel, bias = random_layer(rng, (2, 8, 32, 2), 16)
+    got = first_layer.kernel_call(
+        x, kernel, bias, "avg", jnp.float32, 2, 4, not ON_GPU, form, first_layer.EXPM1S[expm1]
+    )
+    np.testing.assert_allclose(got, reference(x, kernel, bias, "avg"), rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_writes_bfloat16(rng):
     x, kernel, bias = random_layer(rng, (2, 16, 32, 2), 16)
     got = first_layer.conv_elu_pool2_gpu(
