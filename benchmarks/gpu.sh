@@ -5,7 +5,10 @@
 #
 #   bash benchmarks/gpu.sh tests     # versions; the model and kernel tests on the GPU (60)
 #   bash benchmarks/gpu.sh kernel    # the first layer alone: the Triton kernel in several
-#                                    # shapes against XLA (benchmarks/first_layer.py) (120)
+#                                    # forms against XLA (benchmarks/first_layer.py), and
+#                                    # the compiled module's PTX in ptx.tar.gz (100)
+#   bash benchmarks/gpu.sh onepair   # one pair: register against its A/B twins, interleaved
+#                                    # (benchmarks/one_pair.py) (40)
 #   bash benchmarks/gpu.sh bench     # the benchmark table: baselines (float32, bf16 and
 #                                    # the A/B rows) and PyTorch at both sizes first, then
 #                                    # the variants while the budget lasts (240); the rest
@@ -16,12 +19,14 @@
 #                                    # CUDA graphs off; no Triton GEMMs; cuDNN runtime fusion
 #                                    # (conv + bias + ELU); graphs around loops, from one op (120)
 #   bash benchmarks/gpu.sh train     # cardiac experiment, paper settings, every variant (300)
-#   bash benchmarks/gpu.sh all       # tests, kernel, bench, profile, flags (~10 min; train
-#                                    # is done)
+#   bash benchmarks/gpu.sh all       # tests, kernel, onepair, bench, profile (~9 min; flags
+#                                    # and train have been measured)
 #
-# Limits: TESTS_SECONDS, KERNEL_SECONDS, BENCH_SECONDS, PROFILE_SECONDS, FLAGS_SECONDS,
-# TRAIN_SECONDS. BENCH_ARGS: more arguments for benchmarks.core (--sizes=256, say).
-# Logs and results go to $OUT (default benchmarks/results/gpu). After `train`, unpack
+# Limits: TESTS_SECONDS, KERNEL_SECONDS, ONEPAIR_SECONDS, BENCH_SECONDS, PROFILE_SECONDS,
+# FLAGS_SECONDS, TRAIN_SECONDS. BENCH_ARGS: more arguments for benchmarks.core (--sizes=256, say).
+# Results go to $OUT (default benchmarks/results/gpu): the tests' log, one JSON per tool,
+# every tool's printed table in gpu.log, compiled programs as .tar.gz (at most 8 files, what
+# a lease brings back). After `train`, unpack
 # $OUT/sunnybrook-paper.tar.gz into runs/ on a machine with the full install and run
 #   python -m experiments.sunnybrook --variant=C1 --workdir=runs/sunnybrook-paper
 # there: the trained variants are reused and the SimpleElastix row is added.
@@ -65,21 +70,35 @@ train() {
 }
 
 kernel() {
-  timeout "${KERNEL_SECONDS:-120}" $py -m benchmarks.first_layer \
-    --out="$OUT/first_layer_gpu.json" 2>&1 | tee "$OUT/first_layer_gpu.log"
+  local end=$((SECONDS + ${KERNEL_SECONDS:-100})) dump=/tmp/xla_dump
+  timeout $((end - SECONDS - 20)) $py -m benchmarks.first_layer \
+    --out="$OUT/first_layer_gpu.json" 2>&1 | tee -a "$OUT/gpu.log"
+  # The default kernel's PTX (XLA links the Triton kernel into the module it dumps).
+  XLA_FLAGS="--xla_dump_to=$dump" timeout $((end - SECONDS > 10 ? end - SECONDS : 10)) \
+    $py -c "import jax.numpy as jnp; from dirnet_jax import first_layer as f
+f.conv_elu_pool2_gpu(jnp.ones((2, 64, 64, 2)), jnp.ones((3, 3, 2, 16)), jnp.ones(16), 'avg')"
+  local ptx
+  ptx=$(cd $dump 2>/dev/null && ls -- *.ptx 2>/dev/null | head -20)
+  # shellcheck disable=SC2086  # one word per file
+  if [ -n "$ptx" ]; then tar -czf "$OUT/ptx.tar.gz" -C $dump $ptx; else echo "kernel: no PTX"; fi
+}
+
+onepair() {
+  timeout "${ONEPAIR_SECONDS:-40}" $py -m benchmarks.one_pair --out="$OUT/one_pair_gpu.json" \
+    2>&1 | tee -a "$OUT/gpu.log"
 }
 
 bench() {  # no variant starts after the budget; a block takes ~30 s; timeout is a backstop
   local budget=${BENCH_SECONDS:-240}
   # shellcheck disable=SC2086  # BENCH_ARGS holds several arguments
   timeout $((budget + 40)) $py -m benchmarks.core --seconds=$((budget - 30)) ${BENCH_ARGS:-} \
-    --out="$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
+    --out="$OUT/bench_gpu.json" 2>&1 | tee -a "$OUT/gpu.log"
 }
 
 flags() {  # the tool keeps to its budget and prints its table; timeout is a backstop
   local budget=${FLAGS_SECONDS:-120}
   timeout $((budget + 30)) $py -m benchmarks.flags --seconds="$budget" \
-    --out="$OUT/flags_gpu.json" 2>&1 | tee "$OUT/flags_gpu.log"
+    --out="$OUT/flags_gpu.json" 2>&1 | tee -a "$OUT/gpu.log"
 }
 
 profile() {
@@ -89,16 +108,16 @@ profile() {
     name=$(echo "$args" | tr -dc 'a-z0-9=' | tr '=' '_')
     # shellcheck disable=SC2086  # $args holds several flags
     timeout $((end - SECONDS > 10 ? end - SECONDS : 10)) $py -m benchmarks.profile $args \
-      --top=30 --hlo=$hlo/$name.txt 2>&1 | tee -a "$OUT/profile_gpu.log"
+      --top=30 --hlo=$hlo/$name.txt 2>&1 | tee -a "$OUT/gpu.log"
   done
   tar -czf "$OUT/hlo.tar.gz" -C $hlo .
 }
 
 case "${1:-all}" in
-tests | kernel | bench | profile | flags | train) "$1" ;;
-all) tests; kernel; bench; profile; flags ;;
+tests | kernel | onepair | bench | profile | flags | train) "$1" ;;
+all) tests; kernel; onepair; bench; profile ;;
 *)
-  echo "usage: bash benchmarks/gpu.sh tests|kernel|bench|profile|flags|train|all" >&2
+  echo "usage: bash benchmarks/gpu.sh tests|kernel|onepair|bench|profile|flags|train|all" >&2
   exit 2
   ;;
 esac

@@ -1,0 +1,97 @@
+"""One pair through `register` against its A/B twins, interleaved: what the Triton first
+layer and the CUDA-graph option buy where single-process rows disagree.
+
+    python -m benchmarks.one_pair                   # 256², 20 rounds of 50 calls each
+    python -m benchmarks.one_pair --size=28 --rounds=3 --calls=5 --out=FILE.json
+
+A single 256² pair takes ~0.3 ms on an H200, mostly launches and host work, and the table
+of benchmarks.core timed the same call at 0.27 ms in one process and 0.38 ms in another.
+Here every implementation is compiled first, then each round calls each one `--calls`
+times in turn, so that drift of the machine hits all alike. Prints each one's median over
+all calls, the spread of its round medians, and its median over `register`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import core
+from dirnet_jax import init_variables, machine
+from dirnet_jax.models import register
+from dirnet_jax.workdir import atomic_write_text
+
+FLAGS = {"size": "256", "rounds": "20", "calls": "50", "out": ""}
+
+
+def parse(argv: list[str]) -> dict[str, str]:
+    opts = dict(FLAGS)
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in opts or not value:
+            sys.exit(f"error: bad argument {arg!r}; known: " + " ".join(f"--{k}=" for k in opts))
+        opts[key] = value
+    if opts["size"] not in ("256", "28") or not all(
+        opts[k].isdigit() and int(opts[k]) > 0 for k in ("rounds", "calls")
+    ):
+        sys.exit("error: --size is 256 or 28; --rounds and --calls are positive integers")
+    return opts
+
+
+def main(argv: list[str]) -> None:
+    opts = parse(argv)
+    out = core.output_path(opts["out"], "one_pair")
+    size, rounds, calls = int(opts["size"]), int(opts["rounds"]), int(opts["calls"])
+    base = core.base_config(size)
+    fixed, moving = (jnp.asarray(a[:1]) for a in core.timed_pairs(size, 1))
+    variables = init_variables(base, jax.random.key(0))
+    # Each twin traces under its swap once (a config of its own, so no trace is shared);
+    # the compiled call then keeps what it traced.
+    twins = {
+        "register": (base, register, None),
+        "XLA's first layer": (base.replace(seed=4), register, core.xla_first_layer),
+        "CUDA graphs from 5 kernels": (base, core.register_default_graphs, None),
+    }
+    fns = {}
+    for name, (config, fn, first_layer) in twins.items():
+        call = lambda config=config, fn=fn: fn(config, variables, fixed, moving)  # noqa: E731
+        if first_layer is None:
+            jax.block_until_ready(call())
+        else:
+            with core.swapped("fused_first_layer", first_layer):
+                jax.block_until_ready(call())
+        fns[name] = call
+    times: dict[str, list[list[float]]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, call in fns.items():
+            round_times = []
+            for _ in range(calls):
+                t = time.perf_counter()
+                jax.block_until_ready(call())
+                round_times.append(time.perf_counter() - t)
+            times[name].append(round_times)
+    device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+    print(f"one {size}² pair, {rounds} rounds × {calls} calls each, interleaved, on {device}")
+    rows = []
+    mine = statistics.median(t for r in times["register"] for t in r)
+    for name, per_round in times.items():
+        median = statistics.median(t for r in per_round for t in r)
+        round_medians = [statistics.median(r) for r in per_round]
+        rows.append(dict(impl=name, median_ms=median * 1e3,
+                         round_min_ms=min(round_medians) * 1e3,
+                         round_max_ms=max(round_medians) * 1e3))  # fmt: skip
+        spread = f"{min(round_medians) * 1e3:.3f}–{max(round_medians) * 1e3:.3f}"
+        print(f"{name:28} {median * 1e3:7.3f} ms  rounds {spread} ms  {median / mine:5.2f}×")
+    print("×: this row's median over register's (above 1: register is faster)")
+    record = {"machine": machine.describe(), "size": size, "rounds": rounds, "calls": calls}
+    atomic_write_text(out, json.dumps({**record, "rows": rows}, indent=2))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
