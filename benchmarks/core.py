@@ -14,7 +14,8 @@ batch; pair sampling and step in one dispatch; and several steps per dispatch as
 them: 4 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and
 memory per call. Each baseline is followed by the same network in PyTorch eager
 (benchmarks/torch_dirnet.py, if torch is installed), as ratios to DIRNet, and on a GPU by
-its A/B rows: registration with the first layer as XLA's loop instead of the Triton kernel,
+its A/B rows: registration with the later pooled layers as Triton kernels too (a
+candidate), with the first layer as XLA's loop instead of the Triton kernel,
 and unfused (XLA's convolution, then ELU and pooling), with XLA:GPU's default CUDA-graph
 threshold (one pair), as plain layers (what folding BatchNorm and the fused first layer
 buy), with bfloat16 activations; training with XLA's convolution as the first conv instead
@@ -45,7 +46,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, init_variables, machine, models, variant
+from dirnet_jax import (
+    PAPER_VARIANTS,
+    DIRNetConfig,
+    init_variables,
+    machine,
+    models,
+    pooled_layers,
+    variant,
+)
 from dirnet_jax.models import Registration, Regressor, register, transform
 from dirnet_jax.preprocess import minmax
 from dirnet_jax.train import (
@@ -197,6 +206,24 @@ def unfused_first_layer(x, kernel, bias, downsampling: str, dtype) -> jax.Array:
     )  # fmt: skip
     y = models.elu_unguarded(y + bias.astype(jnp.float32))
     return models.pool2(y, jnp.mean if downsampling == "avg" else jnp.max).astype(dtype)
+
+
+_pooled_conv = models.pooled_conv  # the original, whatever is swapped in later
+
+
+def triton_pooled_conv(x, kernel, bias, downsampling: str, dtype) -> jax.Array:
+    """`models.pooled_conv` on CUDA by the Triton kernel of dirnet_jax.pooled_layers where
+    it applies, for `swapped("pooled_conv", triton_pooled_conv)`: what it would buy."""
+
+    def xla(x, kernel, bias):
+        return _pooled_conv(x, kernel, bias, downsampling, dtype)
+
+    if not pooled_layers.applies(x.shape, kernel.shape[-1], downsampling):
+        return xla(x, kernel, bias)
+    gpu = functools.partial(
+        pooled_layers.conv_elu_pool2_dense, downsampling=downsampling, out_dtype=dtype
+    )
+    return jax.lax.platform_dependent(x, kernel, bias, cuda=gpu, default=xla)
 
 
 def _patches(x: jax.Array, k: int) -> jax.Array:
@@ -422,6 +449,10 @@ def main(argv: list[str]) -> None:
         if on_gpu:  # bfloat16 activations are for accelerators (slower on a CPU)
             bf16 = base.replace(compute_dtype="bfloat16")
             rows += [  # the rows no GPU has measured yet first
+                # The later pooled layers as Triton kernels (not yet the default).
+                ("baseline-tritonpool", lambda: in_swap(
+                    "pooled_conv", triton_pooled_conv, bench_register,
+                    table, "baseline-tritonpool", base.replace(seed=5), p, batches, r)),
                 # The first layer as XLA's loop instead of the Triton kernel.
                 ("baseline-xlaloop", lambda: in_swap(
                     "fused_first_layer", xla_first_layer, bench_register,

@@ -4,14 +4,14 @@
 # computed on a CPU machine afterwards). Steps, each under its own time limit (seconds):
 #
 #   bash benchmarks/gpu.sh tests     # versions; the model and kernel tests on the GPU (60)
-#   bash benchmarks/gpu.sh kernel    # the first layer alone: the Triton kernel in several
-#                                    # forms against XLA (benchmarks/first_layer.py), and
-#                                    # the compiled module's PTX in ptx.tar.gz (100)
+#   bash benchmarks/gpu.sh kernel    # the first and second layers alone: our Triton kernels
+#                                    # against XLA (benchmarks/layers.py), and the first
+#                                    # kernel's compiled module's PTX in ptx.tar.gz (140)
 #   bash benchmarks/gpu.sh onepair   # one pair: register against its A/B twins, interleaved
 #                                    # (benchmarks/one_pair.py) (40)
 #   bash benchmarks/gpu.sh bench     # the benchmark table: baselines (float32, bf16 and
 #                                    # the A/B rows) and PyTorch at both sizes first, then
-#                                    # the variants while the budget lasts (240); the rest
+#                                    # the variants while the budget lasts (220); the rest
 #                                    # later by `python -m benchmarks.core --variants=…`
 #   bash benchmarks/gpu.sh profile   # top kernels: one 256² pair, batch 512, a train step,
 #                                    # and their compiled programs in hlo.tar.gz (75)
@@ -47,7 +47,7 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
   # GPU's default is TF32-like; the timings below use the default).
   local m=tests/test_models.py
   JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TESTS_SECONDS:-60}" \
-    $py -m pytest -v -p no:cacheprovider tests/test_first_layer.py \
+    $py -m pytest -v -p no:cacheprovider tests/test_pooled_layers.py tests/test_first_layer.py \
     $m::test_folded_batchnorm_gives_the_same_grid \
     $m::test_fused_first_layer_is_conv_elu_pool $m::test_conv_taps_is_a_zero_padded_correlation \
     $m::test_conv_taps_gradients_are_the_convolutions $m::test_training_computes_the_first_conv_by_taps \
@@ -70,9 +70,11 @@ train() {
 }
 
 kernel() {
-  local end=$((SECONDS + ${KERNEL_SECONDS:-100})) dump=/tmp/xla_dump
-  timeout $((end - SECONDS - 20)) $py -m benchmarks.first_layer \
-    --out="$OUT/first_layer_gpu.json" 2>&1 | tee -a "$OUT/gpu.log"
+  local end=$((SECONDS + ${KERNEL_SECONDS:-140})) dump=/tmp/xla_dump
+  for layer in 1 2; do  # ~70 and ~20 s
+    timeout $((layer == 1 ? 85 : 35)) $py -m benchmarks.layers --layer=$layer \
+      --out="$OUT/layer${layer}_gpu.json" 2>&1 | tee -a "$OUT/gpu.log"
+  done
   # The default kernel's PTX (XLA links the Triton kernel into the module it dumps).
   XLA_FLAGS="--xla_dump_to=$dump" timeout $((end - SECONDS > 10 ? end - SECONDS : 10)) \
     $py -c "import jax.numpy as jnp; from dirnet_jax import first_layer as f
@@ -89,7 +91,7 @@ onepair() {
 }
 
 bench() {  # no variant starts after the budget; a block takes ~30 s; timeout is a backstop
-  local budget=${BENCH_SECONDS:-240}
+  local budget=${BENCH_SECONDS:-220}
   # shellcheck disable=SC2086  # BENCH_ARGS holds several arguments
   timeout $((budget + 40)) $py -m benchmarks.core --seconds=$((budget - 30)) ${BENCH_ARGS:-} \
     --out="$OUT/bench_gpu.json" 2>&1 | tee -a "$OUT/gpu.log"

@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 # The kernel's form (`FORMS`), pooled rows and warps per Triton program, and ELU's expm1
-# (`EXPM1S`): the fastest of those benchmarks/first_layer.py timed on an H200.
+# (`EXPM1S`): the fastest of those benchmarks/layers.py timed on an H200.
 FORM, ROWS, WARPS, EXPM1 = "broadcast", 1, 8, "exp"
 
 
@@ -59,7 +59,7 @@ def _load(x_ref, b, r0, th, tw, u, v, ch):
     ]
 
 
-def _pool(window, pool, expm1):
+def pool_window(window, pool, expm1):
     """ELU of the four conv outputs of each pooling window, then their mean or max."""
     window = [jnp.where(y > 0, y, expm1(y)) for y in window]
     if pool == "avg":
@@ -90,7 +90,7 @@ def _kernel_broadcast(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, po
                             acc[a, bb] = term if (a, bb) not in acc else acc[a, bb] + term
     bias = b_ref[:][None, None, :]
     window = [acc[a, bb] + bias for a in range(2) for bb in range(2)]
-    o_ref[b, pl.ds(r0, th), :, :] = _pool(window, pool, expm1).astype(o_ref.dtype)
+    o_ref[b, pl.ds(r0, th), :, :] = pool_window(window, pool, expm1).astype(o_ref.dtype)
 
 
 def _kernel_scalar(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, pool, expm1):
@@ -114,7 +114,7 @@ def _kernel_scalar(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, pool,
                             term = xs[a + dy, bb + dx, ch] * w_ref[dy, dx, ch, k]
                             acc = term if acc is None else acc + term
                 window.append(acc + b_ref[k])
-        o_ref[b, pl.ds(r0, th), :, k] = _pool(window, pool, expm1).astype(o_ref.dtype)
+        o_ref[b, pl.ds(r0, th), :, k] = pool_window(window, pool, expm1).astype(o_ref.dtype)
 
 
 def exp_minus_one(y: jax.Array) -> jax.Array:
@@ -161,7 +161,7 @@ def kernel_call(
     form=FORM, expm1=EXPM1S[EXPM1],
 ):  # fmt: skip
     """`conv_elu_pool2_gpu`, unjitted, its `form` (a key of FORMS) and ELU's `expm1`
-    chosen by the caller (benchmarks/first_layer.py times them)."""
+    chosen by the caller (benchmarks/layers.py times them)."""
     if not applies(x.shape, kernel.shape[-1], downsampling, rows_per_program):
         raise ValueError(f"conv_elu_pool2_gpu does not take {x.shape} → {kernel.shape[-1]}")
     batch, h, w, cin = x.shape

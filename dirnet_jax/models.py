@@ -195,20 +195,33 @@ def fused_first_layer(
     return jax.lax.platform_dependent(x, kernel, bias, cuda=gpu, default=xla)
 
 
+def pooled_conv(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, downsampling: str, dtype: Any
+) -> jax.Array:
+    """A later folded layer and its pooling: XLA's convolution (cuDNN on GPUs), ELU and
+    `pool2`, in `dtype`. [B, *spatial, C] → [B, *spatial / 2, Cout]. (A Triton kernel of
+    the same, `dirnet_jax.pooled_layers`, awaits its GPU timing.)"""
+    y = _lax_conv(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    return pool2(elu_unguarded(y), jnp.mean if downsampling == "avg" else jnp.max)
+
+
 class ConvELUPool(nn.Module):
-    """A folded 3×3 conv layer and the pooling after it as `fused_first_layer`, with the
-    parameters of the nn.Conv it stands for ('kernel', 'bias')."""
+    """A folded 3×3 conv layer and the pooling after it, with the parameters of the nn.Conv
+    it stands for ('kernel', 'bias'): `fused_first_layer` for the first layer (`first`),
+    `pooled_conv` for the others."""
 
     features: int
     downsampling: str
     dtype: Any = None
+    first: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = (3,) * (x.ndim - 2) + (x.shape[-1], self.features)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return fused_first_layer(x, kernel, bias, self.downsampling, self.dtype or x.dtype)
+        layer = fused_first_layer if self.first else pooled_conv
+        return layer(x, kernel, bias, self.downsampling, self.dtype or x.dtype)
 
 
 class TapConv(nn.Module):
@@ -285,17 +298,17 @@ class Regressor(nn.Module):
 
         overlap = cfg.receptive_field == "overlap"
         last_down = cfg.num_downsamplings - 1
-        # Inference: the first conv and the pooling after it as one loop (`conv_elu_pool2`).
-        fuse_first = (
-            self.folded
-            and cfg.downsampling in ("avg", "max")
-            and cfg.num_downsamplings > 0
-            and not (overlap and last_down == 0)
-        )
         for i in range(cfg.num_conv_layers):
-            if i == 0 and fuse_first:
+            # Inference: a conv followed by pooling as one function of both, the first as
+            # one loop (`fused_first_layer`), the others by `pooled_conv`.
+            if (
+                self.folded
+                and cfg.downsampling in ("avg", "max")
+                and i < cfg.num_downsamplings
+                and not (overlap and i == last_down)
+            ):
                 x = ConvELUPool(
-                    cfg.features, cfg.downsampling, cfg.compute_dtype, name=name("Conv")
+                    cfg.features, cfg.downsampling, cfg.compute_dtype, i == 0, name=name("Conv")
                 )(x)
                 continue
             x = layer(x, 3)

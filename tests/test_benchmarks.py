@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import core, first_layer, flags, one_pair, profile
+from benchmarks import core, flags, layers, one_pair, profile
 from dirnet_jax import DIRNetConfig, init_variables, models, variant
 from dirnet_jax.models import Regressor, register
 
@@ -137,16 +137,28 @@ def test_core_keeps_to_its_time_budget_and_prints_the_table(tmp_path, capsys):
 
 def test_first_layer_benchmark_times_the_kernel_against_xla(tmp_path, capsys):
     out = tmp_path / "first_layer.json"
-    first_layer.main(["--size=32", "--batch=2", "--min_seconds=0.01", f"--out={out}"])
+    layers.main(["--size=32", "--batch=2", "--min_seconds=0.01", f"--out={out}"])
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
-    default = "triton {} rows={} warps={}".format(*first_layer.SHAPES[0][:3])
-    expm1 = first_layer.SHAPES[0][3]
+    default = "triton {} rows={} warps={}".format(*layers.SHAPES[0][:3])
+    expm1 = layers.SHAPES[0][3]
     assert {"xla loop", "xla unfused", f"{default} {expm1}", "copy"} <= set(rows)
     # Every real implementation computes the layer; the one without expm1 must not.
     for name in ("xla unfused", f"{default} {expm1}", "triton scalar rows=1 warps=4 exp"):
         assert rows[name]["max_abs_diff"] < 1e-5
     assert rows[f"{default} no expm1"]["max_abs_diff"] > 0.1
     assert "first layer, 32², batch 2" in capsys.readouterr().out
+
+
+def test_layers_benchmark_times_the_second_layer_kernel(tmp_path, capsys):
+    out = tmp_path / "layers.json"
+    layers.main(["--layer=2", "--size=64", "--batch=2", "--min_seconds=0.01", f"--out={out}"])
+    record = json.loads(out.read_text())
+    rows = {r["impl"]: r for r in record["rows"]}
+    assert record["layer"] == 2 and set(rows) == {"xla conv, elu, pool", "triton dense", "copy"}
+    assert rows["triton dense"]["max_abs_diff"] < 1e-5
+    assert "second layer (32², 16 channels), 64² images, batch 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: --layer"):
+        layers.main(["--layer=3"])
 
 
 def test_core_reports_a_row_that_fails_and_goes_on(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,147 @@
+"""A layer of the regressor alone at inference, conv 3×3 + ELU + 2×2 pooling: our Triton
+kernels against what XLA does with the same layer.
+
+    python -m benchmarks.layers                     # the first layer, 256², batch 512 (GPU)
+    python -m benchmarks.layers --layer=2           # the second (16 → 16 channels at 128²)
+    python -m benchmarks.layers --size=64 --batch=2 --min_seconds=0.1  # a CPU smoke run
+
+Layer 1 (2 → 16 channels): dirnet_jax.first_layer in several forms against XLA's loop and
+XLA's unfused layer. Layer 2: dirnet_jax.pooled_layers against XLA's convolution, ELU and
+pooling (`models.pooled_conv`). `--size` is the image size (the second layer's input is
+half of it). Rows: each implementation's median time per call, the bandwidth that time
+implies for the bytes a perfect kernel moves (the input read once, the pooled output
+written once), and the largest difference from XLA's version. Triton first-layer rows are
+named by the kernel's form, rows and warps per program, and ELU's expm1 ("exp": as exp −
+1; "no expm1": left out, wrong values on purpose, to show what it costs). "copy" reads
+and writes the input once (its own bytes): the bandwidth ceiling. Off a GPU the Triton
+rows run in Pallas' interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import core
+from dirnet_jax import first_layer, machine, models, pooled_layers
+from dirnet_jax.workdir import atomic_write_text
+
+FLAGS = {"size": "256", "batch": "512", "layer": "1", "min_seconds": "", "out": ""}
+# (form, rows, warps, expm1) of the Triton kernel: the default first.
+SHAPES = [
+    (first_layer.FORM, first_layer.ROWS, first_layer.WARPS, first_layer.EXPM1),
+    ("broadcast", 1, 8, "expm1"),
+    ("broadcast", 1, 16, "exp"),
+    ("scalar", 1, 4, "expm1"),
+    ("scalar", 1, 4, "exp"),
+    ("scalar", 1, 2, "exp"),
+    ("scalar", 1, 8, "exp"),
+    ("scalar", 2, 4, "exp"),
+    ("scalar", 2, 8, "exp"),
+]
+
+
+def parse(argv: list[str]) -> dict[str, str]:
+    opts = dict(FLAGS)
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in opts or not value:
+            sys.exit(f"error: bad argument {arg!r}; known: " + " ".join(f"--{k}=" for k in opts))
+        opts[key] = value
+    if opts["layer"] not in ("1", "2"):
+        sys.exit(f"error: --layer is 1 or 2, not {opts['layer']!r}")
+    return opts
+
+
+def first_layer_impls(on_gpu: bool) -> dict:
+    """{name: jitted fn(x, kernel, bias)} for the first layer; XLA's loop first."""
+
+    def triton(form, rows, warps, expm1):
+        return jax.jit(
+            lambda x, k, b: first_layer.kernel_call(
+                x, k, b, "avg", jnp.float32, rows, warps, not on_gpu, form, expm1
+            )
+        )
+
+    impls = {
+        "xla loop": jax.jit(lambda x, k, b: models.conv_elu_pool2(x, k, b, "avg")),
+        "xla unfused": jax.jit(
+            lambda x, k, b: core.unfused_first_layer(x, k, b, "avg", jnp.float32)
+        ),
+    }
+    for form, rows, warps, expm1 in SHAPES if on_gpu else SHAPES[:1] + SHAPES[4:5]:
+        name = f"triton {form} rows={rows} warps={warps} {expm1}"
+        impls[name] = triton(form, rows, warps, first_layer.EXPM1S[expm1])
+    form, rows, warps, _ = SHAPES[0]
+    impls[f"triton {form} rows={rows} warps={warps} no expm1"] = triton(
+        form, rows, warps, lambda y: y
+    )
+    return impls
+
+
+def pooled_layer_impls(on_gpu: bool) -> dict:
+    """{name: jitted fn(x, kernel, bias)} for a later layer; XLA's first."""
+    return {
+        "xla conv, elu, pool": jax.jit(
+            lambda x, k, b: models.pooled_conv(x, k, b, "avg", jnp.float32)
+        ),
+        "triton dense": jax.jit(
+            lambda x, k, b: pooled_layers.conv_elu_pool2_dense(x, k, b, "avg", interpret=not on_gpu)
+        ),
+    }
+
+
+def main(argv: list[str]) -> None:
+    opts = parse(argv)
+    out = core.output_path(opts["out"], "layers")
+    size, batch, layer = int(opts["size"]), int(opts["batch"]), int(opts["layer"])
+    on_gpu = jax.default_backend() == "gpu"
+    core.MIN_SECONDS = float(opts["min_seconds"] or 0.5)
+    rng = np.random.default_rng(0)
+    side, cin = (size, 2) if layer == 1 else (size // 2, 16)
+    x = jnp.asarray(rng.normal(size=(batch, side, side, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, cin, 16)) * 0.5 / cin**0.5, jnp.float32)
+    bias = jnp.asarray(rng.normal(size=16) * 0.3, jnp.float32)
+    moved = (x.size + batch * (side // 2) ** 2 * 16) * 4  # bytes a perfect kernel moves
+    impls = first_layer_impls(on_gpu) if layer == 1 else pooled_layer_impls(on_gpu)
+    reference = next(iter(impls.values()))(x, kernel, bias)
+    impls["copy"] = jax.jit(lambda x, k, b: x * 2)  # reads and writes the input's bytes
+    rows = []
+    for name, fn in impls.items():
+        try:
+            first, sec = core.timed(lambda fn=fn: fn(x, kernel, bias), 10)
+            got = fn(x, kernel, bias)
+            diff = float(jnp.max(jnp.abs(got - reference))) if name != "copy" else 0.0
+            nbytes = 2 * x.nbytes if name == "copy" else moved
+        except Exception as err:  # a shape Triton refuses: say so and go on
+            print(f"failed: {name}: {type(err).__name__}: {str(err).splitlines()[0]}")
+            continue
+        rows.append(dict(impl=name, median_ms=sec * 1e3, gb_per_s=nbytes / sec / 1e9,
+                         first_call_s=first, max_abs_diff=diff))  # fmt: skip
+        print(f"{name:44} {sec * 1e3:9.3f} ms {nbytes / sec / 1e9:8.0f} GB/s  "
+              f"first {first:6.2f} s  max |Δ| {diff:.2e}", flush=True)  # fmt: skip
+    device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+    what = "first layer" if layer == 1 else f"second layer ({side}², 16 channels)"
+    print(f"{what}, {size}² images, batch {batch}, on {device}; GB/s of {moved / 1e9:.2f} GB")
+    atomic_write_text(
+        out,
+        json.dumps(
+            {
+                "machine": machine.describe(),
+                "layer": layer,
+                "size": size,
+                "batch": batch,
+                "rows": rows,
+            },
+            indent=2,
+        ),
+    )
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

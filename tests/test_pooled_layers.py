@@ -1,0 +1,101 @@
+"""The later layers' Triton kernel (a candidate, not yet the default): Pallas' interpreter
+on any backend, the compiled kernel on a GPU, against XLA's convolution at full precision,
+ELU and pooling; and the whole DIRNet with it swapped in."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import core
+from dirnet_jax import DIRNetConfig, init_variables, models, pooled_layers
+
+ON_GPU = jax.default_backend() == "gpu"  # else the kernel runs in Pallas' interpreter
+
+
+def reference(x, kernel, bias, downsampling):
+    conv = jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )  # fmt: skip
+    pool = nn.avg_pool if downsampling == "avg" else nn.max_pool
+    return pool(nn.elu(conv + bias), (2, 2), strides=(2, 2))
+
+
+@pytest.mark.parametrize(
+    "shape,cout,downsampling",
+    [((2, 8, 32, 16), 16, "avg"), ((1, 6, 64, 32), 16, "max"), ((3, 4, 32, 16), 32, "avg")],
+)
+def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling):
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, shape[-1], cout)) * 0.25, jnp.float32)
+    bias = jnp.asarray(rng.normal(size=cout) * 0.3, jnp.float32)
+    expected = reference(x, kernel, bias, downsampling)
+    got = pooled_layers.conv_elu_pool2_dense(x, kernel, bias, downsampling, interpret=not ON_GPU)
+    assert got.shape == expected.shape and got.dtype == jnp.float32
+    # Both signs of ELU, and large values along the zero-padded edges.
+    assert float(jnp.abs(expected[:, :, 0]).max()) > 1 and float(expected.min()) < -0.2
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    got16 = pooled_layers.conv_elu_pool2_dense(
+        x, kernel, bias, downsampling, out_dtype=jnp.bfloat16, interpret=not ON_GPU
+    )
+    assert got16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got16.astype(jnp.float32), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_applies_only_to_shapes_triton_takes(monkeypatch):
+    assert pooled_layers.applies((4, 128, 128, 16), 16, "avg")
+    assert pooled_layers.applies((4, 6, 32, 32), 16, "max")
+    assert not pooled_layers.applies((4, 14, 14, 16), 16, "avg")  # half width 7
+    assert not pooled_layers.applies((4, 16, 16, 16), 16, "avg")  # half width 8 < 16
+    assert not pooled_layers.applies((4, 64, 64, 8), 16, "avg")  # 8 channels
+    assert not pooled_layers.applies((4, 64, 64, 16), 12, "avg")  # 12 features
+    assert not pooled_layers.applies((4, 7, 64, 16), 16, "avg")  # odd height
+    assert not pooled_layers.applies((4, 64, 64, 16), 16, "strided")
+    assert not pooled_layers.applies((4, 32, 32, 32, 16), 16, "avg")  # 3-D
+    monkeypatch.setenv("DIRNET_POOLED_LAYERS", "xla")
+    assert not pooled_layers.applies((4, 128, 128, 16), 16, "avg")
+    with pytest.raises(ValueError, match="does not take"):
+        pooled_layers.conv_elu_pool2_dense(
+            jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 16)), jnp.ones(16), "avg", interpret=True
+        )
+
+
+CONFIG = DIRNetConfig(image_shape=(64, 64), num_downsamplings=2)
+
+
+def interpreted_pooled_conv(x, kernel, bias, downsampling, dtype):
+    """`core.triton_pooled_conv`'s kernel branch on every backend, interpreted off a GPU."""
+    if not pooled_layers.applies(x.shape, kernel.shape[-1], downsampling):
+        return core._pooled_conv(x, kernel, bias, downsampling, dtype)
+    return pooled_layers.conv_elu_pool2_dense(
+        x, kernel, bias, downsampling, out_dtype=dtype, interpret=not ON_GPU
+    )
+
+
+def test_dirnet_with_the_kernel_registers_alike():
+    variables = init_variables(CONFIG, jax.random.key(0))
+    params = dict(variables["params"])
+    shape = params["output"]["kernel"].shape  # a non-trivial output layer: a real grid
+    params["output"] = {"kernel": jax.random.normal(jax.random.key(1), shape),
+                        "bias": params["output"]["bias"]}  # fmt: skip
+    variables = {"params": params, "batch_stats": variables["batch_stats"]}
+    pairs = jax.random.uniform(jax.random.key(2), (2, 2, 64, 64, 1))
+    default = models.register(CONFIG, variables, *pairs)
+    with core.swapped("pooled_conv", interpreted_pooled_conv):
+        kernel = models.register(CONFIG.replace(seed=7), variables, *pairs)
+    assert 0.5 < float(jnp.abs(default.grid).max()) < 30
+    np.testing.assert_allclose(kernel.grid, default.grid, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(kernel.warped, default.warped, rtol=1e-4, atol=1e-4)
+
+
+def test_the_swapped_in_dispatch_lowers_the_kernels_for_cuda_only():
+    # 64² with two poolings: the first layer's kernel, then this one at 32² (half width 16).
+    variables = init_variables(CONFIG, jax.random.key(0))
+    pair = jnp.zeros((2, 64, 64, 1), jnp.float32)
+    with core.swapped("pooled_conv", core.triton_pooled_conv):
+        traced = models.register.trace(CONFIG.replace(seed=8), variables, pair, pair)
+        cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+        cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    assert cuda.count("xla.gpu.triton") == 2 and "xla.gpu.triton" not in cpu
