@@ -386,6 +386,18 @@ def bench_elastix(table: Table, pairs, count: int) -> None:
     table.add("elastix", "baseline", 256, "register, 1 pair", float("nan"), sec, 1, "pairs/s")
 
 
+def parse_options(argv: list[str], defaults: dict[str, str]) -> dict[str, str]:
+    """`--key=value` arguments over `defaults` (the tools' flags); any other argument exits
+    with a one-line error naming the known ones."""
+    opts = dict(defaults)
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in opts or not value:
+            sys.exit(f"error: bad argument {arg!r}; known: " + " ".join(f"--{k}=" for k in opts))
+        opts[key] = value
+    return opts
+
+
 def parse(argv: list[str]) -> tuple[bool, dict[str, str]]:
     """(--quick given, {'out': path or '', 'seconds': budget, 'min_seconds': per measure,
     'variants': comma-separated names or '', 'sizes': comma-separated 256 and/or 28})."""

@@ -46,12 +46,7 @@ SHAPES = [
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    opts = dict(FLAGS)
-    for arg in argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in opts or not value:
-            sys.exit(f"error: bad argument {arg!r}; known: " + " ".join(f"--{k}=" for k in opts))
-        opts[key] = value
+    opts = core.parse_options(argv, FLAGS)
     if opts["layer"] not in ("1", "2"):
         sys.exit(f"error: --layer is 1 or 2, not {opts['layer']!r}")
     return opts

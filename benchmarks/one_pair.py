@@ -30,12 +30,7 @@ FLAGS = {"size": "256", "rounds": "20", "calls": "50", "out": ""}
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    opts = dict(FLAGS)
-    for arg in argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in opts or not value:
-            sys.exit(f"error: bad argument {arg!r}; known: " + " ".join(f"--{k}=" for k in opts))
-        opts[key] = value
+    opts = core.parse_options(argv, FLAGS)
     if opts["size"] not in ("256", "28") or not all(
         opts[k].isdigit() and int(opts[k]) > 0 for k in ("rounds", "calls")
     ):

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import core
 from benchmarks.core import base_config
 from dirnet_jax import DIRNetConfig, init_variables, variant
 from dirnet_jax.models import register
@@ -37,12 +38,7 @@ FLAGS = {"what": "register", "size": "256", "batch": "1", "variant": "baseline",
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    opts = dict(FLAGS)
-    for arg in argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in opts or not value:
-            sys.exit(f"error: bad argument {arg!r}; known: " + " ".join(f"--{k}=" for k in opts))
-        opts[key] = value
+    opts = core.parse_options(argv, FLAGS)
     if opts["what"] not in ("register", "train"):
         sys.exit(f"error: --what is register or train, not {opts['what']!r}")
     return opts

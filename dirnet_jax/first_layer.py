@@ -39,16 +39,19 @@ def applies(
     if os.environ.get("DIRNET_FIRST_LAYER", "") == "xla" or len(x_shape) != 4:
         return False
     h, w = x_shape[1:3]
-    pow2 = lambda n: n >= 1 and n & (n - 1) == 0  # noqa: E731
     return (
         downsampling in ("avg", "max")
         and h % 2 == 0
         and w % 2 == 0
-        and pow2(w // 2)
-        and w // 2 >= 16
-        and pow2(features)
+        and power_of_two(w // 2, least=16)
+        and power_of_two(features)
         and (h // 2) % rows_per_program == 0
     )
+
+
+def power_of_two(n: int, least: int = 1) -> bool:
+    """Whether n is a power of two of at least `least` (a size Triton's blocks take)."""
+    return n >= least and n & (n - 1) == 0
 
 
 def _load(x_ref, b, r0, th, tw, u, v, ch):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dirnet_jax.first_layer import exp_minus_one, pool_window
+from dirnet_jax.first_layer import exp_minus_one, pool_window, power_of_two
 
 WARPS = 4
 
@@ -39,14 +39,11 @@ def applies(x_shape: tuple[int, ...], features: int, downsampling: str) -> bool:
     if os.environ.get("DIRNET_POOLED_LAYERS", "") == "xla" or len(x_shape) != 4:
         return False
     h, w, c = x_shape[1:]
-    pow2 = lambda n: n >= 16 and n & (n - 1) == 0  # noqa: E731
     return (
         downsampling in ("avg", "max")
         and h % 2 == 0
         and w % 2 == 0
-        and pow2(w // 2)
-        and pow2(c)
-        and pow2(features)
+        and all(power_of_two(n, least=16) for n in (w // 2, c, features))
     )
 
 

@@ -146,7 +146,7 @@ def test_first_layer_benchmark_times_the_kernel_against_xla(tmp_path, capsys):
     for name in ("xla unfused", f"{default} {expm1}", "triton scalar rows=1 warps=4 exp"):
         assert rows[name]["max_abs_diff"] < 1e-5
     assert rows[f"{default} no expm1"]["max_abs_diff"] > 0.1
-    assert "first layer, 32², batch 2" in capsys.readouterr().out
+    assert "first layer, 32² images, batch 2" in capsys.readouterr().out
 
 
 def test_layers_benchmark_times_the_second_layer_kernel(tmp_path, capsys):

@@ -1,25 +1,15 @@
 """The first layer's Triton kernel: Pallas' interpreter on any backend, the compiled kernel
 on a CUDA GPU, both against XLA's convolution, ELU and pooling; and where models use it."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dirnet_jax import DIRNetConfig, first_layer, init_variables, models
+from tests.references import conv_elu_pool
 
 ON_GPU = jax.default_backend() == "gpu"  # else the kernel runs in Pallas' interpreter
-
-
-def reference(x, kernel, bias, downsampling):
-    """XLA's convolution at full float32 precision, flax's ELU and pooling."""
-    conv = jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=jax.lax.Precision.HIGHEST,
-    )  # fmt: skip
-    pool = nn.avg_pool if downsampling == "avg" else nn.max_pool
-    return pool(nn.elu(conv + bias), (2, 2), strides=(2, 2))
 
 
 def random_layer(rng, shape, cout):
@@ -35,7 +25,7 @@ def random_layer(rng, shape, cout):
 )
 def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling, rows):
     x, kernel, bias = random_layer(rng, shape, cout)
-    expected = reference(x, kernel, bias, downsampling)
+    expected = conv_elu_pool(x, kernel, bias, downsampling)
     got = first_layer.conv_elu_pool2_gpu(
         x, kernel, bias, downsampling, rows_per_program=rows, interpret=not ON_GPU
     )
@@ -56,7 +46,7 @@ def test_every_form_of_the_kernel_is_conv_elu_pool(rng, form, expm1):
     got = first_layer.kernel_call(
         x, kernel, bias, "avg", jnp.float32, 2, 4, not ON_GPU, form, first_layer.EXPM1S[expm1]
     )
-    np.testing.assert_allclose(got, reference(x, kernel, bias, "avg"), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, conv_elu_pool(x, kernel, bias, "avg"), rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_writes_bfloat16(rng):
@@ -65,7 +55,7 @@ def test_kernel_writes_bfloat16(rng):
         x, kernel, bias, "avg", out_dtype=jnp.bfloat16, interpret=not ON_GPU
     )
     assert got.dtype == jnp.bfloat16
-    expected = reference(x, kernel, bias, "avg")
+    expected = conv_elu_pool(x, kernel, bias, "avg")
     np.testing.assert_allclose(got.astype(jnp.float32), expected, rtol=1e-2, atol=1e-2)
 
 

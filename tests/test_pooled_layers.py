@@ -2,7 +2,6 @@
 on any backend, the compiled kernel on a GPU, against XLA's convolution at full precision,
 ELU and pooling; and the whole DIRNet with it swapped in."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,17 +9,9 @@ import pytest
 
 from benchmarks import core
 from dirnet_jax import DIRNetConfig, init_variables, models, pooled_layers
+from tests.references import conv_elu_pool
 
 ON_GPU = jax.default_backend() == "gpu"  # else the kernel runs in Pallas' interpreter
-
-
-def reference(x, kernel, bias, downsampling):
-    conv = jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=jax.lax.Precision.HIGHEST,
-    )  # fmt: skip
-    pool = nn.avg_pool if downsampling == "avg" else nn.max_pool
-    return pool(nn.elu(conv + bias), (2, 2), strides=(2, 2))
 
 
 @pytest.mark.parametrize(
@@ -31,7 +22,7 @@ def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling):
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 3, shape[-1], cout)) * 0.25, jnp.float32)
     bias = jnp.asarray(rng.normal(size=cout) * 0.3, jnp.float32)
-    expected = reference(x, kernel, bias, downsampling)
+    expected = conv_elu_pool(x, kernel, bias, downsampling)
     got = pooled_layers.conv_elu_pool2_dense(x, kernel, bias, downsampling, interpret=not ON_GPU)
     assert got.shape == expected.shape and got.dtype == jnp.float32
     # Both signs of ELU, and large values along the zero-padded edges.
