@@ -19,7 +19,7 @@ candidate), with the first layer as XLA's loop instead of the Triton kernel,
 and unfused (XLA's convolution, then ELU and pooling), with XLA:GPU's default CUDA-graph
 threshold (one pair), as plain layers (what folding BatchNorm and the fused first layer
 buy), with bfloat16 activations; training with XLA's convolution as the first conv instead
-of `conv_taps`, and with `conv_taps`'s kernel gradient as one matrix product. Then the
+of `conv_taps`. Then the
 other variants, and SimpleElastix per 256×256 pair with the paper's settings. Every
 256×256 row times the same synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after
 warm-up, device work synchronised. Writes the table and the machine description
@@ -224,41 +224,6 @@ def triton_pooled_conv(x, kernel, bias, downsampling: str, dtype) -> jax.Array:
         pooled_layers.conv_elu_pool2_dense, downsampling=downsampling, out_dtype=dtype
     )
     return jax.lax.platform_dependent(x, kernel, bias, cuda=gpu, default=xla)
-
-
-def _patches(x: jax.Array, k: int) -> jax.Array:
-    """[B, H, W, C] → [B·H·W, k·k·C]: each pixel's SAME zero-padded k×k neighbourhood,
-    ordered as a [k, k, C, …] kernel's first three axes."""
-    padded = models._pad_same(x, k)
-    h, w = x.shape[1:3]
-    taps = [padded[:, dy : dy + h, dx : dx + w, :] for dy in range(k) for dx in range(k)]
-    return jnp.stack(taps, axis=3).reshape(-1, k * k * x.shape[-1])
-
-
-_conv_taps = models.conv_taps  # the original, whatever is swapped in later
-
-
-@jax.custom_vjp
-def conv_taps_gemm_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`models.conv_taps` whose kernel gradient is one matrix product of the patches with
-    the cotangent (XLA's convolution gradient for the input, as there), for
-    `swapped("conv_taps", conv_taps_gemm_grad)`: on a GPU, a cuBLAS product instead of
-    cuDNN's filter gradient of a 2-channel input. 2-D only."""
-    return _conv_taps(x, kernel)
-
-
-def _gemm_grad_fwd(x, kernel):
-    return _conv_taps(x, kernel), (x, kernel)
-
-
-def _gemm_grad_bwd(residuals, cotangent):
-    x, kernel = residuals
-    dx = jax.vjp(lambda x: models._lax_conv(x, kernel), x)[1](cotangent)[0]
-    dk = _patches(x, kernel.shape[0]).T @ cotangent.reshape(-1, cotangent.shape[-1])
-    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-conv_taps_gemm_grad.defvjp(_gemm_grad_fwd, _gemm_grad_bwd)
 
 
 # `register` with XLA:GPU's default CUDA-graph threshold: what INFER_COMPILER_OPTIONS buys.
@@ -472,10 +437,6 @@ def main(argv: list[str]) -> None:
                 # What INFER_COMPILER_OPTIONS buys.
                 ("baseline-graphs5", lambda: bench_register(
                     table, "baseline-graphs5", base, p, (1,), r, fn=register_default_graphs)),
-                # Training with `conv_taps`'s kernel gradient as one matrix product.
-                ("baseline-gemmgrad", lambda: in_swap(
-                    "conv_taps", conv_taps_gemm_grad, bench_train,
-                    table, "baseline-gemmgrad", base.replace(seed=3), p, r)),
                 # The first layer unfused (BatchNorm still folded).
                 ("baseline-xlafirst", lambda: in_swap(
                     "fused_first_layer", unfused_first_layer, bench_register,

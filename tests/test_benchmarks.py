@@ -1,6 +1,5 @@
 """The profiling tool: a real trace of a small call, parsed into per-operation times."""
 
-import functools
 import json
 
 import jax
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 
 from benchmarks import core, flags, layers, one_pair, profile
-from dirnet_jax import DIRNetConfig, init_variables, models, variant
+from dirnet_jax import DIRNetConfig, init_variables, variant
 from dirnet_jax.models import Regressor, register
 
 
@@ -219,32 +218,6 @@ def test_the_unfused_first_layer_and_default_graphs_register_alike(name):
     for other in (unfused, xla_loop, graphs5):
         np.testing.assert_allclose(other.grid, fused.grid, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(other.warped, fused.warped, rtol=1e-5, atol=1e-5)
-
-
-def test_gemm_kernel_gradient_is_the_convolution_gradient(rng):
-    x = jax.numpy.asarray(rng.normal(size=(2, 12, 10, 2)), jax.numpy.float32)
-    kernel = jax.numpy.asarray(rng.normal(size=(3, 3, 2, 5)), jax.numpy.float32)
-    cotangent = jax.numpy.asarray(rng.normal(size=(2, 12, 10, 5)), jax.numpy.float32)
-    expected = jax.vjp(models._lax_conv, x, kernel)[1](cotangent)
-    out, vjp = jax.vjp(core.conv_taps_gemm_grad, x, kernel)
-    np.testing.assert_allclose(out, models._lax_conv(x, kernel), rtol=1e-5, atol=1e-5)
-    for got, want in zip(vjp(cotangent), expected, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-    # Through the training step's first layer, swapped in by name.
-    config = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2, features=4)
-    variables = init_variables(config, jax.random.key(0))
-    pair = jax.numpy.asarray(rng.uniform(size=(2, 2, 28, 28, 1)), jax.numpy.float32)
-
-    def loss(params, seed):
-        grid, _ = Regressor(config.replace(seed=seed)).apply(
-            {**variables, "params": params}, *pair, train=True, mutable=["batch_stats"]
-        )
-        return (grid**2).sum()
-
-    want = jax.grad(loss)(variables["params"], 0)
-    with core.swapped("conv_taps", core.conv_taps_gemm_grad):
-        got = jax.grad(loss)(variables["params"], 3)
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), got, want)
 
 
 def test_one_pair_interleaves_register_and_its_twins(tmp_path, capsys):
