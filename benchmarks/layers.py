@@ -36,6 +36,8 @@ SHAPES = [
     (first_layer.FORM, first_layer.ROWS, first_layer.WARPS, first_layer.EXPM1),
     ("broadcast", 1, 8, "expm1"),
     ("broadcast", 1, 16, "exp"),
+    ("unpadded", 1, 8, "exp"),
+    ("unpadded", 1, 4, "exp"),
     ("scalar", 1, 4, "expm1"),
     ("scalar", 1, 4, "exp"),
     ("scalar", 1, 2, "exp"),
@@ -43,6 +45,8 @@ SHAPES = [
     ("scalar", 2, 4, "exp"),
     ("scalar", 2, 8, "exp"),
 ]
+# Off a GPU (Pallas' interpreter, slow): the default and one of each other form.
+CPU_SHAPES = [SHAPES[0], ("scalar", 1, 4, "exp"), ("unpadded", 1, 8, "exp")]
 
 
 def parse(argv: list[str]) -> dict[str, str]:
@@ -68,7 +72,7 @@ def first_layer_impls(on_gpu: bool) -> dict:
             lambda x, k, b: core.unfused_first_layer(x, k, b, "avg", jnp.float32)
         ),
     }
-    for form, rows, warps, expm1 in SHAPES if on_gpu else SHAPES[:1] + SHAPES[4:5]:
+    for form, rows, warps, expm1 in SHAPES if on_gpu else CPU_SHAPES:
         name = f"triton {form} rows={rows} warps={warps} {expm1}"
         impls[name] = triton(form, rows, warps, first_layer.EXPM1S[expm1])
     form, rows, warps, _ = SHAPES[0]

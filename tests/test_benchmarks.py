@@ -142,7 +142,8 @@ def test_first_layer_benchmark_times_the_kernel_against_xla(tmp_path, capsys):
     expm1 = layers.SHAPES[0][3]
     assert {"xla loop", "xla unfused", f"{default} {expm1}", "copy"} <= set(rows)
     # Every real implementation computes the layer; the one without expm1 must not.
-    for name in ("xla unfused", f"{default} {expm1}", "triton scalar rows=1 warps=4 exp"):
+    others = ["triton {} rows={} warps={} {}".format(*shape) for shape in layers.CPU_SHAPES[1:]]
+    for name in ["xla unfused", f"{default} {expm1}", *others]:
         assert rows[name]["max_abs_diff"] < 1e-5
     assert rows[f"{default} no expm1"]["max_abs_diff"] > 0.1
     assert "first layer, 32² images, batch 2" in capsys.readouterr().out

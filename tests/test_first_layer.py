@@ -43,10 +43,20 @@ def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling, rows):
 @pytest.mark.parametrize("expm1", list(first_layer.EXPM1S))
 def test_every_form_of_the_kernel_is_conv_elu_pool(rng, form, expm1):
     x, kernel, bias = random_layer(rng, (2, 8, 32, 2), 16)
-    got = first_layer.kernel_call(
-        x, kernel, bias, "avg", jnp.float32, 2, 4, not ON_GPU, form, first_layer.EXPM1S[expm1]
-    )
-    np.testing.assert_allclose(got, conv_elu_pool(x, kernel, bias, "avg"), rtol=1e-5, atol=1e-5)
+    rows = 1 if form == "unpadded" else 2
+
+    def call(rows):
+        return first_layer.kernel_call(
+            x, kernel, bias, "max", jnp.float32, rows, 4, not ON_GPU, form,
+            first_layer.EXPM1S[expm1],
+        )  # fmt: skip
+
+    expected = conv_elu_pool(x, kernel, bias, "max")
+    assert float(jnp.abs(expected[:, -1]).max()) > 1  # the far edge, zero-padded, matters
+    np.testing.assert_allclose(call(rows), expected, rtol=1e-5, atol=1e-5)
+    if form == "unpadded":
+        with pytest.raises(ValueError, match="one pooled row per program"):
+            call(2)
 
 
 def test_kernel_writes_bfloat16(rng):
