@@ -84,16 +84,25 @@ def _kernel_broadcast(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, po
     for u in range(4):
         for v in range(4):
             for ch in range(cin):
-                xv = _load(x_ref, b, r0, th, tw, u, v, ch)[:, :, None]
-                for a in range(2):
-                    for bb in range(2):
-                        dy, dx = u - a, v - bb
-                        if 0 <= dy < 3 and 0 <= dx < 3:
-                            term = xv * w_ref[dy, dx, ch, :][None, None, :]
-                            acc[a, bb] = term if (a, bb) not in acc else acc[a, bb] + term
+                _add_taps(acc, _load(x_ref, b, r0, th, tw, u, v, ch)[:, :, None], w_ref, u, v, ch)
+    o_ref[b, pl.ds(r0, th), :, :] = _pooled(acc, b_ref, pool, expm1).astype(o_ref.dtype)
+
+
+def _add_taps(acc, xv, w_ref, u, v, ch):
+    """Add input values xv [th, tw, 1] at window position (u, v), channel ch, times their
+    kernel rows [Cout] to the conv output of each pooling position (a, b) they feed."""
+    for a in range(2):
+        for bb in range(2):
+            dy, dx = u - a, v - bb
+            if 0 <= dy < 3 and 0 <= dx < 3:
+                term = xv * w_ref[dy, dx, ch, :][None, None, :]
+                acc[a, bb] = term if (a, bb) not in acc else acc[a, bb] + term
+
+
+def _pooled(acc, b_ref, pool, expm1):
+    """The four conv outputs of `_add_taps` plus bias, ELU, pooled: [th, tw, Cout]."""
     bias = b_ref[:][None, None, :]
-    window = [acc[a, bb] + bias for a in range(2) for bb in range(2)]
-    o_ref[b, pl.ds(r0, th), :, :] = pool_window(window, pool, expm1).astype(o_ref.dtype)
+    return pool_window([acc[a, bb] + bias for a in range(2) for bb in range(2)], pool, expm1)
 
 
 def _kernel_scalar(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, pool, expm1):
@@ -138,16 +147,8 @@ def _kernel_unpadded(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, poo
                     b, jnp.clip(pair, 0, rows - 1), (u - 1) % 2, jnp.clip(cols, 0, tw - 1),
                     (v - 1) % 2, ch,
                 ]  # fmt: skip
-                xv = jnp.where(inside, xv, 0.0)[None, :, None]  # [1, tw, 1]
-                for a in range(2):
-                    for bb in range(2):
-                        dy, dx = u - a, v - bb
-                        if 0 <= dy < 3 and 0 <= dx < 3:
-                            term = xv * w_ref[dy, dx, ch, :][None, None, :]
-                            acc[a, bb] = term if (a, bb) not in acc else acc[a, bb] + term
-    bias = b_ref[:][None, None, :]
-    window = [acc[a, bb] + bias for a in range(2) for bb in range(2)]
-    o_ref[b, pl.ds(r, 1), :, :] = pool_window(window, pool, expm1).astype(o_ref.dtype)
+                _add_taps(acc, jnp.where(inside, xv, 0.0)[None, :, None], w_ref, u, v, ch)
+    o_ref[b, pl.ds(r, 1), :, :] = _pooled(acc, b_ref, pool, expm1).astype(o_ref.dtype)
 
 
 def exp_minus_one(y: jax.Array) -> jax.Array:
