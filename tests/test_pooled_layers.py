@@ -28,11 +28,28 @@ def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling):
     # Both signs of ELU, and large values along the zero-padded edges.
     assert float(jnp.abs(expected[:, :, 0]).max()) > 1 and float(expected.min()) < -0.2
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # One TF32 product per tap: ~1e-3 relative on a GPU, exact in the interpreter.
+    got1 = pooled_layers.conv_elu_pool2_dense(
+        x, kernel, bias, downsampling, passes=1, interpret=not ON_GPU
+    )
+    np.testing.assert_allclose(
+        got1, expected, rtol=1e-2 if ON_GPU else 1e-5, atol=1e-2 if ON_GPU else 1e-5
+    )
     got16 = pooled_layers.conv_elu_pool2_dense(
         x, kernel, bias, downsampling, out_dtype=jnp.bfloat16, interpret=not ON_GPU
     )
     assert got16.dtype == jnp.bfloat16
     np.testing.assert_allclose(got16.astype(jnp.float32), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_tf32_split_is_exact(rng):
+    x = jnp.asarray(rng.normal(size=1000) * 10.0 ** rng.integers(-30, 30, size=1000), jnp.float32)
+    big, small = pooled_layers.tf32_split(x)
+    assert bool(jnp.all(big + small == x))  # exact in float32
+    bits = jax.lax.bitcast_convert_type(big, jnp.uint32)
+    assert not bool(jnp.any(bits & ~jnp.uint32(pooled_layers.TF32_BITS)))  # TF32 as it is
+    assert bool(jnp.all(jnp.abs(small) < 2.0**-10 * jnp.abs(x)))
+    assert float(jnp.abs(small).max()) > 0  # not all of x is TF32
 
 
 def test_applies_only_to_shapes_triton_takes(monkeypatch):
@@ -45,6 +62,10 @@ def test_applies_only_to_shapes_triton_takes(monkeypatch):
     assert not pooled_layers.applies((4, 7, 64, 16), 16, "avg")  # odd height
     assert not pooled_layers.applies((4, 64, 64, 16), 16, "strided")
     assert not pooled_layers.applies((4, 32, 32, 32, 16), 16, "avg")  # 3-D
+    with pytest.raises(ValueError, match="passes is 1 or 3"):
+        pooled_layers.conv_elu_pool2_dense(
+            jnp.ones((1, 8, 32, 16)), jnp.ones((3, 3, 16, 16)), jnp.ones(16), "avg", passes=2
+        )
     monkeypatch.setenv("DIRNET_POOLED_LAYERS", "xla")
     assert not pooled_layers.applies((4, 128, 128, 16), 16, "avg")
     with pytest.raises(ValueError, match="does not take"):
