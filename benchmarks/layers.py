@@ -7,14 +7,15 @@ kernels against what XLA does with the same layer.
 
 Layer 1 (2 → 16 channels): dirnet_jax.first_layer in several forms against XLA's loop and
 XLA's unfused layer. Layer 2: dirnet_jax.pooled_layers against XLA's convolution, ELU and
-pooling (`models.pooled_conv`). `--size` is the image size (the second layer's input is
-half of it). Rows: each implementation's median time per call, the bandwidth that time
-implies for the bytes a perfect kernel moves (the input read once, the pooled output
-written once), and the largest difference from XLA's version. Triton first-layer rows are
-named by the kernel's form, rows and warps per program, and ELU's expm1 ("exp": as exp −
-1; "no expm1": left out, wrong values on purpose, to show what it costs). "copy" reads
-and writes the input once (its own bytes): the bandwidth ceiling. Off a GPU the Triton
-rows run in Pallas' interpreter.
+pooling (`models.pooled_conv`), with three TF32 products per tap (float32) and with one.
+`--size` is the image size (the second layer's input is half of it). Rows: each
+implementation's median time per call, the bandwidth that time implies for the bytes a
+perfect kernel moves (the input read once, the pooled output written once), and the
+largest difference from XLA's version. Triton first-layer rows are named by the kernel's
+form, rows and warps per program, and ELU's expm1 ("exp": as exp − 1; "exp2": by exp2;
+"no expm1": left out, wrong values on purpose, to show what it costs). "copy"
+reads and writes the input once (its own bytes): the bandwidth ceiling. Off a GPU the
+Triton rows run in Pallas' interpreter.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ FLAGS = {"size": "256", "batch": "512", "layer": "1", "min_seconds": "", "out": 
 # (form, rows, warps, expm1) of the Triton kernel: the default first.
 SHAPES = [
     (first_layer.FORM, first_layer.ROWS, first_layer.WARPS, first_layer.EXPM1),
+    ("broadcast", 1, 8, "exp2"),
+    ("unpadded", 1, 8, "exp2"),
     ("broadcast", 1, 8, "expm1"),
     ("broadcast", 1, 16, "exp"),
     ("unpadded", 1, 8, "exp"),
@@ -88,9 +91,14 @@ def pooled_layer_impls(on_gpu: bool) -> dict:
         "xla conv, elu, pool": jax.jit(
             lambda x, k, b: models.pooled_conv(x, k, b, "avg", jnp.float32)
         ),
-        "triton dense": jax.jit(
-            lambda x, k, b: pooled_layers.conv_elu_pool2_dense(x, k, b, "avg", interpret=not on_gpu)
-        ),
+        **{
+            f"triton dense, {passes} TF32 product{'s' * (passes > 1)}": jax.jit(
+                lambda x, k, b, passes=passes: pooled_layers.conv_elu_pool2_dense(
+                    x, k, b, "avg", passes=passes, interpret=not on_gpu
+                )
+            )
+            for passes in (3, 1)
+        },
     }
 
 
@@ -117,7 +125,8 @@ def main(argv: list[str]) -> None:
             diff = float(jnp.max(jnp.abs(got - reference))) if name != "copy" else 0.0
             nbytes = 2 * x.nbytes if name == "copy" else moved
         except Exception as err:  # a shape Triton refuses: say so and go on
-            print(f"failed: {name}: {type(err).__name__}: {str(err).splitlines()[0]}")
+            print(f"failed: {name}: {type(err).__name__}: {str(err).splitlines()[0]}",
+                  file=sys.stderr)  # fmt: skip
             continue
         rows.append(dict(impl=name, median_ms=sec * 1e3, gb_per_s=nbytes / sec / 1e9,
                          first_call_s=first, max_abs_diff=diff))  # fmt: skip

@@ -154,8 +154,10 @@ def test_layers_benchmark_times_the_second_layer_kernel(tmp_path, capsys):
     layers.main(["--layer=2", "--size=64", "--batch=2", "--min_seconds=0.01", f"--out={out}"])
     record = json.loads(out.read_text())
     rows = {r["impl"]: r for r in record["rows"]}
-    assert record["layer"] == 2 and set(rows) == {"xla conv, elu, pool", "triton dense", "copy"}
-    assert rows["triton dense"]["max_abs_diff"] < 1e-5
+    kernels = {"triton dense, 3 TF32 products", "triton dense, 1 TF32 product"}
+    assert record["layer"] == 2 and set(rows) == {"xla conv, elu, pool", "copy", *kernels}
+    for name in kernels:  # the interpreter: full precision either way
+        assert rows[name]["max_abs_diff"] < 1e-5
     assert "second layer (32², 16 channels), 64² images, batch 2" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="error: --layer"):
         layers.main(["--layer=3"])

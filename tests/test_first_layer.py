@@ -59,6 +59,15 @@ def test_every_form_of_the_kernel_is_conv_elu_pool(rng, form, expm1):
             call(2)
 
 
+@pytest.mark.parametrize("name,bound", [("exp", 1.2e-7), ("exp2", 2e-7)])
+def test_cheap_expm1_is_within_its_bound_on_elus_branch(name, bound):
+    y = np.concatenate([-np.geomspace(1e-8, 90, 200_001), [0.0]]).astype(np.float32)
+    got = np.asarray(first_layer.EXPM1S[name](jnp.asarray(y)), np.float64)
+    err = np.abs(got - np.expm1(y.astype(np.float64)))
+    assert err.max() <= bound
+    assert err.max() > 1e-9  # not expm1 itself
+
+
 def test_kernel_writes_bfloat16(rng):
     x, kernel, bias = random_layer(rng, (2, 16, 32, 2), 16)
     got = first_layer.conv_elu_pool2_gpu(
