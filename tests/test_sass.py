@@ -1,0 +1,88 @@
+"""benchmarks.sass: the Triton IR it captures, its occupancy and issue model, its SASS
+counts; and, where a Python with triton is at hand (this venv, or DIRNET_TRITON_PYTHON),
+one kernel compiled for sm_90a."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import sass, triton_sass
+from dirnet_jax import first_layer, pooled_layers
+
+LISTING = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   FFMA R2, R3, R4, R5 ;
+        /*0020*/              @!P0 FFMA.FTZ R2, R3, R4, R5 ;
+        /*0030*/               @P1 MUFU.EX2 R6, R7 ;
+        /*0040*/                   HGMMA.64x16x8.F32.TF32 gdesc[UR4], RZ, !UPT ;
+        /*0050*/                   EXIT ;
+        .L_x_0:
+"""
+
+
+def test_counts_opcodes_of_a_listing():
+    counts = triton_sass.count_sass(LISTING)
+    assert counts == {"LDC": 1, "FFMA": 2, "MUFU": 1, "HGMMA": 1, "EXIT": 1}
+
+
+def test_resident_warps_and_issue_floor_by_hand():
+    # 80 registers × 32 threads × 8 warps = 20,480 of 65,536: 3 programs, 24 warps.
+    assert sass.resident_warps(80, 8, 0) == 24
+    # 94 → 96 registers: 12,288 per 4-warp program, 5 fit; 18 KB shared would allow 11.
+    assert sass.resident_warps(94, 4, 18432) == 20
+    # Shared memory binds: 100 KB per program, 2 fit.
+    assert sass.resident_warps(32, 4, 100 * 1024) == 8
+    assert sass.resident_warps(16, 1, 0) == 32  # at most 32 programs per SM
+    # 528 schedulers at 1.98 GHz issue 1.045e12 warp instructions a second.
+    assert sass.issue_floor_ms(528, 1, 1_980_000) == pytest.approx(1.0)
+
+
+def test_captures_each_kernels_ir_grid_and_warps():
+    x = jax.ShapeDtypeStruct((4, 64, 64, 2), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 2, 16), jnp.float32)
+    b = jax.ShapeDtypeStruct((16,), jnp.float32)
+
+    def both(x, k, b):
+        first = first_layer.conv_elu_pool2_gpu(x, k, b, "avg")  # [4, 32, 32, 16]
+        kernel16 = jnp.ones((3, 3, 16, 16), jnp.float32)
+        return pooled_layers.conv_elu_pool2_dense(first, kernel16, b, "max")
+
+    kernels = sass.triton_kernels(both, x, k, b)
+    assert [(programs, warps) for _, programs, warps in kernels] == [
+        (4 * 32 // first_layer.ROWS, first_layer.WARPS),
+        (4 * 16, pooled_layers.WARPS),
+    ]
+    assert all("tt.func" in ir and "tt.load" in ir for ir, _, _ in kernels)
+    assert "tt.dot" in kernels[1][0] and "tt.dot" not in kernels[0][0]
+    assert sass.triton_kernels(lambda x: x * 2, x) == []  # XLA's own: none
+
+
+def test_says_when_triton_is_missing(tmp_path):
+    with pytest.raises(SystemExit, match="/bin/false has no triton"):
+        sass.main(["--triton_python=/bin/false", f"--out={tmp_path / 'sass.json'}"])
+    assert not (tmp_path / "sass.json").exists()
+
+
+TRITON_PYTHON = os.environ.get("DIRNET_TRITON_PYTHON", sys.executable)
+
+
+@pytest.mark.skipif(not sass.triton_available(TRITON_PYTHON), reason="no triton==3.9.0 here")
+def test_compiles_the_pooled_kernel_for_sm90():
+    x = jax.ShapeDtypeStruct((1, 4, 128, 16), jnp.float32)  # 64 rows: Hopper's HGMMA
+    k = jax.ShapeDtypeStruct((3, 3, 16, 16), jnp.float32)
+    b = jax.ShapeDtypeStruct((16,), jnp.float32)
+    ((ir, programs, warps),) = sass.triton_kernels(
+        lambda x, k, b: pooled_layers.conv_elu_pool2_dense(x, k, b, "avg"), x, k, b
+    )
+    got = sass.compile_sass(ir, warps, TRITON_PYTHON)
+    json.dumps(got)
+    # 9 taps × 4 positions of a pooling window, 3 TF32 products each, 2 HGMMAs of k=8 per
+    # 16-channel product: 216, and the sums accumulated in the HGMMAs (no add per term).
+    assert got["opcodes"]["HGMMA"] == 216
+    assert got["instructions"] < 3000 and got["local"] == 0 and 0 < got["registers"] <= 255
+    row = sass.row("pooled", programs, warps, got)
+    assert row["tensor"] == 216 and row["resident_warps"] % warps == 0
