@@ -12,15 +12,17 @@ measured there.
 How: one program per pooled row of one image. The 4×4 input positions feeding each pooling
 window are gathered as [W/2, C] matrices (zero outside the image: masked loads, at the
 edges only) and multiplied on tensor cores by the kernel's [C, Cout] taps, accumulated
-per position in the window; then bias, ELU (as exp − 1, `first_layer.exp_minus_one`) and
-the mean or max. Float32 to about 1e-6 by three TF32 products (``passes=3``): each value
-x = big + small, big its TF32 part (the low 13 mantissa bits cleared, `tf32_split`),
-x·w ≈ small·w_big + big·w_small + big·w_big, the kernel's split done once outside. This
-is Triton's own ``tf32x3`` without its per-product NaN guard and with every product
-accumulated in place: 2,176 instead of 3,544 instructions per thread, 94 instead of 124
-registers (sm_90a, `python -m benchmarks.sass`). ``passes=1`` is one TF32 product, the
-precision of XLA's own convolution on a GPU at default precision. Pallas' interpreter
-computes each product at full precision.
+per position in the window; then bias, ELU (its expm1 as the first layer's kernel
+computes it, `first_layer.EXPM1`) and the mean or max.
+
+Float32 to about 1e-6 by three TF32 products (``passes=3``): each value x = big + small,
+big its TF32 part (the low 13 mantissa bits cleared, `tf32_split`), x·w ≈ small·w_big +
+big·w_small + big·w_big, the kernel's split done once outside. This is Triton's own
+``tf32x3`` without its per-product NaN guard and with every product accumulated in
+place: 2,192 instead of 3,544 instructions per thread, 94 instead of 124 registers
+(sm_90a, `python -m benchmarks.sass`). ``passes=1`` is one TF32 product, the precision
+of XLA's own convolution on a GPU at default precision. Pallas' interpreter computes
+each product at full precision.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dirnet_jax.first_layer import exp_minus_one, pool_window, power_of_two
+from dirnet_jax import first_layer
+from dirnet_jax.first_layer import pool_window, power_of_two
 
 WARPS = 4
 PASSES = 3  # tensor-core products per tap: float32 to ~1e-6 (1: TF32, as XLA's conv)
@@ -95,7 +98,8 @@ def _kernel(x_ref, wb_ref, ws_ref, b_ref, o_ref, *, rows, width, pool, passes, i
                         acc[a, bb] = term if (a, bb) not in acc else acc[a, bb] + term
     bias = b_ref[:][None, :]
     window = [acc[a, bb] + bias for a in range(2) for bb in range(2)]
-    o_ref[b, r, :, :] = pool_window(window, pool, exp_minus_one).astype(o_ref.dtype)
+    expm1 = first_layer.EXPM1S[first_layer.EXPM1]  # as the first layer's kernel
+    o_ref[b, r, :, :] = pool_window(window, pool, expm1).astype(o_ref.dtype)
 
 
 def _gathered(x_ref, b, row, cols, rows, width, edge_row, edge_col, interpret):
