@@ -103,15 +103,16 @@ def _kernel(x_ref, wb_ref, ws_ref, b_ref, o_ref, *, rows, width, pool, passes, i
 
 
 def _gathered(x_ref, b, row, cols, rows, width, edge_row, edge_col, interpret):
-    """Input row `row`, columns `cols` [W/2] of pair b, zero outside the image: [W/2, C].
-    Only window positions on an edge of the image (`edge_row`, `edge_col`) are masked."""
+    """Input row `row`, columns `cols` [W/2] of pair b, zero outside the image, in float32:
+    [W/2, C]. Only window positions on an edge of the image (`edge_row`, `edge_col`) are
+    masked."""
     if not (edge_row or edge_col):
-        return x_ref[b, row, cols, :]
+        return x_ref[b, row, cols, :].astype(jnp.float32)
     inside = ((cols >= 0) & (cols < width) & (row >= 0) & (row < 2 * rows))[:, None]
     ref = x_ref.at[b, jnp.clip(row, 0, 2 * rows - 1), jnp.clip(cols, 0, width - 1), :]
     if interpret:  # the interpreter takes no masked gather
-        return jnp.where(inside, ref[...], 0.0)
-    return plgpu.load(ref, mask=inside, other=0.0)
+        return jnp.where(inside, ref[...], 0).astype(jnp.float32)
+    return plgpu.load(ref, mask=inside, other=0).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("downsampling", "out_dtype", "passes", "interpret"))
@@ -127,7 +128,7 @@ def conv_elu_pool2_dense(
     """``pool2(elu(conv(x, kernel, SAME) + bias))`` for 2-D activations (see `applies`).
 
     Args:
-      x: [B, H, W, C]; kernel: [3, 3, C, Cout]; bias: [Cout].
+      x: [B, H, W, C] (float32 or bfloat16); kernel: [3, 3, C, Cout]; bias: [Cout].
       downsampling: "avg" or "max"; out_dtype: the output's dtype (sums in float32).
       passes: 3 (float32 to ~1e-6) or 1 (one TF32 product) tensor-core products per tap.
       interpret: run Pallas' interpreter (any backend: the tests on a CPU).
@@ -151,4 +152,4 @@ def conv_elu_pool2_dense(
         grid=(batch * h // 2,),
         compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1),
         interpret=interpret,
-    )(x.astype(jnp.float32), big, small, bias.astype(jnp.float32))
+    )(x, big, small, bias.astype(jnp.float32))  # bf16 activations read as they are

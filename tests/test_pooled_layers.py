@@ -39,6 +39,12 @@ def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling):
         x, kernel, bias, downsampling, out_dtype=jnp.bfloat16, interpret=not ON_GPU
     )
     assert got16.dtype == jnp.bfloat16
+    # bf16 activations in (the bf16 network's), read as they are: the same layer of them.
+    x16 = x.astype(jnp.bfloat16)
+    np.testing.assert_allclose(
+        pooled_layers.conv_elu_pool2_dense(x16, kernel, bias, downsampling, interpret=not ON_GPU),
+        conv_elu_pool(x16.astype(jnp.float32), kernel, bias, downsampling), rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
     np.testing.assert_allclose(got16.astype(jnp.float32), expected, rtol=1e-2, atol=1e-2)
 
 
