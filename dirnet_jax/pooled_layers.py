@@ -81,14 +81,15 @@ def _kernel(x_ref, wb_ref, ws_ref, b_ref, o_ref, *, rows, width, pool, passes, i
         for v in range(4):  # input column 2c − 1 + v
             taken = _gathered(x_ref, b, row, col + v, rows, width, u in (0, 3), v in (0, 3),
                               interpret)  # fmt: skip
-            big, small = tf32_split(taken)
+            split = tf32_split(taken) if passes == 3 else None  # (big, small)
             for a in range(2):
                 for bb in range(2):
                     dy, dx = u - a, v - bb
                     if not (0 <= dy < 3 and 0 <= dx < 3):
                         continue
                     wb, ws = wb_ref[dy, dx, :, :], ws_ref[dy, dx, :, :]
-                    if passes == 3:
+                    if split:
+                        big, small = split
                         products = ((small, wb), (big, ws), (big, wb))
                     else:  # x·w; wb + ws is w exactly
                         products = ((taken, wb + ws),)
