@@ -53,6 +53,7 @@ from dirnet_jax import (
     machine,
     models,
     pooled_layers,
+    train_conv,
     variant,
 )
 from dirnet_jax.models import Registration, Regressor, register, transform
@@ -224,6 +225,18 @@ def triton_pooled_conv(x, kernel, bias, downsampling: str, dtype) -> jax.Array:
         pooled_layers.conv_elu_pool2_dense, downsampling=downsampling, out_dtype=dtype
     )
     return jax.lax.platform_dependent(x, kernel, bias, cuda=gpu, default=xla)
+
+
+def triton_conv_layer(
+    features: int, kernel_size: tuple[int, ...], conv=train_conv.conv3x3, **kwargs
+) -> nn.Module:
+    """`models.conv_layer` with its 3×3, stride-1 SAME convolutions (and their gradients) by
+    `conv`, dirnet_jax.train_conv's kernels on CUDA where they take the shape, for
+    `swapped("conv_layer", triton_conv_layer)`: what they would buy in training."""
+    strides, padding = kwargs.pop("strides", 1), kwargs.pop("padding", "SAME")
+    if tuple(kernel_size) == (3, 3) and strides == 1 and padding == "SAME":
+        return models.TapConv(features, conv=conv, **kwargs)
+    return nn.Conv(features, kernel_size, strides=strides, padding=padding, **kwargs)
 
 
 # `register` with XLA:GPU's default CUDA-graph threshold: what INFER_COMPILER_OPTIONS buys.
@@ -426,6 +439,10 @@ def main(argv: list[str]) -> None:
         if on_gpu:  # bfloat16 activations are for accelerators (slower on a CPU)
             bf16 = base.replace(compute_dtype="bfloat16")
             rows += [  # the rows no GPU has measured yet first
+                # Training's later convolutions as Triton kernels (not yet the default).
+                ("baseline-tritonconv", lambda: in_swap(
+                    "conv_layer", triton_conv_layer, bench_train,
+                    table, "baseline-tritonconv", base.replace(seed=6), p, r)),
                 # The later pooled layers as Triton kernels (not yet the default).
                 ("baseline-tritonpool", lambda: in_swap(
                     "pooled_conv", triton_pooled_conv, bench_register,

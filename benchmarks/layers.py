@@ -1,13 +1,17 @@
-"""A layer of the regressor alone at inference, conv 3×3 + ELU + 2×2 pooling: our Triton
-kernels against what XLA does with the same layer.
+"""A layer of the regressor alone, at inference conv 3×3 + ELU + 2×2 pooling, in training
+the convolution and its gradients: our Triton kernels against what XLA does with the same.
 
     python -m benchmarks.layers                     # the first layer, 256², batch 512 (GPU)
     python -m benchmarks.layers --layer=2           # the second (16 → 16 channels at 128²)
+    python -m benchmarks.layers --layer=train       # the second's conv in training, batch 32
     python -m benchmarks.layers --size=64 --batch=2 --min_seconds=0.1  # a CPU smoke run
 
 Layer 1 (2 → 16 channels): dirnet_jax.first_layer in several forms against XLA's loop and
 XLA's unfused layer. Layer 2: dirnet_jax.pooled_layers against XLA's convolution, ELU and
 pooling (`models.pooled_conv`), with three TF32 products per tap (float32) and with one.
+Training (the second layer's convolution, its input gradient and its kernel gradient, as
+one `jax.vjp`; batch 32 unless `--batch` says otherwise): dirnet_jax.train_conv against
+XLA's convolution and gradients (cuDNN), with one TF32 product per tap and with three.
 `--size` is the image size (the second layer's input is half of it). Rows: each
 implementation's median time per call, the bandwidth that time implies for the bytes a
 perfect kernel moves (the input read once, the pooled output written once), and the
@@ -20,6 +24,7 @@ Triton rows run in Pallas' interpreter.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -28,10 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import core
-from dirnet_jax import first_layer, machine, models, pooled_layers
+from dirnet_jax import first_layer, machine, models, pooled_layers, train_conv
 from dirnet_jax.workdir import atomic_write_text
 
-FLAGS = {"size": "256", "batch": "512", "layer": "1", "min_seconds": "", "out": ""}
+FLAGS = {"size": "256", "batch": "", "layer": "1", "min_seconds": "", "out": ""}
+LAYERS = ("1", "2", "train")
 # (form, rows, warps, expm1) of the Triton kernel: the default first.
 SHAPES = [
     (first_layer.FORM, first_layer.ROWS, first_layer.WARPS, first_layer.EXPM1),
@@ -48,14 +54,20 @@ SHAPES = [
     ("scalar", 2, 4, "exp"),
     ("scalar", 2, 8, "exp"),
 ]
+# The kernel gradient's (rows, columns, warps) per program besides the default
+# (train_conv.ROWS, BLOCK, GRAD_WARPS), for the training layer.
+GRAD_SHAPES = [(8, 32, 1), (2, 32, 1), (4, 16, 2), (4, 64, 1), (8, 128, 4)]
 # Off a GPU (Pallas' interpreter, slow): the default and one of each other form.
 CPU_SHAPES = [SHAPES[0], ("scalar", 1, 4, "exp"), ("unpadded", 1, 8, "exp")]
 
 
 def parse(argv: list[str]) -> dict[str, str]:
     opts = core.parse_options(argv, FLAGS)
-    if opts["layer"] not in ("1", "2"):
-        sys.exit(f"error: --layer is 1 or 2, not {opts['layer']!r}")
+    if opts["layer"] not in LAYERS:
+        sys.exit(f"error: --layer is 1, 2 or train, not {opts['layer']!r}")
+    opts["batch"] = opts["batch"] or ("32" if opts["layer"] == "train" else "512")
+    if not opts["batch"].isdigit() or int(opts["batch"]) < 1:
+        sys.exit(f"error: --batch is a positive integer, not {opts['batch']!r}")
     return opts
 
 
@@ -102,27 +114,80 @@ def pooled_layer_impls(on_gpu: bool) -> dict:
     }
 
 
+def train_conv_impls(on_gpu: bool) -> dict:
+    """{name: jitted fn(x, kernel, g) → (conv, input gradient, kernel gradient)} for a later
+    layer's convolution in training; XLA's first."""
+
+    def grads(conv):
+        def fn(x, kernel, g):
+            y, vjp = jax.vjp(conv, x, kernel)
+            return (y, *vjp(g))
+
+        return jax.jit(fn)
+
+    def triton(passes, *grad_shape):
+        options = dict(interpret=not on_gpu, passes=passes, grad_shape=grad_shape)
+        return grads(functools.partial(train_conv.conv3x3, **options))
+
+    impls = {
+        "xla conv and gradients": grads(train_conv.xla_conv),
+        "triton conv and gradients, 1 TF32 product": triton(1),
+        "triton conv and gradients, 3 TF32 products": triton(3),
+    }
+    for shape in GRAD_SHAPES if on_gpu else []:  # the kernel gradient's other shapes
+        name = "triton, 1 TF32 product, kernel grad rows={} block={} warps={}".format(*shape)
+        impls[name] = triton(1, *shape)
+    return impls
+
+
+def layer_shapes(layer: str, size: int, batch: int) -> list[tuple[int, ...]]:
+    """The shapes of the arrays the layer's implementations take: (x, kernel, bias) at
+    inference, (x, kernel, output gradient) in training; the input at `size` for the first
+    layer, at half of it for the others."""
+    side, cin = (size, 2) if layer == "1" else (size // 2, 16)
+    last = (batch, side, side, 16) if layer == "train" else (16,)
+    return [(batch, side, side, cin), (3, 3, cin, 16), last]
+
+
+def layer_inputs(layer: str, size: int, batch: int) -> list[jax.Array]:
+    """Random arrays of `layer_shapes`, float32."""
+    rng = np.random.default_rng(0)
+    x_shape, kernel_shape, last = layer_shapes(layer, size, batch)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    kernel = rng.normal(size=kernel_shape) * 0.5 / kernel_shape[2] ** 0.5
+    last = rng.normal(size=last) * (1 if layer == "train" else 0.3)
+    return [x, jnp.asarray(kernel, jnp.float32), jnp.asarray(last, jnp.float32)]
+
+
+IMPLS = {"1": first_layer_impls, "2": pooled_layer_impls, "train": train_conv_impls}
+
+
+def max_abs_diff(got, reference) -> float:
+    """The largest difference over every array of got from reference's (a pytree each)."""
+    return max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(got), jax.tree.leaves(reference), strict=True))  # fmt: skip
+
+
 def main(argv: list[str]) -> None:
     opts = parse(argv)
     out = core.output_path(opts["out"], "layers")
-    size, batch, layer = int(opts["size"]), int(opts["batch"]), int(opts["layer"])
+    size, batch, layer = int(opts["size"]), int(opts["batch"]), opts["layer"]
     on_gpu = jax.default_backend() == "gpu"
     core.MIN_SECONDS = float(opts["min_seconds"] or 0.5)
-    rng = np.random.default_rng(0)
-    side, cin = (size, 2) if layer == 1 else (size // 2, 16)
-    x = jnp.asarray(rng.normal(size=(batch, side, side, cin)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(3, 3, cin, 16)) * 0.5 / cin**0.5, jnp.float32)
-    bias = jnp.asarray(rng.normal(size=16) * 0.3, jnp.float32)
-    moved = (x.size + batch * (side // 2) ** 2 * 16) * 4  # bytes a perfect kernel moves
-    impls = first_layer_impls(on_gpu) if layer == 1 else pooled_layer_impls(on_gpu)
-    reference = next(iter(impls.values()))(x, kernel, bias)
-    impls["copy"] = jax.jit(lambda x, k, b: x * 2)  # reads and writes the input's bytes
+    args = layer_inputs(layer, size, batch)
+    x, side = args[0], args[0].shape[1]
+    if layer == "train":  # x and g read by the conv and by each gradient; y and dx written
+        moved = 6 * x.nbytes
+    else:  # the input read once, the pooled output written once
+        moved = (x.size + batch * (side // 2) ** 2 * 16) * 4
+    impls = IMPLS[layer](on_gpu)
+    reference = next(iter(impls.values()))(*args)
+    impls["copy"] = jax.jit(lambda x, *_: x * 2)  # reads and writes the input's bytes
     rows = []
     for name, fn in impls.items():
         try:
-            first, sec = core.timed(lambda fn=fn: fn(x, kernel, bias), 10)
-            got = fn(x, kernel, bias)
-            diff = float(jnp.max(jnp.abs(got - reference))) if name != "copy" else 0.0
+            first, sec = core.timed(lambda fn=fn: fn(*args), 10)
+            diff = max_abs_diff(fn(*args), reference) if name != "copy" else 0.0
             nbytes = 2 * x.nbytes if name == "copy" else moved
         except Exception as err:  # a shape Triton refuses: say so and go on
             print(f"failed: {name}: {type(err).__name__}: {str(err).splitlines()[0]}",
@@ -133,7 +198,8 @@ def main(argv: list[str]) -> None:
         print(f"{name:44} {sec * 1e3:9.3f} ms {nbytes / sec / 1e9:8.0f} GB/s  "
               f"first {first:6.2f} s  max |Δ| {diff:.2e}", flush=True)  # fmt: skip
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
-    what = "first layer" if layer == 1 else f"second layer ({side}², 16 channels)"
+    what = {"1": "first layer", "2": f"second layer ({side}², 16 channels)",
+            "train": f"second layer's conv in training ({side}², 16 channels)"}[layer]  # fmt: skip
     print(f"{what}, {size}² images, batch {batch}, on {device}; GB/s of {moved / 1e9:.2f} GB")
     atomic_write_text(
         out,

@@ -28,13 +28,12 @@ import tempfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks import core, layers
-from dirnet_jax import machine
+from dirnet_jax import machine, train_conv
 from dirnet_jax.workdir import atomic_write_text
 
-FLAGS = {"size": "256", "batch": "512", "triton_python": "", "out": ""}
+FLAGS = {"size": "256", "batch": "512", "train_batch": "32", "triton_python": "", "out": ""}
 # An H200: SMs, schedulers per SM, boost clock; and the sm_90 limits per SM.
 SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.98e9
 REGISTERS, MAX_WARPS, MAX_BLOCKS, SHARED = 65536, 64, 32, 228 * 1024
@@ -97,18 +96,28 @@ def compile_sass(ttir: str, warps: int, python: str) -> dict:
     return json.loads(done.stdout)
 
 
-def row(name: str, programs: int, warps: int, sass: dict) -> dict:
+def row(name: str, programs: int, warps: int, sass: dict, trips: int = 1) -> dict:
+    """A table row; `trips`: times the kernel's loop runs (its static count, all of it
+    counted as loop, times that bounds the instructions run)."""
     ops = sass["opcodes"]
     instructions = sass["instructions"]
     return dict(
-        kernel=name, programs=programs, warps=warps, instructions=instructions,
+        kernel=name, programs=programs, warps=warps, instructions=instructions, trips=trips,
         registers=sass["registers"], local_bytes=sass["local"], shared_bytes=sass["shared"],
         resident_warps=resident_warps(sass["registers"], warps, sass["shared"]),
-        issue_floor_ms=issue_floor_ms(programs, warps, instructions),
+        issue_floor_ms=issue_floor_ms(programs, warps, instructions * trips),
         fp32=sum(ops.get(op, 0) for op in ("FFMA", "FADD", "FMUL")),
         tensor=ops.get("HGMMA", 0) + ops.get("HMMA", 0), ldg=ops.get("LDG", 0),
         mufu=ops.get("MUFU", 0), opcodes=ops,
     )  # fmt: skip
+
+
+def kernel_grad_trips(name: str, height: int, width: int) -> int:
+    """Times the loop of `train_conv.kernel_grad_gpu` runs, for an implementation named as
+    benchmarks.layers names it ("… rows=R block=N …", or the defaults)."""
+    shape = re.search(r"rows=(\d+) block=(\d+)", name)
+    rows, block = map(int, shape.groups()) if shape else (train_conv.ROWS, train_conv.BLOCK)
+    return math.gcd(height, rows) * (width // min(width, block))
 
 
 def triton_available(python: str) -> bool:
@@ -123,36 +132,45 @@ def main(argv: list[str]) -> None:
     if not triton_available(python):
         sys.exit(f"error: {python} has no triton: pip install triton==3.9.0 (or -e '.[sass]')")
     size, batch = int(opts["size"]), int(opts["batch"])
-    shapes = {1: ((batch, size, size, 2), 2), 2: ((batch, size // 2, size // 2, 16), 16)}
-    impls = {1: layers.first_layer_impls(on_gpu=True), 2: layers.pooled_layer_impls(on_gpu=True)}
+    train_batch = int(opts["train_batch"])
     rows = []
-    print(f"{'kernel':44} {'instr':>6} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} "
+    print(f"{'kernel':60} {'instr':>6} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} "
           f"{'issue ms':>8} {'fp32':>5} {'tensor':>6} {'ldg':>4} {'mufu':>4}")  # fmt: skip
-    for layer, (shape, cin) in shapes.items():
-        args = (jax.ShapeDtypeStruct(shape, jnp.float32),
-                jax.ShapeDtypeStruct((3, 3, cin, 16), jnp.float32),
-                jax.ShapeDtypeStruct((16,), jnp.float32))  # fmt: skip
-        for name, fn in impls[layer].items():
+    for layer in layers.LAYERS:
+        shapes = layers.layer_shapes(layer, size, train_batch if layer == "train" else batch)
+        args = [jax.ShapeDtypeStruct(shape, "float32") for shape in shapes]
+        for name, fn in layers.IMPLS[layer](on_gpu=True).items():
+            # Training: the conv, its input gradient, its kernel gradient (a loop over
+            # blocks of columns of the program's rows); inference: the layer's kernel.
+            parts = {"": 1}
+            if layer == "train":
+                parts = {"conv": 1, "input grad": 1,
+                         "kernel grad": kernel_grad_trips(name, *shapes[0][1:3])}  # fmt: skip
             try:
                 kernels = triton_kernels(fn, *args)
                 if not kernels:  # one of XLA's own rows
                     continue
-                (ttir, programs, warps), *_ = kernels
-                r = row(
-                    f"layer {layer}: {name}", programs, warps, compile_sass(ttir, warps, python)
-                )
+                found = [
+                    row(f"layer {layer}: {name}{': ' * bool(part)}{part}", programs, warps,
+                        compile_sass(ttir, warps, python), trips=trips)
+                    for (ttir, programs, warps), (part, trips) in zip(
+                        kernels[: len(parts)], parts.items(), strict=True)
+                ]  # fmt: skip
             except Exception as err:  # a form Triton refuses: say so and go on
                 print(f"failed: {name}: {type(err).__name__}: {err}", file=sys.stderr)
                 continue
-            rows.append(r)
-            print(f"{r['kernel']:44} {r['instructions']:6} {r['registers']:4} "
-                  f"{r['local_bytes']:5} {r['shared_bytes']:6} {r['resident_warps']:8} "
-                  f"{r['issue_floor_ms']:8.3f} {r['fp32']:5} {r['tensor']:6} {r['ldg']:4} "
-                  f"{r['mufu']:4}", flush=True)  # fmt: skip
+            for r in found:
+                rows.append(r)
+                print(f"{r['kernel']:60} {r['instructions']:6} {r['registers']:4} "
+                      f"{r['local_bytes']:5} {r['shared_bytes']:6} {r['resident_warps']:8} "
+                      f"{r['issue_floor_ms']:8.3f} {r['fp32']:5} {r['tensor']:6} "
+                      f"{r['ldg']:4} {r['mufu']:4}", flush=True)  # fmt: skip
     version = subprocess.run([python, "-c", "import triton; print(triton.__version__)"],
                              capture_output=True, text=True).stdout.strip()  # fmt: skip
-    print(f"{size}² images, batch {batch}; sm_90a by triton {version}; issue floor on an H200")
-    record = dict(machine=machine.describe(), size=size, batch=batch, triton=version, rows=rows)
+    print(f"{size}² images, batch {batch} (training {train_batch}); sm_90a by triton {version}; "
+          "issue floor on an H200 (a loop's: its static count × trips)")  # fmt: skip
+    record = dict(machine=machine.describe(), size=size, batch=batch, train_batch=train_batch,
+                  triton=version, rows=rows)  # fmt: skip
     atomic_write_text(out, json.dumps(record, indent=2))
     print(f"written to {out}")
 

@@ -225,23 +225,31 @@ class ConvELUPool(nn.Module):
 
 
 class TapConv(nn.Module):
-    """A 3×3 conv layer computed by `conv_taps`, with the parameters of the nn.Conv it
-    stands for ('kernel', and 'bias' if `use_bias`): the same initial values under the
-    same name."""
+    """A 3×3 conv layer computed by `conv` (`conv_taps`, or a function of the same
+    signature: `train_conv.conv3x3`), with the parameters of the nn.Conv it stands for
+    ('kernel', and 'bias' if `use_bias`): the same initial values under the same name."""
 
     features: int
     use_bias: bool = False
     dtype: Any = None
+    conv: Callable[[jax.Array, jax.Array], jax.Array] = conv_taps
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = (3,) * (x.ndim - 2) + (x.shape[-1], self.features)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
         dtype = self.dtype or jnp.result_type(x, kernel)
-        y = conv_taps(x.astype(dtype), kernel.astype(dtype))
+        y = self.conv(x.astype(dtype), kernel.astype(dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,)).astype(dtype)
         return y
+
+
+def conv_layer(features: int, kernel_size: tuple[int, ...], **kwargs: Any) -> nn.Module:
+    """The regressor's conv layers but the first and the fused ones: flax's nn.Conv.
+    (benchmarks/core.py swaps in the Triton kernels of `dirnet_jax.train_conv`, which await
+    their GPU timing.)"""
+    return nn.Conv(features, kernel_size, **kwargs)
 
 
 class Regressor(nn.Module):
@@ -287,7 +295,7 @@ class Regressor(nn.Module):
             if (train or self.folded) and not made["Conv"] and (kernel, strides) == (3, 1):
                 return normalized(functools.partial(TapConv, cfg.features), "Conv", x)
             conv = functools.partial(
-                nn.Conv, cfg.features, (kernel,) * ndim, strides=strides, padding=padding
+                conv_layer, cfg.features, (kernel,) * ndim, strides=strides, padding=padding
             )
             return normalized(conv, "Conv", x)
 

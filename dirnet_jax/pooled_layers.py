@@ -68,31 +68,40 @@ def tf32_split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return big, x - big
 
 
+def tf32_terms(x, x_split, w_big, w_small):
+    """The (lhs, rhs) products whose sum is x·w for w = w_big + w_small (`tf32_split`): with
+    x's split (big, small), the three that carry float32's accuracy through TF32 products;
+    with None, x·w itself (one TF32 product on a GPU)."""
+    if x_split is None:
+        return ((x, w_big + w_small),)  # w exactly
+    big, small = x_split
+    return ((small, w_big), (big, w_small), (big, w_big))
+
+
+def dot_precision(interpret: bool):
+    """Each product on tensor cores as TF32; in Pallas' interpreter at full precision."""
+    return jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+
+
 def _kernel(x_ref, wb_ref, ws_ref, b_ref, o_ref, *, rows, width, pool, passes, interpret):
     """Pooled row r of pair b, every column: [W/2, Cout]."""
     pid = pl.program_id(0)
     b, r = pid // rows, pid % rows
     col = 2 * jax.lax.broadcasted_iota(jnp.int32, (width // 2,), 0) - 1
-    # Each product on tensor cores as TF32; Pallas' interpreter at full precision.
-    precision = jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+    precision = dot_precision(interpret)
     acc = {}  # (a, b) position in the pooling window → conv output [W/2, Cout]
     for u in range(4):  # input row 2r − 1 + u
         row = 2 * r - 1 + u
         for v in range(4):  # input column 2c − 1 + v
-            taken = _gathered(x_ref, b, row, col + v, rows, width, u in (0, 3), v in (0, 3),
-                              interpret)  # fmt: skip
+            taken = gathered(x_ref, b, row, col + v, 2 * rows, width, u in (0, 3), v in (0, 3),
+                             interpret)  # fmt: skip
             split = tf32_split(taken) if passes == 3 else None  # (big, small)
             for a in range(2):
                 for bb in range(2):
                     dy, dx = u - a, v - bb
                     if not (0 <= dy < 3 and 0 <= dx < 3):
                         continue
-                    wb, ws = wb_ref[dy, dx, :, :], ws_ref[dy, dx, :, :]
-                    if split:
-                        big, small = split
-                        products = ((small, wb), (big, ws), (big, wb))
-                    else:  # x·w; wb + ws is w exactly
-                        products = ((taken, wb + ws),)
+                    products = tf32_terms(taken, split, wb_ref[dy, dx, :, :], ws_ref[dy, dx, :, :])
                     for lhs, rhs in products:  # acc + dot: Triton accumulates in place
                         term = jnp.dot(lhs, rhs, precision=precision,
                                        preferred_element_type=jnp.float32)  # fmt: skip
@@ -103,14 +112,14 @@ def _kernel(x_ref, wb_ref, ws_ref, b_ref, o_ref, *, rows, width, pool, passes, i
     o_ref[b, r, :, :] = pool_window(window, pool, expm1).astype(o_ref.dtype)
 
 
-def _gathered(x_ref, b, row, cols, rows, width, edge_row, edge_col, interpret):
-    """Input row `row`, columns `cols` [W/2] of pair b, zero outside the image, in float32:
-    [W/2, C]. Only window positions on an edge of the image (`edge_row`, `edge_col`) are
-    masked."""
+def gathered(x_ref, b, row, cols, height, width, edge_row, edge_col, interpret):
+    """Row `row`, columns `cols` [N] of image b of x_ref [B, H, W, C], zero outside the
+    image, in float32: [N, C]. Masked loads only where the caller says the row or the
+    columns may leave the image (`edge_row`, `edge_col`)."""
     if not (edge_row or edge_col):
         return x_ref[b, row, cols, :].astype(jnp.float32)
-    inside = ((cols >= 0) & (cols < width) & (row >= 0) & (row < 2 * rows))[:, None]
-    ref = x_ref.at[b, jnp.clip(row, 0, 2 * rows - 1), jnp.clip(cols, 0, width - 1), :]
+    inside = ((cols >= 0) & (cols < width) & (row >= 0) & (row < height))[:, None]
+    ref = x_ref.at[b, jnp.clip(row, 0, height - 1), jnp.clip(cols, 0, width - 1), :]
     if interpret:  # the interpreter takes no masked gather
         return jnp.where(inside, ref[...], 0).astype(jnp.float32)
     return plgpu.load(ref, mask=inside, other=0).astype(jnp.float32)

@@ -155,12 +155,27 @@ def test_layers_benchmark_times_the_second_layer_kernel(tmp_path, capsys):
     record = json.loads(out.read_text())
     rows = {r["impl"]: r for r in record["rows"]}
     kernels = {"triton dense, 3 TF32 products", "triton dense, 1 TF32 product"}
-    assert record["layer"] == 2 and set(rows) == {"xla conv, elu, pool", "copy", *kernels}
+    assert record["layer"] == "2" and set(rows) == {"xla conv, elu, pool", "copy", *kernels}
     for name in kernels:  # the interpreter: full precision either way
         assert rows[name]["max_abs_diff"] < 1e-5
     assert "second layer (32², 16 channels), 64² images, batch 2" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="error: --layer"):
         layers.main(["--layer=3"])
+
+
+def test_layers_benchmark_times_the_training_kernels(tmp_path, capsys):
+    out = tmp_path / "layers.json"
+    layers.main(["--layer=train", "--size=32", "--batch=2", "--min_seconds=0.01", f"--out={out}"])
+    record = json.loads(out.read_text())
+    rows = {r["impl"]: r for r in record["rows"]}
+    kernels = {f"triton conv and gradients, {p}" for p in ("1 TF32 product", "3 TF32 products")}
+    assert record["batch"] == 2 and set(rows) == {"xla conv and gradients", "copy", *kernels}
+    for name in kernels:  # the conv and both gradients, in the interpreter at full precision
+        assert 0 < rows[name]["max_abs_diff"] < 1e-4
+    assert "conv in training (16², 16 channels), 32² images, batch 2" in capsys.readouterr().out
+    assert layers.parse(["--layer=train"])["batch"] == "32"  # training's batch by default
+    with pytest.raises(SystemExit, match="error: --batch"):
+        layers.parse(["--batch=0"])
 
 
 def test_core_reports_a_row_that_fails_and_goes_on(tmp_path, monkeypatch, capsys):

@@ -3,6 +3,7 @@ counts; and, where a Python with triton is at hand (this venv, or DIRNET_TRITON_
 one kernel compiled for sm_90a."""
 
 import json
+import math
 import os
 import sys
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import sass, triton_sass
-from dirnet_jax import first_layer, pooled_layers
+from dirnet_jax import first_layer, pooled_layers, train_conv
 
 LISTING = """
         /*0000*/                   LDC R1, c[0x0][0x28] ;
@@ -59,6 +60,34 @@ def test_captures_each_kernels_ir_grid_and_warps():
     assert all("tt.func" in ir and "tt.load" in ir for ir, _, _ in kernels)
     assert "tt.dot" in kernels[1][0] and "tt.dot" not in kernels[0][0]
     assert sass.triton_kernels(lambda x: x * 2, x) == []  # XLA's own: none
+
+
+def test_captures_the_training_kernels_and_their_loop():
+    x = jax.ShapeDtypeStruct((2, 12, 64, 16), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 16, 32), jnp.float32)
+    g = jax.ShapeDtypeStruct((2, 12, 64, 32), jnp.float32)
+
+    def grads(x, k, g):
+        return jax.vjp(train_conv.conv3x3, x, k)[1](g)
+
+    kernels = sass.triton_kernels(lambda x, k, g: (train_conv.conv3x3(x, k), grads(x, k, g)),
+                                  x, k, g)  # fmt: skip
+    rows = math.gcd(12, train_conv.ROWS)  # 4: 12 rows, 3 programs per image
+    assert [(programs, warps) for _, programs, warps in kernels] == [
+        (2 * 12, train_conv.WARPS),  # the conv: a program per row
+        (2 * 12, train_conv.WARPS),  # its input gradient
+        (2 * 12 // rows, train_conv.GRAD_WARPS),  # its kernel gradient
+    ]
+    assert "scf.for" in kernels[2][0] and "scf.for" not in kernels[0][0]
+    # The kernel gradient's loop: rows per program × blocks of columns per row.
+    assert sass.kernel_grad_trips("triton conv and gradients", 12, 64) == rows * 64 // min(
+        64, train_conv.BLOCK
+    )
+    assert sass.kernel_grad_trips("…, kernel grad rows=8 block=128 warps=4", 12, 64) == 4
+    assert sass.kernel_grad_trips("…, kernel grad rows=2 block=16 warps=1", 12, 64) == 8
+    counts = {"instructions": 100, "registers": 32, "local": 0, "shared": 0, "opcodes": {}}
+    once, looped = sass.row("k", 528, 1, counts), sass.row("k", 528, 1, counts, trips=8)
+    assert looped["issue_floor_ms"] == pytest.approx(8 * once["issue_floor_ms"])
 
 
 def test_says_when_triton_is_missing(tmp_path):

@@ -1,0 +1,250 @@
+"""Training's later 3×3 convolutions (many channels, SAME zero padding, stride 1) and both
+their gradients as GPU kernels (Pallas, Triton backend). A candidate: not yet timed on a
+GPU, so the regressor trains with flax's nn.Conv (cuDNN), and benchmarks/core.py swaps
+this in (`baseline-tritonconv`).
+
+Why: a 256² training step at batch 32 on an H200 spent ~0.74 of its ~1.5 ms of kernels in
+cuDNN's work for these layers: the kernel gradient 0.39 ms (sm80 `wgrad`, all 16-channel
+layers together), a conversion of their inputs into a workspace 0.20 and the input
+gradient 0.14 (benchmarks/NOTES.md). What they must move is small: at 128² the layer's
+input and output gradient are 34 MB each, and the kernel gradient is 2,304 numbers.
+
+How: the convolution is 9 matrix products per output row, one per tap, of the input row
+shifted by the tap ([W, Cin], gathered with zeros outside the image) by the tap's
+[Cin, Cout] weights. The input gradient is the same convolution of the output gradient by
+the flipped, transposed kernel. The kernel gradient is, per tap, Σ over pixels of
+x_shiftedᵀ · g: each program sums ``ROWS`` rows of one image into 9 [Cin, Cout]
+matrices, and XLA adds the programs' sums. Products on tensor cores, one TF32 product each
+(``passes=1``, the precision of cuDNN's at XLA's default precision, which trains now) or
+three (``passes=3``, float32 to ~1e-6; see `pooled_layers`). Pallas' interpreter computes
+each product at full precision.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from dirnet_jax.first_layer import power_of_two
+from dirnet_jax.pooled_layers import dot_precision, gathered, tf32_split, tf32_terms
+
+WARPS = 4
+# The kernel gradient: image rows per program (fewer where the height is not a multiple),
+# columns per product, warps per program. By the sm_90a counts (benchmarks/sass.py): one
+# warp (a [16, 16] product is one warp's; more warps repeat it) and 32 columns (194
+# registers; a whole 128-column row needs 255), and 4 rows so that a 128² layer at batch
+# 32 has 1,024 programs.
+ROWS, BLOCK, GRAD_WARPS = 4, 32, 1
+PASSES = 1  # tensor-core products per tap: TF32, as cuDNN's at default precision (3: float32)
+TAPS = [(dy, dx) for dy in range(3) for dx in range(3)]
+
+
+def applies(x_shape: tuple[int, ...], features: int) -> bool:
+    """Whether the kernels take a convolution of [B, H, W, C] into `features` channels: 2-D,
+    width, channels and features powers of two of at least 16 (the sizes of Triton's
+    matrix products). ``DIRNET_TRAIN_CONV=xla`` in the environment turns them off."""
+    if os.environ.get("DIRNET_TRAIN_CONV", "") == "xla" or len(x_shape) != 4:
+        return False
+    return all(power_of_two(n, least=16) for n in (x_shape[2], x_shape[3], features))
+
+
+def xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """XLA's SAME, stride-1 convolution: [B, H, W, Cin], [3, 3, Cin, Cout] → [B, H, W, Cout]."""
+    numbers = ("NHWC", "HWIO", "NHWC")
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=numbers)
+
+
+def _conv_kernel(x_ref, wb_ref, ws_ref, o_ref, *, height, width, passes, interpret):
+    """Output row r of image b: [W, Cout]."""
+    pid = pl.program_id(0)
+    b, r = pid // height, pid % height
+    cols = jax.lax.broadcasted_iota(jnp.int32, (width,), 0)
+    acc = None
+    for dy, dx in TAPS:
+        taken = gathered(x_ref, b, r + dy - 1, cols + dx - 1, height, width, dy != 1, dx != 1,
+                         interpret)  # fmt: skip
+        split = tf32_split(taken) if passes == 3 else None
+        for lhs, rhs in tf32_terms(taken, split, wb_ref[dy, dx, :, :], ws_ref[dy, dx, :, :]):
+            term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
+                           preferred_element_type=jnp.float32)  # fmt: skip
+            acc = term if acc is None else acc + term
+    o_ref[b, r, :, :] = acc.astype(o_ref.dtype)
+
+
+def _check(x_shape, features, passes):
+    if not applies(x_shape, features):
+        raise ValueError(f"train_conv's kernels do not take {x_shape} → {features} channels")
+    if passes not in (1, 3):
+        raise ValueError(f"passes is 1 or 3, not {passes}")
+
+
+@functools.partial(jax.jit, static_argnames=("passes", "interpret"))
+def conv_gpu(
+    x: jax.Array, kernel: jax.Array, passes: int = PASSES, interpret: bool = False
+) -> jax.Array:
+    """``conv(x, kernel)``, SAME zero padding, stride 1, as one Triton kernel.
+
+    Args:
+      x: [B, H, W, Cin] (float32 or bfloat16); kernel: [3, 3, Cin, Cout].
+      passes: 1 (one TF32 product per tap) or 3 (float32 to ~1e-6).
+      interpret: run Pallas' interpreter (any backend: the tests on a CPU).
+
+    Returns:
+      [B, H, W, Cout] in the dtype of x and kernel (sums in float32).
+    """
+    _check(x.shape, kernel.shape[-1], passes)
+    batch, h, w, _ = x.shape
+    big, small = tf32_split(kernel.astype(jnp.float32))
+    body = functools.partial(_conv_kernel, height=h, width=w, passes=passes, interpret=interpret)
+    dtype = jnp.result_type(x, kernel)
+    return pl.pallas_call(
+        body,
+        out_shape=jax.ShapeDtypeStruct((batch, h, w, kernel.shape[-1]), dtype),
+        grid=(batch * h,),
+        compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1),
+        interpret=interpret,
+    )(x, big, small)
+
+
+def _kernel_grad_kernel(x_ref, g_ref, o_ref, *, height, width, rows, block, passes, interpret):
+    """Program p: Σ over rows p·rows … p·rows + rows − 1 of image b of x_shiftedᵀ · g, per
+    tap, `block` columns at a time: [9, Cin, Cout]."""
+    pid = pl.program_id(0)
+    blocks = height // rows
+    b, first = pid // blocks, (pid % blocks) * rows
+    per_row = width // block
+    cin, cout = x_ref.shape[-1], g_ref.shape[-1]
+    contract_pixels = (((0,), (0,)), ((), ()))  # xᵀ · g over the block's pixels
+
+    def step(i, acc):
+        # lax's div and rem: i ≥ 0, and jnp's // and % do not lower in a Triton loop
+        r, start = first + jax.lax.div(i, per_row), jax.lax.rem(i, per_row) * block
+        cols = start + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+        g = g_ref[b, r, pl.ds(start, block), :].astype(jnp.float32)  # [block, Cout]
+        g_big, g_small = tf32_split(g)
+        sums = []
+        for t, (dy, dx) in enumerate(TAPS):
+            taken = gathered(x_ref, b, r + dy - 1, cols + dx - 1, height, width, dy != 1,
+                             dx != 1, interpret)  # fmt: skip
+            split = tf32_split(taken) if passes == 3 else None
+            total = acc[t]
+            for lhs, rhs in tf32_terms(taken, split, g_big, g_small):
+                total = total + jax.lax.dot_general(
+                    lhs, rhs, contract_pixels, precision=dot_precision(interpret),
+                    preferred_element_type=jnp.float32,
+                )  # fmt: skip
+            sums.append(total)
+        return tuple(sums)
+
+    zero = tuple(jnp.zeros((cin, cout), jnp.float32) for _ in TAPS)
+    sums = jax.lax.fori_loop(0, rows * per_row, step, zero)
+    for t in range(len(TAPS)):
+        o_ref[pid, t, :, :] = sums[t]
+
+
+@functools.partial(jax.jit, static_argnames=("passes", "interpret", "rows", "block", "warps"))
+def kernel_grad_gpu(
+    x: jax.Array,
+    g: jax.Array,
+    passes: int = PASSES,
+    interpret: bool = False,
+    rows: int = ROWS,
+    block: int = BLOCK,
+    warps: int = GRAD_WARPS,
+) -> jax.Array:
+    """The gradient of Σ g · conv(x, kernel) with respect to the kernel, by Triton.
+
+    Args:
+      x: [B, H, W, Cin], the convolution's input; g: [B, H, W, Cout], the gradient of its
+        output (float32 or bfloat16).
+      passes, interpret: as `conv_gpu`.
+      rows, block, warps: image rows per program (their greatest common divisor with H),
+        columns per product (at most W), warps per program (benchmarks/layers.py times
+        other choices).
+
+    Returns:
+      [3, 3, Cin, Cout] float32: Σ over images and pixels p of x[p + tap − 1]ᵀ · g[p].
+    """
+    _check(x.shape, g.shape[-1], passes)
+    batch, h, w, cin = x.shape
+    rows = math.gcd(h, rows)
+    programs = batch * h // rows
+    block = min(w, block)
+    body = functools.partial(_kernel_grad_kernel, height=h, width=w, rows=rows,
+                             block=block, passes=passes, interpret=interpret)  # fmt: skip
+    partial_sums = pl.pallas_call(
+        body,
+        out_shape=jax.ShapeDtypeStruct((programs, len(TAPS), cin, g.shape[-1]), jnp.float32),
+        grid=(programs,),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
+        interpret=interpret,
+    )(x, g)
+    return partial_sums.sum(axis=0).reshape(3, 3, cin, g.shape[-1])
+
+
+def flipped(kernel: jax.Array) -> jax.Array:
+    """The kernel whose convolution is the transpose of kernel's (SAME, stride 1): taps
+    reversed, input and output channels swapped. [3, 3, Cin, Cout] → [3, 3, Cout, Cin]."""
+    return jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+
+
+def _gpu_grads(x, kernel, g, interpret=False, passes=PASSES, grad_shape=()):
+    dx = conv_gpu(g, flipped(kernel), passes, interpret).astype(x.dtype)
+    dw = kernel_grad_gpu(x, g, passes, interpret, *grad_shape)
+    return dx, dw.astype(kernel.dtype)
+
+
+def _xla_grads(x, kernel, g):
+    return jax.vjp(xla_conv, x, kernel)[1](g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv3x3(
+    x: jax.Array,
+    kernel: jax.Array,
+    interpret: bool = False,
+    passes: int = PASSES,
+    grad_shape: tuple[int, ...] = (),
+) -> jax.Array:
+    """``conv(x, kernel)``, SAME zero padding, stride 1, and its gradients: on CUDA GPUs by
+    this module's kernels where `applies` says they take the shape, by XLA elsewhere.
+
+    Args:
+      x: [B, H, W, Cin]; kernel: [3, 3, Cin, Cout], both of one dtype.
+      interpret: the kernels in Pallas' interpreter on every backend (the tests).
+      passes: TF32 products per tap, as `conv_gpu`.
+      grad_shape: (rows, block, warps) of `kernel_grad_gpu`, or a prefix of them (the
+        rest its defaults).
+
+    Returns:
+      [B, H, W, Cout].
+    """
+    if not applies(x.shape, kernel.shape[-1]):
+        return xla_conv(x, kernel)
+    gpu = functools.partial(conv_gpu, passes=passes, interpret=interpret)
+    if interpret:
+        return gpu(x, kernel)
+    return jax.lax.platform_dependent(x, kernel, cuda=gpu, default=xla_conv)
+
+
+def _conv3x3_fwd(x, kernel, interpret, passes, grad_shape):
+    return conv3x3(x, kernel, interpret, passes, grad_shape), (x, kernel)
+
+
+def _conv3x3_bwd(interpret, passes, grad_shape, residuals, g):
+    x, kernel = residuals
+    if not applies(x.shape, kernel.shape[-1]):
+        return _xla_grads(x, kernel, g)
+    gpu = functools.partial(_gpu_grads, interpret=interpret, passes=passes, grad_shape=grad_shape)
+    if interpret:
+        return gpu(x, kernel, g)
+    return jax.lax.platform_dependent(x, kernel, g, cuda=gpu, default=_xla_grads)
+
+
+conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)

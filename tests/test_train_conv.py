@@ -1,0 +1,159 @@
+"""Training's later convolutions as Triton kernels (a candidate, not yet the default): the
+convolution, its input gradient and its kernel gradient in Pallas' interpreter on any
+backend (compiled on a GPU) against XLA's convolution and its gradients at full
+precision; the whole DIRNet's training gradients with the kernels swapped in; the swap's
+lowering for CUDA."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import core
+from dirnet_jax import DIRNetConfig, train_conv
+from dirnet_jax.train import _loss, create_train_state
+
+ON_GPU = jax.default_backend() == "gpu"  # else the kernels run in Pallas' interpreter
+INTERPRET = not ON_GPU
+
+
+def reference_conv(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )  # fmt: skip
+
+
+def arrays(rng, shape, cout):
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, shape[-1], cout)) * 0.25, jnp.float32)
+    g = jnp.asarray(rng.normal(size=(*shape[:-1], cout)), jnp.float32)
+    return x, kernel, g
+
+
+# Heights that are and are not a multiple of the kernel gradient's rows per program;
+# more output channels than input and fewer.
+SHAPES = [((2, 12, 32, 16), 32), ((1, 16, 16, 32), 16), ((3, 5, 16, 16), 16)]
+
+
+@pytest.mark.parametrize("shape,cout", SHAPES)
+def test_kernels_are_the_convolution_and_its_gradients(rng, shape, cout):
+    x, kernel, g = arrays(rng, shape, cout)
+    expected, vjp = jax.vjp(reference_conv, x, kernel)
+    expected_dx, expected_dw = vjp(g)
+    # Values along the zero-padded edges differ from the inside: the masks are exercised.
+    assert float(jnp.abs(expected[:, 0] - expected[:, 1]).max()) > 0.5
+    tol = 1e-2 if ON_GPU else 1e-5  # one TF32 product per tap on a GPU: ~1e-3 relative
+    for passes, rtol in ((1, tol), (3, 1e-5)):
+        got = train_conv.conv_gpu(x, kernel, passes=passes, interpret=INTERPRET)
+        assert got.shape == expected.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
+        dx = train_conv.conv_gpu(g, train_conv.flipped(kernel), passes=passes, interpret=INTERPRET)
+        np.testing.assert_allclose(dx, expected_dx, rtol=rtol, atol=rtol)
+        # Rows per program (3: its gcd with H), columns per product (16: two per 32-pixel
+        # row, one per 16), warps: the default and another.
+        for grad_shape in [(), (3, 16, 2)]:
+            dw = train_conv.kernel_grad_gpu(x, g, passes, INTERPRET, *grad_shape)
+            assert dw.shape == kernel.shape and dw.dtype == jnp.float32
+            # Sums over every pixel of every image: absolute error grows with their number.
+            scale = float(jnp.abs(expected_dw).max())
+            np.testing.assert_allclose(dw, expected_dw, rtol=rtol, atol=rtol * scale)
+
+
+def test_bfloat16_inputs_are_read_as_they_are(rng):
+    x, kernel, g = (a.astype(jnp.bfloat16) for a in arrays(rng, (2, 8, 16, 16), 16))
+    up = [a.astype(jnp.float32) for a in (x, kernel, g)]
+    got = train_conv.conv_gpu(x, kernel, interpret=INTERPRET)
+    assert got.dtype == jnp.bfloat16  # sums in float32, rounded once
+    np.testing.assert_allclose(
+        got.astype(jnp.float32), reference_conv(*up[:2]), rtol=1e-2, atol=2e-2
+    )
+    dw = train_conv.kernel_grad_gpu(x, g, interpret=INTERPRET)
+    expected_dw = jax.vjp(reference_conv, *up[:2])[1](up[2])[1]
+    np.testing.assert_allclose(dw, expected_dw, rtol=1e-2, atol=1e-2 * float(jnp.abs(dw).max()))
+
+
+def test_flipped_kernel_convolves_by_the_transpose(rng):
+    # ⟨conv(x, k), y⟩ = ⟨x, conv(y, flipped(k))⟩ for SAME zero padding, stride 1.
+    x, kernel, y = arrays(rng, (2, 6, 7, 3), 5)
+    left = jnp.vdot(reference_conv(x, kernel), y)
+    right = jnp.vdot(x, reference_conv(y, train_conv.flipped(kernel)))
+    np.testing.assert_allclose(left, right, rtol=1e-5)
+    assert train_conv.flipped(kernel).shape == (3, 3, 5, 3)
+
+
+@pytest.mark.parametrize("shape,cout", [SHAPES[0], ((2, 6, 8, 16), 16)])  # taken, not taken
+def test_conv3x3_gradients_are_the_convolutions(rng, shape, cout):
+    x, kernel, g = arrays(rng, shape, cout)
+    conv = functools.partial(train_conv.conv3x3, interpret=INTERPRET)
+    got, vjp = jax.vjp(conv, x, kernel)
+    expected, expected_vjp = jax.vjp(reference_conv, x, kernel)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(vjp(g), expected_vjp(g), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_applies_only_to_shapes_triton_takes(monkeypatch):
+    assert train_conv.applies((32, 128, 128, 16), 16)
+    assert train_conv.applies((2, 5, 16, 32), 16)  # any height
+    assert not train_conv.applies((2, 14, 14, 16), 16)  # width 14
+    assert not train_conv.applies((2, 16, 8, 16), 16)  # width 8 < 16
+    assert not train_conv.applies((2, 16, 16, 8), 16)  # 8 channels
+    assert not train_conv.applies((2, 16, 16, 16), 12)  # 12 features
+    assert not train_conv.applies((2, 16, 16, 16, 16), 16)  # 3-D
+    one = jnp.ones((1, 4, 16, 16))
+    with pytest.raises(ValueError, match="passes is 1 or 3"):
+        train_conv.conv_gpu(one, jnp.ones((3, 3, 16, 16)), passes=2, interpret=True)
+    with pytest.raises(ValueError, match="do not take"):
+        train_conv.kernel_grad_gpu(jnp.ones((1, 4, 8, 16)), jnp.ones((1, 4, 8, 16)), interpret=True)
+    monkeypatch.setenv("DIRNET_TRAIN_CONV", "xla")
+    assert not train_conv.applies((32, 128, 128, 16), 16)
+
+
+# 64² with two poolings: the first conv by taps at 64², then 16 → 16 at 32² (a shape the
+# kernels take), then 1×1 convs (XLA's).
+CONFIG = DIRNetConfig(image_shape=(64, 64), num_downsamplings=2)
+
+
+# `core.triton_conv_layer` with the kernels on every backend, interpreted off a GPU.
+interpreted_conv_layer = functools.partial(
+    core.triton_conv_layer, conv=functools.partial(train_conv.conv3x3, interpret=INTERPRET)
+)
+
+
+def test_dirnet_trains_alike_with_the_kernels():
+    pairs = jax.random.uniform(jax.random.key(2), (2, 4, 64, 64, 1))
+    batch = {"fixed": pairs[0], "moving": pairs[1]}
+
+    state = create_train_state(CONFIG)
+    params = dict(state.params)  # a non-trivial output layer: gradients of every scale
+    shape = params["output"]["kernel"].shape
+    params["output"] = {"kernel": jax.random.normal(jax.random.key(1), shape) * 0.1,
+                        "bias": params["output"]["bias"]}  # fmt: skip
+
+    def loss_and_grads():  # a new jit each call: traced under the swap in force
+        return jax.jit(jax.value_and_grad(_loss, has_aux=True))(params, state, batch)
+
+    (loss, _), grads = loss_and_grads()
+    with core.swapped("conv_layer", interpreted_conv_layer):
+        (kernel_loss, _), kernel_grads = loss_and_grads()
+    np.testing.assert_allclose(kernel_loss, loss, rtol=1e-5)
+    conv_grads = [g for path, g in jax.tree_util.tree_leaves_with_path(grads)
+                  if "Conv_1" in jax.tree_util.keystr(path)]  # fmt: skip
+    assert conv_grads and float(jnp.abs(conv_grads[0]).max()) > 0  # a layer the kernels took
+    for a, b in zip(jax.tree.leaves(kernel_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()) + 1e-9)
+
+
+def test_the_swapped_in_training_lowers_the_kernels_for_cuda_only():
+    pair = jnp.zeros((2, 64, 64, 1), jnp.float32)
+    batch = {"fixed": pair, "moving": pair}
+    with core.swapped("conv_layer", core.triton_conv_layer):
+        state = create_train_state(CONFIG.replace(seed=9))
+        traced = jax.jit(jax.grad(_loss, has_aux=True)).trace(state.params, state, batch)
+        cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+        cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    # One layer the kernels take, three kernels: the conv, its input and kernel gradients.
+    assert cuda.count("xla.gpu.triton") == 3 and "xla.gpu.triton" not in cpu
