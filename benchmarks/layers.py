@@ -47,12 +47,7 @@ SHAPES = [
     ("broadcast", 1, 16, "exp"),
     ("unpadded", 1, 8, "exp"),
     ("unpadded", 1, 4, "exp"),
-    ("scalar", 1, 4, "expm1"),
-    ("scalar", 1, 4, "exp"),
-    ("scalar", 1, 2, "exp"),
-    ("scalar", 1, 8, "exp"),
-    ("scalar", 2, 4, "exp"),
-    ("scalar", 2, 8, "exp"),
+    ("scalar", 2, 8, "exp"),  # the fastest scalar form; the others were 0.0–0.6 ms slower
 ]
 # The kernel gradient's (rows, columns, warps) per program besides the default
 # (train_conv.ROWS, BLOCK, GRAD_WARPS), for the training layer.
