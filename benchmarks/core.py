@@ -227,6 +227,9 @@ def triton_pooled_conv(x, kernel, bias, downsampling: str, dtype) -> jax.Array:
     return jax.lax.platform_dependent(x, kernel, bias, cuda=gpu, default=xla)
 
 
+_TapConv = models.TapConv  # the original, whatever is swapped in later
+
+
 def triton_conv_layer(
     features: int, kernel_size: tuple[int, ...], conv=train_conv.conv3x3, **kwargs
 ) -> nn.Module:
@@ -235,8 +238,14 @@ def triton_conv_layer(
     `swapped("conv_layer", triton_conv_layer)`: what they would buy in training."""
     strides, padding = kwargs.pop("strides", 1), kwargs.pop("padding", "SAME")
     if tuple(kernel_size) == (3, 3) and strides == 1 and padding == "SAME":
-        return models.TapConv(features, conv=conv, **kwargs)
+        return _TapConv(features, conv=conv, **kwargs)
     return nn.Conv(features, kernel_size, strides=strides, padding=padding, **kwargs)
+
+
+def triton_taps_grad(features: int, **kwargs) -> nn.Module:
+    """`models.TapConv` (training's first conv) with its kernel gradient by
+    `train_conv.taps_kernel_grad_gpu` on CUDA, for `swapped("TapConv", triton_taps_grad)`."""
+    return _TapConv(features, conv=train_conv.with_taps_grad(models.conv_taps), **kwargs)
 
 
 # `register` with XLA:GPU's default CUDA-graph threshold: what INFER_COMPILER_OPTIONS buys.
@@ -246,9 +255,12 @@ register_default_graphs = jax.jit(
 )  # fmt: skip
 
 
-def in_swap(name: str, value, bench, *args, **kwargs) -> None:
-    """bench(*args, **kwargs) with `models.<name>` swapped for `value`."""
-    with swapped(name, value):
+def in_swap(name: str | dict, value, bench, *args, **kwargs) -> None:
+    """bench(*args, **kwargs) with `models.<name>` swapped for `value` (or, with `name` a
+    dict and `value` None, each `models.<key>` for its value)."""
+    with contextlib.ExitStack() as stack:
+        for key, new in (name if isinstance(name, dict) else {name: value}).items():
+            stack.enter_context(swapped(key, new))
         bench(*args, **kwargs)
 
 
@@ -443,10 +455,19 @@ def main(argv: list[str]) -> None:
                 ("baseline-tritonconv", lambda: in_swap(
                     "conv_layer", triton_conv_layer, bench_train,
                     table, "baseline-tritonconv", base.replace(seed=6), p, r)),
+                # Training's first conv with its kernel gradient as a Triton kernel.
+                ("baseline-tritontaps", lambda: in_swap(
+                    "TapConv", triton_taps_grad, bench_train,
+                    table, "baseline-tritontaps", base.replace(seed=7), p, r)),
                 # The later pooled layers as Triton kernels (not yet the default).
                 ("baseline-tritonpool", lambda: in_swap(
                     "pooled_conv", triton_pooled_conv, bench_register,
                     table, "baseline-tritonpool", base.replace(seed=5), p, batches, r)),
+                # Both training kernels together (what adopting them would give).
+                ("baseline-tritontrain", lambda: in_swap(
+                    {"conv_layer": triton_conv_layer, "TapConv": triton_taps_grad}, None,
+                    bench_train, table, "baseline-tritontrain", base.replace(seed=8), p, r)),
+                ("baseline-bf16", lambda: bench_jax(table, "baseline-bf16", bf16, p, batches, r)),
                 # The first layer as XLA's loop instead of the Triton kernel.
                 ("baseline-xlaloop", lambda: in_swap(
                     "fused_first_layer", xla_first_layer, bench_register,
@@ -458,7 +479,6 @@ def main(argv: list[str]) -> None:
                 ("baseline-xlafirst", lambda: in_swap(
                     "fused_first_layer", unfused_first_layer, bench_register,
                     table, "baseline-xlafirst", base.replace(seed=2), p, batches, r)),
-                ("baseline-bf16", lambda: bench_jax(table, "baseline-bf16", bf16, p, batches, r)),
                 # Plain layers: what folding BatchNorm and the fused first layer buy.
                 ("baseline-unfolded", lambda: bench_register(
                     table, "baseline-unfolded", base, p, batches, r, fn=register_unfolded)),

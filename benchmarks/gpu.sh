@@ -4,18 +4,18 @@
 # computed on a CPU machine afterwards). Steps, each under its own time limit (seconds):
 #
 #   bash benchmarks/gpu.sh tests     # versions; the model and kernel tests on the GPU (75)
-#   bash benchmarks/gpu.sh kernel    # the first and second layers alone, and the second's
-#                                    # conv in training: our Triton kernels against XLA
-#                                    # (benchmarks/layers.py) (145); what they
+#   bash benchmarks/gpu.sh kernel    # the first and second layers alone, and both convs
+#                                    # in training: our Triton kernels against XLA
+#                                    # (benchmarks/layers.py) (175); what they
 #                                    # compile to is counted off the GPU (benchmarks/sass.py)
 #   bash benchmarks/gpu.sh onepair   # one pair: register against its A/B twins, interleaved
-#                                    # (benchmarks/one_pair.py) (40)
+#                                    # (benchmarks/one_pair.py) (30)
 #   bash benchmarks/gpu.sh bench     # the benchmark table: baselines (float32, bf16 and
 #                                    # the A/B rows) and PyTorch at both sizes first, then
 #                                    # the variants while the budget lasts (200); the rest
 #                                    # later by `python -m benchmarks.core --variants=…`
 #   bash benchmarks/gpu.sh profile   # top kernels: one 256² pair, batch 512, a train step,
-#                                    # and their compiled programs in hlo.tar.gz (75)
+#                                    # and their compiled programs in hlo.tar.gz (60)
 #   bash benchmarks/gpu.sh flags     # one pair, batch 512 and training under XLA flag sets:
 #                                    # CUDA graphs off; no Triton GEMMs; cuDNN runtime fusion
 #                                    # (conv + bias + ELU); graphs around loops, from one op (120)
@@ -72,15 +72,15 @@ train() {
 }
 
 kernel() {
-  local -A limit=([1]=60 [2]=35 [train]=50)  # each takes ~3/4 of its limit
-  for layer in 1 2 train; do
+  local -A limit=([1]=60 [2]=35 [train]=50 [train1]=30)  # each takes ~3/4 of its limit
+  for layer in 1 2 train train1; do
     timeout "${limit[$layer]}" $py -m benchmarks.layers --layer=$layer \
       --out="$OUT/layer${layer}_gpu.json" 2>&1 | tee -a "$OUT/gpu.log"
   done
 }
 
 onepair() {
-  timeout "${ONEPAIR_SECONDS:-40}" $py -m benchmarks.one_pair --out="$OUT/one_pair_gpu.json" \
+  timeout "${ONEPAIR_SECONDS:-30}" $py -m benchmarks.one_pair --out="$OUT/one_pair_gpu.json" \
     2>&1 | tee -a "$OUT/gpu.log"
 }
 
@@ -98,9 +98,11 @@ flags() {  # the tool keeps to its budget and prints its table; timeout is a bac
 }
 
 profile() {
-  local end=$((SECONDS + ${PROFILE_SECONDS:-75})) hlo=/tmp/hlo
+  local end=$((SECONDS + ${PROFILE_SECONDS:-60})) hlo=/tmp/hlo
   mkdir -p $hlo
-  for args in "--batch=1" "--batch=512" "--what=train --batch=32"; do
+  # The defaults were profiled in earlier leases (measured/gpu-h200-profile*.txt): batch 512
+  # and training with the Triton candidates swapped in now.
+  for args in "--batch=1" "--batch=512 --candidates=true" "--what=train --batch=32 --candidates=true"; do
     name=$(echo "$args" | tr -dc 'a-z0-9=' | tr '=' '_')
     # shellcheck disable=SC2086  # $args holds several flags
     timeout $((end - SECONDS > 10 ? end - SECONDS : 10)) $py -m benchmarks.profile $args \

@@ -4,6 +4,7 @@ the convolution and its gradients: our Triton kernels against what XLA does with
     python -m benchmarks.layers                     # the first layer, 256², batch 512 (GPU)
     python -m benchmarks.layers --layer=2           # the second (16 → 16 channels at 128²)
     python -m benchmarks.layers --layer=train       # the second's conv in training, batch 32
+    python -m benchmarks.layers --layer=train1      # the first conv in training, batch 32
     python -m benchmarks.layers --size=64 --batch=2 --min_seconds=0.1  # a CPU smoke run
 
 Layer 1 (2 → 16 channels): dirnet_jax.first_layer in several forms against XLA's loop and
@@ -12,6 +13,9 @@ pooling (`models.pooled_conv`), with three TF32 products per tap (float32) and w
 Training (the second layer's convolution, its input gradient and its kernel gradient, as
 one `jax.vjp`; batch 32 unless `--batch` says otherwise): dirnet_jax.train_conv against
 XLA's convolution and gradients (cuDNN), with one TF32 product per tap and with three.
+`--layer=train1`, the first conv in training (`models.conv_taps` and its kernel gradient,
+at `--size`): XLA's kernel gradient (cuDNN's), what trains now, against
+`train_conv.taps_kernel_grad_gpu`.
 `--size` is the image size (the second layer's input is half of it). Rows: each
 implementation's median time per call, the bandwidth that time implies for the bytes a
 perfect kernel moves (the input read once, the pooled output written once), and the
@@ -37,7 +41,7 @@ from dirnet_jax import first_layer, machine, models, pooled_layers, train_conv
 from dirnet_jax.workdir import atomic_write_text
 
 FLAGS = {"size": "256", "batch": "", "layer": "1", "min_seconds": "", "out": ""}
-LAYERS = ("1", "2", "train")
+LAYERS = ("1", "2", "train", "train1")
 # (form, rows, warps, expm1) of the Triton kernel: the default first.
 SHAPES = [
     (first_layer.FORM, first_layer.ROWS, first_layer.WARPS, first_layer.EXPM1),
@@ -52,6 +56,8 @@ SHAPES = [
 # The kernel gradient's (rows, columns, warps) per program besides the default
 # (train_conv.ROWS, BLOCK, GRAD_WARPS), for the training layer.
 GRAD_SHAPES = [(8, 32, 1), (2, 32, 1), (4, 16, 2), (4, 64, 1), (8, 128, 4)]
+# The same for the first conv's (train_conv.TAPS_ROWS, TAPS_BLOCK, TAPS_WARPS).
+TAPS_GRAD_SHAPES = [(4, 64, 8), (4, 32, 2), (8, 32, 4), (4, 128, 4)]
 # Off a GPU (Pallas' interpreter, slow): the default and one of each other form.
 CPU_SHAPES = [SHAPES[0], ("scalar", 1, 4, "exp"), ("unpadded", 1, 8, "exp")]
 
@@ -59,8 +65,8 @@ CPU_SHAPES = [SHAPES[0], ("scalar", 1, 4, "exp"), ("unpadded", 1, 8, "exp")]
 def parse(argv: list[str]) -> dict[str, str]:
     opts = core.parse_options(argv, FLAGS)
     if opts["layer"] not in LAYERS:
-        sys.exit(f"error: --layer is 1, 2 or train, not {opts['layer']!r}")
-    opts["batch"] = opts["batch"] or ("32" if opts["layer"] == "train" else "512")
+        sys.exit(f"error: --layer is 1, 2, train or train1, not {opts['layer']!r}")
+    opts["batch"] = opts["batch"] or ("32" if opts["layer"].startswith("train") else "512")
     if not opts["batch"].isdigit() or int(opts["batch"]) < 1:
         sys.exit(f"error: --batch is a positive integer, not {opts['batch']!r}")
     return opts
@@ -135,12 +141,36 @@ def train_conv_impls(on_gpu: bool) -> dict:
     return impls
 
 
+def first_conv_train_impls(on_gpu: bool) -> dict:
+    """{name: jitted fn(x, kernel, g) → (conv, kernel gradient)} for training's first conv
+    (its input gradient unused); what trains now first."""
+
+    def grads(conv):
+        def fn(x, kernel, g):
+            y, vjp = jax.vjp(conv, x, kernel)
+            return y, vjp(g)[1]
+
+        return jax.jit(fn)
+
+    def triton(*grad_shape):
+        return grads(train_conv.with_taps_grad(models.conv_taps, not on_gpu, grad_shape))
+
+    impls = {
+        "taps, xla kernel grad": grads(models.conv_taps),
+        "xla conv and kernel grad": grads(train_conv.xla_conv),
+        "taps, triton kernel grad": triton(),
+    }
+    for shape in TAPS_GRAD_SHAPES if on_gpu else []:
+        impls["taps, triton kernel grad rows={} block={} warps={}".format(*shape)] = triton(*shape)
+    return impls
+
+
 def layer_shapes(layer: str, size: int, batch: int) -> list[tuple[int, ...]]:
     """The shapes of the arrays the layer's implementations take: (x, kernel, bias) at
     inference, (x, kernel, output gradient) in training; the input at `size` for the first
-    layer, at half of it for the others."""
-    side, cin = (size, 2) if layer == "1" else (size // 2, 16)
-    last = (batch, side, side, 16) if layer == "train" else (16,)
+    layer (1, train1), at half of it for the second (2, train)."""
+    side, cin = (size, 2) if layer in ("1", "train1") else (size // 2, 16)
+    last = (batch, side, side, 16) if layer.startswith("train") else (16,)
     return [(batch, side, side, cin), (3, 3, cin, 16), last]
 
 
@@ -150,11 +180,16 @@ def layer_inputs(layer: str, size: int, batch: int) -> list[jax.Array]:
     x_shape, kernel_shape, last = layer_shapes(layer, size, batch)
     x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
     kernel = rng.normal(size=kernel_shape) * 0.5 / kernel_shape[2] ** 0.5
-    last = rng.normal(size=last) * (1 if layer == "train" else 0.3)
+    last = rng.normal(size=last) * (1 if layer.startswith("train") else 0.3)
     return [x, jnp.asarray(kernel, jnp.float32), jnp.asarray(last, jnp.float32)]
 
 
-IMPLS = {"1": first_layer_impls, "2": pooled_layer_impls, "train": train_conv_impls}
+IMPLS = {
+    "1": first_layer_impls,
+    "2": pooled_layer_impls,
+    "train": train_conv_impls,
+    "train1": first_conv_train_impls,
+}
 
 
 def max_abs_diff(got, reference) -> float:
@@ -173,6 +208,8 @@ def main(argv: list[str]) -> None:
     x, side = args[0], args[0].shape[1]
     if layer == "train":  # x and g read by the conv and by each gradient; y and dx written
         moved = 6 * x.nbytes
+    elif layer == "train1":  # x read by the conv and the kernel gradient, y written, g read
+        moved = 2 * x.nbytes + 2 * args[2].nbytes
     else:  # the input read once, the pooled output written once
         moved = (x.size + batch * (side // 2) ** 2 * 16) * 4
     impls = IMPLS[layer](on_gpu)
@@ -194,7 +231,8 @@ def main(argv: list[str]) -> None:
               f"first {first:6.2f} s  max |Δ| {diff:.2e}", flush=True)  # fmt: skip
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
     what = {"1": "first layer", "2": f"second layer ({side}², 16 channels)",
-            "train": f"second layer's conv in training ({side}², 16 channels)"}[layer]  # fmt: skip
+            "train": f"second layer's conv in training ({side}², 16 channels)",
+            "train1": f"first conv in training ({side}², 2 → 16 channels)"}[layer]  # fmt: skip
     print(f"{what}, {size}² images, batch {batch}, on {device}; GB/s of {moved / 1e9:.2f} GB")
     atomic_write_text(
         out,

@@ -8,11 +8,12 @@ go before a device lease, and why a form is slower after one.
 
 Needs ``triton==3.9.0`` (``pip install -e '.[sass]'``, about 1 GB, so not in `make
 install`), in this venv or in the Python that --triton_python names. Columns per kernel:
-instructions per thread (the kernels are straight-line code, so also per run), registers,
+instructions run per thread (the inference kernels are straight-line code; a training
+kernel's loop body, found by its backward branch, counts once per trip), registers,
 local memory (spills), shared memory, resident warps per SM those allow, the issue floor
 (every warp's instructions at one per scheduler per cycle on an H200: 132 SMs × 4 at
 1.98 GHz), and the float32 ALU (FFMA/FADD/FMUL), tensor-core (HGMMA), global-load (LDG)
-and special-function (MUFU) instructions among them.
+and special-function (MUFU) instructions in the code (each once).
 """
 
 from __future__ import annotations
@@ -97,26 +98,33 @@ def compile_sass(ttir: str, warps: int, python: str) -> dict:
 
 
 def row(name: str, programs: int, warps: int, sass: dict, trips: int = 1) -> dict:
-    """A table row; `trips`: times the kernel's loop runs (its static count, all of it
-    counted as loop, times that bounds the instructions run)."""
+    """A table row; `trips`: times the kernel's loop runs (its `loop` instructions run that
+    many times, the rest once)."""
     ops = sass["opcodes"]
-    instructions = sass["instructions"]
+    instructions = sass["instructions"] + sass.get("loop", 0) * (trips - 1)  # run per thread
     return dict(
         kernel=name, programs=programs, warps=warps, instructions=instructions, trips=trips,
+        static_instructions=sass["instructions"], loop_instructions=sass.get("loop", 0),
         registers=sass["registers"], local_bytes=sass["local"], shared_bytes=sass["shared"],
         resident_warps=resident_warps(sass["registers"], warps, sass["shared"]),
-        issue_floor_ms=issue_floor_ms(programs, warps, instructions * trips),
+        issue_floor_ms=issue_floor_ms(programs, warps, instructions),
         fp32=sum(ops.get(op, 0) for op in ("FFMA", "FADD", "FMUL")),
         tensor=ops.get("HGMMA", 0) + ops.get("HMMA", 0), ldg=ops.get("LDG", 0),
         mufu=ops.get("MUFU", 0), opcodes=ops,
     )  # fmt: skip
 
 
-def kernel_grad_trips(name: str, height: int, width: int) -> int:
-    """Times the loop of `train_conv.kernel_grad_gpu` runs, for an implementation named as
-    benchmarks.layers names it ("… rows=R block=N …", or the defaults)."""
+def kernel_grad_trips(name: str, height: int, width: int, taps: bool = False) -> int:
+    """Times the loop of `train_conv.kernel_grad_gpu` (`taps`: `taps_kernel_grad_gpu`) runs,
+    for an implementation named as benchmarks.layers names it ("… rows=R block=N …", or
+    the defaults)."""
     shape = re.search(r"rows=(\d+) block=(\d+)", name)
-    rows, block = map(int, shape.groups()) if shape else (train_conv.ROWS, train_conv.BLOCK)
+    defaults = (
+        (train_conv.TAPS_ROWS, train_conv.TAPS_BLOCK)
+        if taps
+        else (train_conv.ROWS, train_conv.BLOCK)
+    )
+    rows, block = map(int, shape.groups()) if shape else defaults
     return math.gcd(height, rows) * (width // min(width, block))
 
 
@@ -137,15 +145,18 @@ def main(argv: list[str]) -> None:
     print(f"{'kernel':60} {'instr':>6} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} "
           f"{'issue ms':>8} {'fp32':>5} {'tensor':>6} {'ldg':>4} {'mufu':>4}")  # fmt: skip
     for layer in layers.LAYERS:
-        shapes = layers.layer_shapes(layer, size, train_batch if layer == "train" else batch)
+        train = layer.startswith("train")
+        shapes = layers.layer_shapes(layer, size, train_batch if train else batch)
         args = [jax.ShapeDtypeStruct(shape, "float32") for shape in shapes]
         for name, fn in layers.IMPLS[layer](on_gpu=True).items():
             # Training: the conv, its input gradient, its kernel gradient (a loop over
             # blocks of columns of the program's rows); inference: the layer's kernel.
             parts = {"": 1}
-            if layer == "train":
-                parts = {"conv": 1, "input grad": 1,
-                         "kernel grad": kernel_grad_trips(name, *shapes[0][1:3])}  # fmt: skip
+            if layer.startswith("train"):
+                trips = kernel_grad_trips(name, *shapes[0][1:3], taps=layer == "train1")
+                parts = {"kernel grad": trips}
+                if layer == "train":
+                    parts = {"conv": 1, "input grad": 1, **parts}
             try:
                 kernels = triton_kernels(fn, *args)
                 if not kernels:  # one of XLA's own rows
@@ -168,7 +179,7 @@ def main(argv: list[str]) -> None:
     version = subprocess.run([python, "-c", "import triton; print(triton.__version__)"],
                              capture_output=True, text=True).stdout.strip()  # fmt: skip
     print(f"{size}² images, batch {batch} (training {train_batch}); sm_90a by triton {version}; "
-          "issue floor on an H200 (a loop's: its static count × trips)")  # fmt: skip
+          "issue floor on an H200; instr: run per thread, a loop's body once per trip")  # fmt: skip
     record = dict(machine=machine.describe(), size=size, batch=batch, train_batch=train_batch,
                   triton=version, rows=rows)  # fmt: skip
     atomic_write_text(out, json.dumps(record, indent=2))

@@ -31,8 +31,22 @@ def count_sass(listing: str) -> collections.Counter:
     return collections.Counter(m.group(1) for m in map(SASS_LINE.match, listing.splitlines()) if m)
 
 
+BRANCH = re.compile(
+    r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P[0-9T]\s+)?BRA\s+0x([0-9a-f]+)", re.MULTILINE
+)
+INSTRUCTION_BYTES = 16  # every sm_90 instruction
+
+
+def loop_instructions(listing: str) -> int:
+    """Instructions in the largest loop of a `cuobjdump -sass` listing (from a backward
+    branch's target to the branch; 0 if none): what runs once per trip."""
+    spans = [int(at, 16) - int(to, 16) for at, to in BRANCH.findall(listing)]
+    return max((span // INSTRUCTION_BYTES + 1 for span in spans if span > 0), default=0)
+
+
 def compile_ttir(path: str, warps: int) -> dict:
-    """{registers, stack, shared, local, instructions, opcodes} of the kernel in `path`."""
+    """{registers, stack, shared, local, instructions, opcodes, loop} of the kernel in
+    `path` (loop: instructions in its loop, `loop_instructions`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compiler
@@ -63,7 +77,8 @@ def compile_ttir(path: str, warps: int) -> dict:
     registers, stack, shared, local = map(int, RESOURCES.search(usage).groups())
     opcodes = count_sass(listing)
     return dict(registers=registers, stack=stack, shared=max(shared, kernel.metadata.shared),
-                local=local, instructions=sum(opcodes.values()), opcodes=dict(opcodes))  # fmt: skip
+                local=local, instructions=sum(opcodes.values()), opcodes=dict(opcodes),
+                loop=loop_instructions(listing))  # fmt: skip
 
 
 def _run(*command) -> str:

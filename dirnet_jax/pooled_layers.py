@@ -112,14 +112,16 @@ def _kernel(x_ref, wb_ref, ws_ref, b_ref, o_ref, *, rows, width, pool, passes, i
     o_ref[b, r, :, :] = pool_window(window, pool, expm1).astype(o_ref.dtype)
 
 
-def gathered(x_ref, b, row, cols, height, width, edge_row, edge_col, interpret):
+def gathered(x_ref, b, row, cols, height, width, edge_row, edge_col, interpret, channel=None):
     """Row `row`, columns `cols` [N] of image b of x_ref [B, H, W, C], zero outside the
-    image, in float32: [N, C]. Masked loads only where the caller says the row or the
-    columns may leave the image (`edge_row`, `edge_col`)."""
+    image, in float32: [N, C], or [N] of one `channel`. Masked loads only where the caller
+    says the row or the columns may leave the image (`edge_row`, `edge_col`)."""
+    channels = slice(None) if channel is None else channel
     if not (edge_row or edge_col):
-        return x_ref[b, row, cols, :].astype(jnp.float32)
-    inside = ((cols >= 0) & (cols < width) & (row >= 0) & (row < height))[:, None]
-    ref = x_ref.at[b, jnp.clip(row, 0, height - 1), jnp.clip(cols, 0, width - 1), :]
+        return x_ref[b, row, cols, channels].astype(jnp.float32)
+    inside = (cols >= 0) & (cols < width) & (row >= 0) & (row < height)
+    inside = inside if channel is not None else inside[:, None]
+    ref = x_ref.at[b, jnp.clip(row, 0, height - 1), jnp.clip(cols, 0, width - 1), channels]
     if interpret:  # the interpreter takes no masked gather
         return jnp.where(inside, ref[...], 0).astype(jnp.float32)
     return plgpu.load(ref, mask=inside, other=0).astype(jnp.float32)

@@ -18,6 +18,11 @@ matrices, and XLA adds the programs' sums. Products on tensor cores, one TF32 pr
 (``passes=1``, the precision of cuDNN's at XLA's default precision, which trains now) or
 three (``passes=3``, float32 to ~1e-6; see `pooled_layers`). Pallas' interpreter computes
 each product at full precision.
+
+The first conv (two input channels, fixed and moving, at full resolution; `models.conv_taps`)
+gets its kernel gradient from `taps_kernel_grad_gpu` (`with_taps_grad`): the same sums as
+float32 products and additions, as two channels make no matrix product. It reads the
+layer's output gradient (134 MB at 256², batch 32) and the images once.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ WARPS = 4
 # registers; a whole 128-column row needs 255), and 4 rows so that a 128² layer at batch
 # 32 has 1,024 programs.
 ROWS, BLOCK, GRAD_WARPS = 4, 32, 1
+# The same for inputs of few channels (`taps_kernel_grad_gpu`): elementwise [32, Cout]
+# sums, 4 warps: 163 instructions a trip, 115 registers (1 warp: 700 and 255).
+TAPS_ROWS, TAPS_BLOCK, TAPS_WARPS = 4, 32, 4
 PASSES = 1  # tensor-core products per tap: TF32, as cuDNN's at default precision (3: float32)
 TAPS = [(dy, dx) for dy in range(3) for dx in range(3)]
 
@@ -52,6 +60,15 @@ def applies(x_shape: tuple[int, ...], features: int) -> bool:
     if os.environ.get("DIRNET_TRAIN_CONV", "") == "xla" or len(x_shape) != 4:
         return False
     return all(power_of_two(n, least=16) for n in (x_shape[2], x_shape[3], features))
+
+
+def applies_few(x_shape: tuple[int, ...], features: int) -> bool:
+    """Whether `taps_kernel_grad_gpu` takes a convolution of [B, H, W, C] into `features`
+    channels: 2-D, width and features powers of two (Triton's block shapes), C at most 4
+    (an unrolled loop over channels). ``DIRNET_TRAIN_CONV=xla`` turns it off."""
+    if os.environ.get("DIRNET_TRAIN_CONV", "") == "xla" or len(x_shape) != 4:
+        return False
+    return power_of_two(x_shape[2], least=16) and power_of_two(features) and x_shape[3] <= 4
 
 
 def xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -186,6 +203,108 @@ def kernel_grad_gpu(
         interpret=interpret,
     )(x, g)
     return partial_sums.sum(axis=0).reshape(3, 3, cin, g.shape[-1])
+
+
+def _taps_grad_kernel(x_ref, g_ref, o_ref, *, height, width, rows, block, interpret):
+    """Program p: Σ over rows p·rows … p·rows + rows − 1 of image b of x_shifted[..., c] · g
+    per tap and input channel c, `block` columns at a time: [9, Cin, Cout]. Products and
+    sums elementwise (few input channels make no matrix product), summed over the columns
+    once at the end."""
+    pid = pl.program_id(0)
+    blocks = height // rows
+    b, first = pid // blocks, (pid % blocks) * rows
+    per_row = width // block
+    cin, cout = x_ref.shape[-1], g_ref.shape[-1]
+
+    def step(i, acc):
+        r, start = first + jax.lax.div(i, per_row), jax.lax.rem(i, per_row) * block
+        cols = start + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+        g = g_ref[b, r, pl.ds(start, block), :].astype(jnp.float32)  # [block, Cout]
+        sums = []
+        for dy, dx in TAPS:
+            for c in range(cin):
+                taken = gathered(x_ref, b, r + dy - 1, cols + dx - 1, height, width, dy != 1,
+                                 dx != 1, interpret, channel=c)  # fmt: skip
+                sums.append(acc[len(sums)] + taken[:, None] * g)
+        return tuple(sums)
+
+    zero = tuple(jnp.zeros((block, cout), jnp.float32) for _ in range(len(TAPS) * cin))
+    sums = jax.lax.fori_loop(0, rows * per_row, step, zero)
+    for t in range(len(TAPS)):
+        for c in range(cin):
+            o_ref[pid, t, c, :] = jnp.sum(sums[t * cin + c], axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "rows", "block", "warps"))
+def taps_kernel_grad_gpu(
+    x: jax.Array,
+    g: jax.Array,
+    interpret: bool = False,
+    rows: int = TAPS_ROWS,
+    block: int = TAPS_BLOCK,
+    warps: int = TAPS_WARPS,
+) -> jax.Array:
+    """`kernel_grad_gpu` for inputs of few channels (the first layer's: fixed and moving),
+    in float32 arithmetic (no tensor cores).
+
+    Args:
+      x: [B, H, W, Cin] (any Cin); g: [B, H, W, Cout] (see `applies_few`).
+      interpret, rows, block, warps: as `kernel_grad_gpu`.
+
+    Returns:
+      [3, 3, Cin, Cout] float32.
+    """
+    if not applies_few(x.shape, g.shape[-1]):
+        raise ValueError(f"taps_kernel_grad_gpu does not take {x.shape} → {g.shape[-1]}")
+    batch, h, w, cin = x.shape
+    rows = math.gcd(h, rows)
+    programs = batch * h // rows
+    body = functools.partial(_taps_grad_kernel, height=h, width=w, rows=rows,
+                             block=min(w, block), interpret=interpret)  # fmt: skip
+    partial_sums = pl.pallas_call(
+        body,
+        out_shape=jax.ShapeDtypeStruct((programs, len(TAPS), cin, g.shape[-1]), jnp.float32),
+        grid=(programs,),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
+        interpret=interpret,
+    )(x, g)
+    return partial_sums.sum(axis=0).reshape(3, 3, cin, g.shape[-1])
+
+
+def with_taps_grad(forward, interpret: bool = False, grad_shape: tuple[int, ...] = ()):
+    """`forward(x, kernel)` (a SAME, stride-1 3×3 convolution of few input channels, such as
+    `models.conv_taps`) with its kernel gradient by `taps_kernel_grad_gpu` on CUDA where
+    `applies_few` takes the shape; XLA's gradients elsewhere, and XLA's input gradient
+    always (training never asks for the images' gradient, so XLA drops it).
+
+    interpret: the kernel in Pallas' interpreter on every backend (the tests);
+    grad_shape: (rows, block, warps) of `taps_kernel_grad_gpu`, or a prefix of them.
+    """
+
+    @jax.custom_vjp
+    def conv(x, kernel):
+        return forward(x, kernel)
+
+    def fwd(x, kernel):
+        return conv(x, kernel), (x, kernel)
+
+    def bwd(residuals, g):
+        x, kernel = residuals
+        dx, dw = _xla_grads(x, kernel, g)
+        if not applies_few(x.shape, kernel.shape[-1]):
+            return dx, dw
+
+        def kernel_grad(x, g, xla_dw):
+            return taps_kernel_grad_gpu(x, g, interpret, *grad_shape).astype(xla_dw.dtype)
+
+        if interpret:
+            return dx, kernel_grad(x, g, dw)
+        return dx, jax.lax.platform_dependent(
+            x, g, dw, cuda=kernel_grad, default=lambda x, g, xla_dw: xla_dw
+        )
+
+    conv.defvjp(fwd, bwd)
+    return conv
 
 
 def flipped(kernel: jax.Array) -> jax.Array:

@@ -28,7 +28,21 @@ def test_profile_names_the_compiled_operations(tmp_path, capsys, what):
     assert all(f"%{name.strip().split(': ')[-1]} = " in program for _, name in times)
 
 
-@pytest.mark.parametrize("arg", ["--bad=1", "--what=infer", "--size"])
+def test_profile_swaps_in_the_triton_candidates(capsys, monkeypatch):
+    seen = []
+    swapped = core.swapped
+
+    def recorded(name, value):
+        seen.append(name)
+        return swapped(name, value)
+
+    monkeypatch.setattr(core, "swapped", recorded)
+    profile.main(["--what=train", "--size=28", "--batch=2", "--calls=1", "--candidates=true"])
+    assert "train baseline with the Triton candidates 28², batch 2" in capsys.readouterr().out
+    assert sorted(seen) == sorted(profile.CANDIDATES) == ["TapConv", "conv_layer", "pooled_conv"]
+
+
+@pytest.mark.parametrize("arg", ["--bad=1", "--what=infer", "--size", "--candidates=yes"])
 def test_profile_rejects_bad_arguments(arg):
     with pytest.raises(SystemExit, match="error: "):
         profile.main([arg])
@@ -174,6 +188,12 @@ def test_layers_benchmark_times_the_training_kernels(tmp_path, capsys):
         assert 0 < rows[name]["max_abs_diff"] < 1e-4
     assert "conv in training (16², 16 channels), 32² images, batch 2" in capsys.readouterr().out
     assert layers.parse(["--layer=train"])["batch"] == "32"  # training's batch by default
+    layers.main(["--layer=train1", "--size=32", "--batch=2", "--min_seconds=0.01", f"--out={out}"])
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"taps, xla kernel grad", "xla conv and kernel grad",
+                         "taps, triton kernel grad", "copy"}  # fmt: skip
+    assert 0 < rows["taps, triton kernel grad"]["max_abs_diff"] < 1e-4
+    assert "first conv in training (32², 2 → 16 channels)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="error: --batch"):
         layers.parse(["--batch=0"])
 

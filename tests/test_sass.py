@@ -28,6 +28,30 @@ LISTING = """
 def test_counts_opcodes_of_a_listing():
     counts = triton_sass.count_sass(LISTING)
     assert counts == {"LDC": 1, "FFMA": 2, "MUFU": 1, "HGMMA": 1, "EXIT": 1}
+    assert triton_sass.loop_instructions(LISTING) == 0  # straight-line code
+
+
+LOOP = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   MOV R2, RZ ;
+        /*0020*/                   FFMA R2, R3, R4, R2 ;
+        /*0030*/                   IADD3 R5, R5, 0x1, RZ ;
+        /*0040*/                   ISETP.GE.AND P0, PT, R5, 0x8, PT ;
+        /*0050*/              @!P0 BRA 0x20 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   BRA 0x70;
+"""
+
+
+def test_finds_a_loop_by_its_backward_branch():
+    # 0x20 … 0x50: four instructions run per trip; the last BRA (to itself) is no loop.
+    assert triton_sass.loop_instructions(LOOP) == 4
+    counts = triton_sass.count_sass(LOOP)
+    sass_counts = {"instructions": sum(counts.values()), "loop": 4, "registers": 8,
+                   "local": 0, "shared": 0, "opcodes": dict(counts)}  # fmt: skip
+    once, looped = sass.row("k", 528, 1, sass_counts), sass.row("k", 528, 1, sass_counts, trips=8)
+    assert once["instructions"] == 8 and looped["instructions"] == 8 + 4 * 7
+    assert looped["issue_floor_ms"] == pytest.approx(once["issue_floor_ms"] * 36 / 8)
 
 
 def test_resident_warps_and_issue_floor_by_hand():
@@ -85,9 +109,6 @@ def test_captures_the_training_kernels_and_their_loop():
     )
     assert sass.kernel_grad_trips("…, kernel grad rows=8 block=128 warps=4", 12, 64) == 4
     assert sass.kernel_grad_trips("…, kernel grad rows=2 block=16 warps=1", 12, 64) == 8
-    counts = {"instructions": 100, "registers": 32, "local": 0, "shared": 0, "opcodes": {}}
-    once, looped = sass.row("k", 528, 1, counts), sass.row("k", 528, 1, counts, trips=8)
-    assert looped["issue_floor_ms"] == pytest.approx(8 * once["issue_floor_ms"])
 
 
 def test_says_when_triton_is_missing(tmp_path):

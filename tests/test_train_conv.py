@@ -1,8 +1,8 @@
-"""Training's later convolutions as Triton kernels (a candidate, not yet the default): the
-convolution, its input gradient and its kernel gradient in Pallas' interpreter on any
-backend (compiled on a GPU) against XLA's convolution and its gradients at full
-precision; the whole DIRNet's training gradients with the kernels swapped in; the swap's
-lowering for CUDA."""
+"""Training's convolutions as Triton kernels (candidates, not yet the default): the later
+layers' convolution, input gradient and kernel gradient, and the first conv's kernel
+gradient, in Pallas' interpreter on any backend (compiled on a GPU) against XLA's
+convolution and its gradients at full precision; the whole DIRNet's training gradients
+with the kernels swapped in; the swaps' lowering for CUDA."""
 
 import functools
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import core
-from dirnet_jax import DIRNetConfig, train_conv
+from dirnet_jax import DIRNetConfig, models, train_conv
 from dirnet_jax.train import _loss, create_train_state
 
 ON_GPU = jax.default_backend() == "gpu"  # else the kernels run in Pallas' interpreter
@@ -95,6 +95,26 @@ def test_conv3x3_gradients_are_the_convolutions(rng, shape, cout):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
 
 
+@pytest.mark.parametrize("shape", [(2, 12, 32, 2), (1, 5, 16, 3)])
+def test_taps_kernel_gradient_is_the_convolutions(rng, shape):
+    # The first conv's (few input channels): by elementwise sums, float32 throughout.
+    x, kernel, g = arrays(rng, shape, 16)
+    expected = jax.vjp(reference_conv, x, kernel)[1](g)
+    scale = float(jnp.abs(expected[1]).max())
+    for grad_shape in [(), (3, 16, 2)]:  # the default, and 3 rows (gcd 1 with 5), 16 columns
+        dw = train_conv.taps_kernel_grad_gpu(x, g, INTERPRET, *grad_shape)
+        assert dw.shape == kernel.shape and dw.dtype == jnp.float32
+        np.testing.assert_allclose(dw, expected[1], rtol=1e-5, atol=1e-6 * scale)
+    # As the first conv's gradients: the input gradient XLA's, the kernel's the kernel's.
+    conv = train_conv.with_taps_grad(models.conv_taps, interpret=INTERPRET)
+    y, vjp = jax.vjp(conv, x, kernel)
+    np.testing.assert_allclose(y, models.conv_taps(x, kernel), rtol=0, atol=0)
+    for got, want in zip(vjp(g), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))
+    with pytest.raises(ValueError, match="does not take"):
+        train_conv.taps_kernel_grad_gpu(jnp.ones((1, 4, 16, 8)), jnp.ones((1, 4, 16, 16)))
+
+
 def test_applies_only_to_shapes_triton_takes(monkeypatch):
     assert train_conv.applies((32, 128, 128, 16), 16)
     assert train_conv.applies((2, 5, 16, 32), 16)  # any height
@@ -108,8 +128,13 @@ def test_applies_only_to_shapes_triton_takes(monkeypatch):
         train_conv.conv_gpu(one, jnp.ones((3, 3, 16, 16)), passes=2, interpret=True)
     with pytest.raises(ValueError, match="do not take"):
         train_conv.kernel_grad_gpu(jnp.ones((1, 4, 8, 16)), jnp.ones((1, 4, 8, 16)), interpret=True)
+    assert train_conv.applies_few((32, 256, 256, 2), 16)
+    assert not train_conv.applies_few((32, 256, 256, 8), 16)  # 8 channels: the other kernel
+    assert not train_conv.applies_few((32, 28, 28, 2), 16)  # width 28
+    assert not train_conv.applies_few((32, 16, 16, 2), 12)  # 12 features
     monkeypatch.setenv("DIRNET_TRAIN_CONV", "xla")
     assert not train_conv.applies((32, 128, 128, 16), 16)
+    assert not train_conv.applies_few((32, 256, 256, 2), 16)
 
 
 # 64² with two poolings: the first conv by taps at 64², then 16 → 16 at 32² (a shape the
@@ -117,10 +142,16 @@ def test_applies_only_to_shapes_triton_takes(monkeypatch):
 CONFIG = DIRNetConfig(image_shape=(64, 64), num_downsamplings=2)
 
 
-# `core.triton_conv_layer` with the kernels on every backend, interpreted off a GPU.
-interpreted_conv_layer = functools.partial(
-    core.triton_conv_layer, conv=functools.partial(train_conv.conv3x3, interpret=INTERPRET)
-)
+# `core.triton_conv_layer` and `core.triton_taps_grad` with the kernels on every backend,
+# interpreted off a GPU.
+SWAPS = {
+    "conv_layer": functools.partial(
+        core.triton_conv_layer, conv=functools.partial(train_conv.conv3x3, interpret=INTERPRET)
+    ),
+    "TapConv": lambda features, **kw: core._TapConv(
+        features, conv=train_conv.with_taps_grad(models.conv_taps, INTERPRET), **kw
+    ),
+}
 
 
 def test_dirnet_trains_alike_with_the_kernels():
@@ -137,12 +168,13 @@ def test_dirnet_trains_alike_with_the_kernels():
         return jax.jit(jax.value_and_grad(_loss, has_aux=True))(params, state, batch)
 
     (loss, _), grads = loss_and_grads()
-    with core.swapped("conv_layer", interpreted_conv_layer):
+    with core.swapped("conv_layer", SWAPS["conv_layer"]), core.swapped("TapConv", SWAPS["TapConv"]):
         (kernel_loss, _), kernel_grads = loss_and_grads()
     np.testing.assert_allclose(kernel_loss, loss, rtol=1e-5)
-    conv_grads = [g for path, g in jax.tree_util.tree_leaves_with_path(grads)
-                  if "Conv_1" in jax.tree_util.keystr(path)]  # fmt: skip
-    assert conv_grads and float(jnp.abs(conv_grads[0]).max()) > 0  # a layer the kernels took
+    for layer in ("Conv_0", "Conv_1"):  # the layers the kernels took: their kernel gradients
+        (g,) = [g for path, g in jax.tree_util.tree_leaves_with_path(grads)
+                if f"'{layer}'" in jax.tree_util.keystr(path)]  # fmt: skip
+        assert g.shape[:2] == (3, 3) and float(jnp.abs(g).max()) > 0
     for a, b in zip(jax.tree.leaves(kernel_grads), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()) + 1e-9)
 
@@ -151,9 +183,11 @@ def test_the_swapped_in_training_lowers_the_kernels_for_cuda_only():
     pair = jnp.zeros((2, 64, 64, 1), jnp.float32)
     batch = {"fixed": pair, "moving": pair}
     with core.swapped("conv_layer", core.triton_conv_layer):
-        state = create_train_state(CONFIG.replace(seed=9))
-        traced = jax.jit(jax.grad(_loss, has_aux=True)).trace(state.params, state, batch)
-        cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
-        cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
-    # One layer the kernels take, three kernels: the conv, its input and kernel gradients.
-    assert cuda.count("xla.gpu.triton") == 3 and "xla.gpu.triton" not in cpu
+        with core.swapped("TapConv", core.triton_taps_grad):
+            state = create_train_state(CONFIG.replace(seed=9))
+            traced = jax.jit(jax.grad(_loss, has_aux=True)).trace(state.params, state, batch)
+            cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+            cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    # The first conv's kernel gradient; then one layer the 16-channel kernels take, three
+    # kernels: the conv, its input and kernel gradients.
+    assert cuda.count("xla.gpu.triton") == 4 and "xla.gpu.triton" not in cpu
