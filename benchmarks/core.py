@@ -248,6 +248,14 @@ def triton_taps_grad(features: int, **kwargs) -> nn.Module:
     return _TapConv(features, conv=train_conv.with_taps_grad(models.conv_taps), **kwargs)
 
 
+# Training's Triton candidates together: the later convolutions and their gradients, the
+# first layer at once with its conv's kernel gradient by Triton.
+TRAIN_CANDIDATES = {
+    "conv_layer": triton_conv_layer,
+    "train_first_layer_conv": train_conv.with_taps_grad(models.conv_taps),
+}
+
+
 # `register` with XLA:GPU's default CUDA-graph threshold: what INFER_COMPILER_OPTIONS buys.
 register_default_graphs = jax.jit(
     models.register.__wrapped__, static_argnums=0, static_argnames="chunk",
@@ -286,6 +294,12 @@ def bench_train(table: Table, name: str, config: DIRNetConfig, pairs, repeats: i
 
     for steps in (1, default_steps_per_dispatch()):
         state[0] = bench_train_steps(table, name, config, fixed, steps, repeats, state[0])
+
+
+def bench_train_dispatch(table: Table, name: str, config: DIRNetConfig, pairs, repeats: int):
+    """Row 'train, N steps/dispatch' alone (`fit`'s way; an A/B row's one number)."""
+    pool = jnp.asarray(pairs[0][:32])
+    bench_train_steps(table, name, config, pool, default_steps_per_dispatch(), repeats)
 
 
 def bench_train_steps(table, name, config, pool, steps, repeats, state=None):
@@ -451,22 +465,26 @@ def main(argv: list[str]) -> None:
         if on_gpu:  # bfloat16 activations are for accelerators (slower on a CPU)
             bf16 = base.replace(compute_dtype="bfloat16")
             rows += [  # the rows no GPU has measured yet first
-                # Training's later convolutions as Triton kernels (not yet the default).
-                ("baseline-tritonconv", lambda: in_swap(
-                    "conv_layer", triton_conv_layer, bench_train,
-                    table, "baseline-tritonconv", base.replace(seed=6), p, r)),
-                # Training's first conv with its kernel gradient as a Triton kernel.
-                ("baseline-tritontaps", lambda: in_swap(
-                    "TapConv", triton_taps_grad, bench_train,
-                    table, "baseline-tritontaps", base.replace(seed=7), p, r)),
                 # The later pooled layers as Triton kernels (not yet the default).
                 ("baseline-tritonpool", lambda: in_swap(
                     "pooled_conv", triton_pooled_conv, bench_register,
                     table, "baseline-tritonpool", base.replace(seed=5), p, batches, r)),
-                # Both training kernels together (what adopting them would give).
+                # Every training candidate (what adopting them all would give), then each.
                 ("baseline-tritontrain", lambda: in_swap(
-                    {"conv_layer": triton_conv_layer, "TapConv": triton_taps_grad}, None,
-                    bench_train, table, "baseline-tritontrain", base.replace(seed=8), p, r)),
+                    TRAIN_CANDIDATES, None, bench_train_dispatch,
+                    table, "baseline-tritontrain", base.replace(seed=8), p, r)),
+                # Training's later convolutions and their gradients as Triton kernels.
+                ("baseline-tritonconv", lambda: in_swap(
+                    "conv_layer", triton_conv_layer, bench_train_dispatch,
+                    table, "baseline-tritonconv", base.replace(seed=6), p, r)),
+                # Training's first conv with its kernel gradient as a Triton kernel.
+                ("baseline-tritontaps", lambda: in_swap(
+                    "TapConv", triton_taps_grad, bench_train_dispatch,
+                    table, "baseline-tritontaps", base.replace(seed=7), p, r)),
+                # Training's first layer at once (`first_layer_train`), XLA's gradients.
+                ("baseline-fusedfirst", lambda: in_swap(
+                    "train_first_layer_conv", models.conv_taps, bench_train_dispatch,
+                    table, "baseline-fusedfirst", base.replace(seed=9), p, r)),
                 ("baseline-bf16", lambda: bench_jax(table, "baseline-bf16", bf16, p, batches, r)),
                 # The first layer as XLA's loop instead of the Triton kernel.
                 ("baseline-xlaloop", lambda: in_swap(

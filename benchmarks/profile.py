@@ -39,11 +39,7 @@ FLAGS = {"what": "register", "size": "256", "batch": "1", "variant": "baseline",
          "calls": "20", "top": "25", "hlo": "", "candidates": "false"}  # fmt: skip
 # --candidates: the Triton kernels not yet the default, swapped in as benchmarks.core's
 # A/B rows swap them (`baseline-tritonpool`, `baseline-tritontrain`).
-CANDIDATES = {
-    "pooled_conv": core.triton_pooled_conv,
-    "conv_layer": core.triton_conv_layer,
-    "TapConv": core.triton_taps_grad,
-}
+CANDIDATES = {"pooled_conv": core.triton_pooled_conv, **core.TRAIN_CANDIDATES}
 
 
 def parse(argv: list[str]) -> dict[str, str]:

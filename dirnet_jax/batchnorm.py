@@ -8,6 +8,7 @@ loses digits only where |mean| ≫ √var, like the one-pass variance both use
 so checkpoints and `fold_batchnorm` do not change.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -34,19 +35,37 @@ class BatchNorm(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [..., C] → [..., C] in `dtype` (default: x's, at least float32)."""
-        shape = (x.shape[-1],)
+    def __call__(self, x: jax.Array, layer: tuple[Callable, int] | None = None) -> jax.Array:
+        """x: [..., C] → [..., C] in `dtype` (default: x's, at least float32).
+
+        With `layer` = (fn, C), training only: x is the input of the layer before this
+        BatchNorm, and ``fn(x, scale, bias) → (y, mean, var)`` computes that layer, this
+        BatchNorm with its batch statistics (mean, var [C]) and what follows, all at once;
+        y is returned and the running averages take mean and var.
+        """
+        shape = (layer[1] if layer else x.shape[-1],)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, shape, jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, shape, jnp.float32)
-        if self.use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            mean, var = batch_stats(x)
+
+        def update(mean, var):
             if not self.is_initializing():
                 keep = self.momentum
                 ra_mean.value = keep * ra_mean.value + (1 - keep) * mean
                 ra_var.value = keep * ra_var.value + (1 - keep) * var
+
+        if layer is not None:
+            if self.use_running_average:
+                raise ValueError("a BatchNorm applied by its layer runs in training only")
+            scale = self.param("scale", nn.initializers.ones, shape, jnp.float32)
+            bias = self.param("bias", nn.initializers.zeros, shape, jnp.float32)
+            y, mean, var = layer[0](x, scale, bias)
+            update(mean, var)
+            return y
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            mean, var = batch_stats(x)
+            update(mean, var)
         scale = self.param("scale", nn.initializers.ones, shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, shape, jnp.float32)
         mul = jax.lax.rsqrt(var + self.epsilon) * scale

@@ -22,7 +22,10 @@ Inference computes the same function faster: BatchNorm's running averages folded
 layers (`fold_batchnorm`), and the first conv, its ELU and the pooling after it as one
 elementwise loop (`conv_elu_pool2`; on CUDA GPUs a Triton kernel, `dirnet_jax.first_layer`).
 Training, and inference where no fused layer takes it (A2), compute the first conv (two
-input channels) as sums of products of shifted slices (`conv_taps`).
+input channels) as sums of products of shifted slices (`conv_taps`). Candidates awaiting
+a GPU timing, off by default: training's first layer at once (`first_layer_train`, by
+`train_first_layer_conv`) and Triton kernels for the later layers (`conv_layer`,
+`pooled_conv`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dirnet_jax import first_layer
-from dirnet_jax.batchnorm import BatchNorm
+from dirnet_jax.batchnorm import BatchNorm, batch_stats
 from dirnet_jax.bspline import cubic_bspline_field, quadratic_bspline_field
 from dirnet_jax.config import DIRNetConfig
 from dirnet_jax.elu import elu, elu_unguarded
@@ -195,6 +198,73 @@ def fused_first_layer(
     return jax.lax.platform_dependent(x, kernel, bias, cuda=gpu, default=xla)
 
 
+def _first_layer_reference(x, kernel, scale, bias, downsampling, conv, dtype):
+    """Training's first layer as the regressor computes it unfused: `conv`, BatchNorm with
+    the batch's statistics, ELU, pooling; float32, the output in `dtype`."""
+    x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
+    z = conv(x, kernel)
+    mean, var = batch_stats(z)
+    mul = jax.lax.rsqrt(var + BN_EPSILON) * scale
+    y = elu(z * mul + (bias - mean * mul))
+    return pool2(y, jnp.mean if downsampling == "avg" else jnp.max).astype(dtype), mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def first_layer_train(
+    x: jax.Array,
+    kernel: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    downsampling: str,
+    conv: Callable[[jax.Array, jax.Array], jax.Array] = conv_taps,
+    dtype: Any = jnp.float32,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training's first layer, ``pool2(elu(BatchNorm(conv(x, kernel))))`` with the batch's
+    statistics, without writing its full-resolution activations (a candidate, see
+    `train_first_layer_conv`).
+
+    The statistics are reductions of the conv (two input channels: a sum of products per
+    value, recomputed where it is read). With them BatchNorm is a scale and a shift of the
+    conv, so the layer is inference's folded first layer (`fused_first_layer`, the Triton
+    kernel on CUDA) with kernel·mul and bias − mean·mul. The gradients recompute the layer
+    unfused (`conv`'s gradients among them) instead of reading stored activations.
+
+    Args:
+      x: [B, H, W, Cin]; kernel: [3, 3, Cin, F]; scale, bias: BatchNorm's [F].
+      downsampling: "avg" or "max"; conv: the SAME 3×3 convolution (x, kernel) → [B, H,
+        W, F] whose gradients the backward pass uses; dtype: the output's.
+
+    Returns:
+      (pooled [B, H/2, W/2, F] in dtype, batch mean [F], batch variance [F]).
+    """
+    mean, var = batch_stats(conv(x.astype(jnp.float32), kernel.astype(jnp.float32)))
+    mul = jax.lax.rsqrt(var + BN_EPSILON) * scale
+    folded = kernel.astype(jnp.float32) * mul
+    pooled = fused_first_layer(x, folded, bias - mean * mul, downsampling, dtype)
+    return pooled, mean, var
+
+
+def _first_layer_train_fwd(x, kernel, scale, bias, downsampling, conv, dtype):
+    out = first_layer_train(x, kernel, scale, bias, downsampling, conv, dtype)
+    return out, (x, kernel, scale, bias)
+
+
+def _first_layer_train_bwd(downsampling, conv, dtype, residuals, cotangents):
+    reference = functools.partial(
+        _first_layer_reference, downsampling=downsampling, conv=conv, dtype=dtype
+    )
+    return jax.vjp(reference, *residuals)[1](cotangents)
+
+
+first_layer_train.defvjp(_first_layer_train_fwd, _first_layer_train_bwd)
+
+
+def _first_layer_of(x, scale, bias, *, kernel, downsampling, conv, dtype):
+    """`first_layer_train` as `BatchNorm`'s `layer` function: (x, scale, bias) → (y, mean,
+    var)."""
+    return first_layer_train(x, kernel, scale, bias, downsampling, conv, dtype)
+
+
 def pooled_conv(
     x: jax.Array, kernel: jax.Array, bias: jax.Array, downsampling: str, dtype: Any
 ) -> jax.Array:
@@ -252,6 +322,25 @@ def conv_layer(features: int, kernel_size: tuple[int, ...], **kwargs: Any) -> nn
     return nn.Conv(features, kernel_size, **kwargs)
 
 
+class ConvKernel(nn.Module):
+    """The 'kernel' of a 3×3 conv layer without bias (nn.Conv's initial value under
+    nn.Conv's name), for a layer that applies it itself (`first_layer_train`)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, *spatial, Cin] → kernel [3, …, 3, Cin, features]."""
+        shape = (3,) * (x.ndim - 2) + (x.shape[-1], self.features)
+        return self.param("kernel", nn.initializers.lecun_normal(), shape)
+
+
+# A candidate awaiting its GPU timing: when a conv function (`conv_taps`, or
+# `train_conv.with_taps_grad(conv_taps)`), training computes the first layer with its
+# BatchNorm, ELU and pooling by `first_layer_train` with that conv; None: layer by layer.
+train_first_layer_conv: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+
+
 class Regressor(nn.Module):
     """Maps an image pair to control-point displacements in pixels."""
 
@@ -307,6 +396,26 @@ class Regressor(nn.Module):
         overlap = cfg.receptive_field == "overlap"
         last_down = cfg.num_downsamplings - 1
         for i in range(cfg.num_conv_layers):
+            # Training: the first conv, BatchNorm, ELU and pooling at once, if a candidate
+            # conv is set (`first_layer_train`).
+            if (
+                train
+                and i == 0
+                and train_first_layer_conv is not None
+                and cfg.downsampling in ("avg", "max")
+                and not (overlap and i == last_down)
+            ):
+                kernel = ConvKernel(cfg.features, name=name("Conv"))(x)
+                fused = functools.partial(
+                    _first_layer_of, kernel=kernel, downsampling=cfg.downsampling,
+                    conv=train_first_layer_conv, dtype=cfg.compute_dtype or jnp.float32,
+                )  # fmt: skip
+                bn = BatchNorm(
+                    use_running_average=False, momentum=cfg.bn_momentum, epsilon=BN_EPSILON,
+                    name=name("BatchNorm"),
+                )  # fmt: skip
+                x = bn(x, layer=(fused, cfg.features))
+                continue
             # Inference: a conv followed by pooling as one function of both, the first as
             # one loop (`fused_first_layer`), the others by `pooled_conv`.
             if (

@@ -12,6 +12,7 @@ from jax.test_util import check_grads
 from scipy.ndimage import correlate
 
 from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, apply, init_variables, models, variant
+from dirnet_jax.batchnorm import BatchNorm
 from dirnet_jax.models import (
     Regressor,
     TapConv,
@@ -292,6 +293,43 @@ def test_training_computes_the_first_conv_by_taps(rng, name, monkeypatch):
     jax.tree.map(
         functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), stats, expected_stats
     )
+
+
+@pytest.mark.parametrize("name", ["baseline", "A1", "C1", "A2"])
+def test_first_layer_at_once_trains_alike(rng, name, monkeypatch):
+    # `first_layer_train` (a candidate, swapped in by `train_first_layer_conv`): the same
+    # loss, gradients and batch statistics as layer by layer. A2 (strided conv) keeps the
+    # layers apart.
+    config = variant(name, MNIST.replace(features=8))
+    variables = perturbed(config)
+    fixed, moving = (jnp.asarray(rng.uniform(size=(4, 28, 28, 1)), jnp.float32) for _ in "ab")
+
+    def loss(params):
+        grid, stats = Regressor(config).apply(
+            {**variables, "params": params}, fixed, moving, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(jnp.sin(grid)), stats
+
+    def run():
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+    (expected, expected_stats), expected_grads = run()
+    monkeypatch.setattr(models, "train_first_layer_conv", models.conv_taps)
+    (got, stats), grads = run()
+    traced = str(jax.make_jaxpr(loss)(variables["params"]))
+    assert ("first_layer_train" in traced) == (name != "A2")
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    want = jax.tree.leaves((expected_grads, expected_stats))
+    for a, b in zip(jax.tree.leaves((grads, stats)), want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()) + 1e-7)
+    assert float(jnp.abs(grads["Conv_0"]["kernel"]).max()) > 0
+
+
+def test_batchnorm_applied_by_its_layer_only_trains():
+    bn = BatchNorm(use_running_average=True)
+    variables = bn.init(jax.random.key(0), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match="training only"):
+        bn.apply(variables, jnp.ones((2, 3)), layer=(lambda x, s, b: (x, s, b), 4))
 
 
 @pytest.mark.parametrize("name", ["baseline", "A2", "C1"])

@@ -4,6 +4,7 @@ gradient, in Pallas' interpreter on any backend (compiled on a GPU) against XLA'
 convolution and its gradients at full precision; the whole DIRNet's training gradients
 with the kernels swapped in; the swaps' lowering for CUDA."""
 
+import contextlib
 import functools
 
 import jax
@@ -17,6 +18,8 @@ from dirnet_jax.train import _loss, create_train_state
 
 ON_GPU = jax.default_backend() == "gpu"  # else the kernels run in Pallas' interpreter
 INTERPRET = not ON_GPU
+# One TF32 product per tap (the default) on a GPU: ~1e-3 relative; exact in the interpreter.
+TF32 = 1e-2 if ON_GPU else 1e-5
 
 
 def reference_conv(x, kernel):
@@ -45,8 +48,7 @@ def test_kernels_are_the_convolution_and_its_gradients(rng, shape, cout):
     expected_dx, expected_dw = vjp(g)
     # Values along the zero-padded edges differ from the inside: the masks are exercised.
     assert float(jnp.abs(expected[:, 0] - expected[:, 1]).max()) > 0.5
-    tol = 1e-2 if ON_GPU else 1e-5  # one TF32 product per tap on a GPU: ~1e-3 relative
-    for passes, rtol in ((1, tol), (3, 1e-5)):
+    for passes, rtol in ((1, TF32), (3, 1e-5)):
         got = train_conv.conv_gpu(x, kernel, passes=passes, interpret=INTERPRET)
         assert got.shape == expected.shape and got.dtype == jnp.float32
         np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol)
@@ -90,9 +92,9 @@ def test_conv3x3_gradients_are_the_convolutions(rng, shape, cout):
     conv = functools.partial(train_conv.conv3x3, interpret=INTERPRET)
     got, vjp = jax.vjp(conv, x, kernel)
     expected, expected_vjp = jax.vjp(reference_conv, x, kernel)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, expected, rtol=TF32, atol=TF32)
     for a, b in zip(vjp(g), expected_vjp(g), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+        np.testing.assert_allclose(a, b, rtol=TF32, atol=TF32 * float(jnp.abs(b).max()))
 
 
 @pytest.mark.parametrize("shape", [(2, 12, 32, 2), (1, 5, 16, 3)])
@@ -142,19 +144,31 @@ def test_applies_only_to_shapes_triton_takes(monkeypatch):
 CONFIG = DIRNetConfig(image_shape=(64, 64), num_downsamplings=2)
 
 
-# `core.triton_conv_layer` and `core.triton_taps_grad` with the kernels on every backend,
-# interpreted off a GPU.
+# The swaps of benchmarks.core's training rows with the kernels on every backend,
+# interpreted off a GPU: each kernel by itself (`baseline-tritonconv`, `-tritontaps`), and
+# all of them with the first layer at once (`baseline-tritontrain`).
+CONV_LAYER = functools.partial(
+    core.triton_conv_layer, conv=functools.partial(train_conv.conv3x3, interpret=INTERPRET)
+)
+TAPS_GRAD = train_conv.with_taps_grad(models.conv_taps, INTERPRET)
 SWAPS = {
-    "conv_layer": functools.partial(
-        core.triton_conv_layer, conv=functools.partial(train_conv.conv3x3, interpret=INTERPRET)
-    ),
-    "TapConv": lambda features, **kw: core._TapConv(
-        features, conv=train_conv.with_taps_grad(models.conv_taps, INTERPRET), **kw
-    ),
+    "each": {
+        "conv_layer": CONV_LAYER,
+        "TapConv": lambda features, **kw: core._TapConv(features, conv=TAPS_GRAD, **kw),
+    },
+    "all": {"conv_layer": CONV_LAYER, "train_first_layer_conv": TAPS_GRAD},
 }
 
 
-def test_dirnet_trains_alike_with_the_kernels():
+def swapped(swaps):
+    stack = contextlib.ExitStack()
+    for name, value in swaps.items():
+        stack.enter_context(core.swapped(name, value))
+    return stack
+
+
+@pytest.mark.parametrize("swaps", ["each", "all"])
+def test_dirnet_trains_alike_with_the_kernels(swaps):
     pairs = jax.random.uniform(jax.random.key(2), (2, 4, 64, 64, 1))
     batch = {"fixed": pairs[0], "moving": pairs[1]}
 
@@ -167,27 +181,39 @@ def test_dirnet_trains_alike_with_the_kernels():
     def loss_and_grads():  # a new jit each call: traced under the swap in force
         return jax.jit(jax.value_and_grad(_loss, has_aux=True))(params, state, batch)
 
-    (loss, _), grads = loss_and_grads()
-    with core.swapped("conv_layer", SWAPS["conv_layer"]), core.swapped("TapConv", SWAPS["TapConv"]):
-        (kernel_loss, _), kernel_grads = loss_and_grads()
-    np.testing.assert_allclose(kernel_loss, loss, rtol=1e-5)
+    (loss, stats), grads = loss_and_grads()
+    with swapped(SWAPS[swaps]):
+        (kernel_loss, kernel_stats), kernel_grads = loss_and_grads()
+    np.testing.assert_allclose(kernel_loss, loss, rtol=TF32)
     for layer in ("Conv_0", "Conv_1"):  # the layers the kernels took: their kernel gradients
         (g,) = [g for path, g in jax.tree_util.tree_leaves_with_path(grads)
                 if f"'{layer}'" in jax.tree_util.keystr(path)]  # fmt: skip
         assert g.shape[:2] == (3, 3) and float(jnp.abs(g).max()) > 0
-    for a, b in zip(jax.tree.leaves(kernel_grads), jax.tree.leaves(grads), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()) + 1e-9)
+    want = jax.tree.leaves((grads, stats))
+    for a, b in zip(jax.tree.leaves((kernel_grads, kernel_stats)), want, strict=True):
+        tol = 2 * TF32 if ON_GPU else 1e-4  # through the whole network
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(jnp.abs(b).max()) + 1e-9)
 
 
-def test_the_swapped_in_training_lowers_the_kernels_for_cuda_only():
+# The Triton kernels in a training step at 64² with each swap: for CUDA only.
+KERNELS = {
+    # The first conv's kernel gradient; the 32² layer's conv, input and kernel gradients.
+    "each": 1 + 3,
+    # The first layer's forward (inference's kernel, BatchNorm folded in) and its conv's
+    # kernel gradient; the 32² layer's three.
+    "all": 2 + 3,
+}
+
+
+@pytest.mark.parametrize("swaps", ["each", "all"])
+def test_the_swapped_in_training_lowers_the_kernels_for_cuda_only(swaps):
     pair = jnp.zeros((2, 64, 64, 1), jnp.float32)
     batch = {"fixed": pair, "moving": pair}
-    with core.swapped("conv_layer", core.triton_conv_layer):
-        with core.swapped("TapConv", core.triton_taps_grad):
-            state = create_train_state(CONFIG.replace(seed=9))
-            traced = jax.jit(jax.grad(_loss, has_aux=True)).trace(state.params, state, batch)
-            cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
-            cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
-    # The first conv's kernel gradient; then one layer the 16-channel kernels take, three
-    # kernels: the conv, its input and kernel gradients.
-    assert cuda.count("xla.gpu.triton") == 4 and "xla.gpu.triton" not in cpu
+    rows = {"each": {"conv_layer": core.triton_conv_layer, "TapConv": core.triton_taps_grad},
+            "all": core.TRAIN_CANDIDATES}  # fmt: skip
+    with swapped(rows[swaps]):
+        state = create_train_state(CONFIG.replace(seed=9))
+        traced = jax.jit(jax.grad(_loss, has_aux=True)).trace(state.params, state, batch)
+        cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+        cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    assert cuda.count("xla.gpu.triton") == KERNELS[swaps] and "xla.gpu.triton" not in cpu
