@@ -132,17 +132,12 @@ def conv_gpu(
 def _kernel_grad_kernel(x_ref, g_ref, o_ref, *, height, width, rows, block, passes, interpret):
     """Program p: Σ over rows p·rows … p·rows + rows − 1 of image b of x_shiftedᵀ · g, per
     tap, `block` columns at a time: [9, Cin, Cout]."""
-    pid = pl.program_id(0)
-    blocks = height // rows
-    b, first = pid // blocks, (pid % blocks) * rows
-    per_row = width // block
+    b, block_at = _block_of(height, width, rows, block)
     cin, cout = x_ref.shape[-1], g_ref.shape[-1]
     contract_pixels = (((0,), (0,)), ((), ()))  # xᵀ · g over the block's pixels
 
     def step(i, acc):
-        # lax's div and rem: i ≥ 0, and jnp's // and % do not lower in a Triton loop
-        r, start = first + jax.lax.div(i, per_row), jax.lax.rem(i, per_row) * block
-        cols = start + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+        r, start, cols = block_at(i)
         g = g_ref[b, r, pl.ds(start, block), :].astype(jnp.float32)  # [block, Cout]
         g_big, g_small = tf32_split(g)
         sums = []
@@ -160,9 +155,9 @@ def _kernel_grad_kernel(x_ref, g_ref, o_ref, *, height, width, rows, block, pass
         return tuple(sums)
 
     zero = tuple(jnp.zeros((cin, cout), jnp.float32) for _ in TAPS)
-    sums = jax.lax.fori_loop(0, rows * per_row, step, zero)
+    sums = jax.lax.fori_loop(0, rows * (width // block), step, zero)
     for t in range(len(TAPS)):
-        o_ref[pid, t, :, :] = sums[t]
+        o_ref[pl.program_id(0), t, :, :] = sums[t]
 
 
 @functools.partial(jax.jit, static_argnames=("passes", "interpret", "rows", "block", "warps"))
@@ -189,12 +184,18 @@ def kernel_grad_gpu(
       [3, 3, Cin, Cout] float32: Σ over images and pixels p of x[p + tap − 1]ᵀ · g[p].
     """
     _check(x.shape, g.shape[-1], passes)
+    body = functools.partial(_kernel_grad_kernel, passes=passes)
+    return _summed_per_tap(body, x, g, rows, block, warps, interpret)
+
+
+def _summed_per_tap(body, x, g, rows, block, warps, interpret):
+    """Σ over programs of body's per-tap sums [9, Cin, Cout], each program `rows` rows of
+    one image (their gcd with H) `block` columns at a time: [3, 3, Cin, Cout] float32."""
     batch, h, w, cin = x.shape
     rows = math.gcd(h, rows)
     programs = batch * h // rows
-    block = min(w, block)
-    body = functools.partial(_kernel_grad_kernel, height=h, width=w, rows=rows,
-                             block=block, passes=passes, interpret=interpret)  # fmt: skip
+    body = functools.partial(body, height=h, width=w, rows=rows, block=min(w, block),
+                             interpret=interpret)  # fmt: skip
     partial_sums = pl.pallas_call(
         body,
         out_shape=jax.ShapeDtypeStruct((programs, len(TAPS), cin, g.shape[-1]), jnp.float32),
@@ -205,20 +206,31 @@ def kernel_grad_gpu(
     return partial_sums.sum(axis=0).reshape(3, 3, cin, g.shape[-1])
 
 
+def _block_of(height, width, rows, block):
+    """In a kernel-gradient program: its image b and a function of the loop's step i → (row,
+    first column, the block's columns [block])."""
+    pid = pl.program_id(0)
+    blocks, per_row = height // rows, width // block
+    b, first = pid // blocks, (pid % blocks) * rows
+
+    def at(i):
+        # lax's div and rem: i ≥ 0, and jnp's // and % do not lower in a Triton loop
+        r, start = first + jax.lax.div(i, per_row), jax.lax.rem(i, per_row) * block
+        return r, start, start + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+
+    return b, at
+
+
 def _taps_grad_kernel(x_ref, g_ref, o_ref, *, height, width, rows, block, interpret):
     """Program p: Σ over rows p·rows … p·rows + rows − 1 of image b of x_shifted[..., c] · g
     per tap and input channel c, `block` columns at a time: [9, Cin, Cout]. Products and
     sums elementwise (few input channels make no matrix product), summed over the columns
     once at the end."""
-    pid = pl.program_id(0)
-    blocks = height // rows
-    b, first = pid // blocks, (pid % blocks) * rows
-    per_row = width // block
+    b, block_at = _block_of(height, width, rows, block)
     cin, cout = x_ref.shape[-1], g_ref.shape[-1]
 
     def step(i, acc):
-        r, start = first + jax.lax.div(i, per_row), jax.lax.rem(i, per_row) * block
-        cols = start + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
+        r, start, cols = block_at(i)
         g = g_ref[b, r, pl.ds(start, block), :].astype(jnp.float32)  # [block, Cout]
         sums = []
         for dy, dx in TAPS:
@@ -229,10 +241,10 @@ def _taps_grad_kernel(x_ref, g_ref, o_ref, *, height, width, rows, block, interp
         return tuple(sums)
 
     zero = tuple(jnp.zeros((block, cout), jnp.float32) for _ in range(len(TAPS) * cin))
-    sums = jax.lax.fori_loop(0, rows * per_row, step, zero)
+    sums = jax.lax.fori_loop(0, rows * (width // block), step, zero)
     for t in range(len(TAPS)):
         for c in range(cin):
-            o_ref[pid, t, c, :] = jnp.sum(sums[t * cin + c], axis=0)
+            o_ref[pl.program_id(0), t, c, :] = jnp.sum(sums[t * cin + c], axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "rows", "block", "warps"))
@@ -256,19 +268,7 @@ def taps_kernel_grad_gpu(
     """
     if not applies_few(x.shape, g.shape[-1]):
         raise ValueError(f"taps_kernel_grad_gpu does not take {x.shape} → {g.shape[-1]}")
-    batch, h, w, cin = x.shape
-    rows = math.gcd(h, rows)
-    programs = batch * h // rows
-    body = functools.partial(_taps_grad_kernel, height=h, width=w, rows=rows,
-                             block=min(w, block), interpret=interpret)  # fmt: skip
-    partial_sums = pl.pallas_call(
-        body,
-        out_shape=jax.ShapeDtypeStruct((programs, len(TAPS), cin, g.shape[-1]), jnp.float32),
-        grid=(programs,),
-        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
-        interpret=interpret,
-    )(x, g)
-    return partial_sums.sum(axis=0).reshape(3, 3, cin, g.shape[-1])
+    return _summed_per_tap(_taps_grad_kernel, x, g, rows, block, warps, interpret)
 
 
 def with_taps_grad(forward, interpret: bool = False, grad_shape: tuple[int, ...] = ()):
