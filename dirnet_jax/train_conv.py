@@ -1,7 +1,8 @@
 """Training's later 3×3 convolutions (many channels, SAME zero padding, stride 1) and both
 their gradients as GPU kernels (Pallas, Triton backend). A candidate: not yet timed on a
 GPU, so the regressor trains with flax's nn.Conv (cuDNN), and benchmarks/core.py swaps
-this in (`baseline-tritonconv`).
+these in (`baseline-tritonconv`, `-tritontaps`, and with `models.first_layer_train`,
+`-tritontrain`).
 
 Why: a 256² training step at batch 32 on an H200 spent ~0.74 of its ~1.5 ms of kernels in
 cuDNN's work for these layers: the kernel gradient 0.39 ms (sm80 `wgrad`, all 16-channel
@@ -39,7 +40,7 @@ from jax.experimental.pallas import triton as plgpu
 from dirnet_jax.first_layer import power_of_two
 from dirnet_jax.pooled_layers import dot_precision, gathered, tf32_split, tf32_terms
 
-WARPS = 4
+WARPS = 4  # the convolution's: 528 instructions, 62 registers (1 warp: 1,600 and 176)
 # The kernel gradient: image rows per program (fewer where the height is not a multiple),
 # columns per product, warps per program. By the sm_90a counts (benchmarks/sass.py): one
 # warp (a [16, 16] product is one warp's; more warps repeat it) and 32 columns (194
