@@ -1,5 +1,6 @@
 """One pair through `register` against its A/B twins, interleaved: what the Triton first
-layer and the CUDA-graph option buy where single-process rows disagree.
+layer, the CUDA-graph option and folding BatchNorm once (`registrar`) buy where
+single-process rows disagree.
 
     python -m benchmarks.one_pair                   # 256², 20 rounds of 50 calls each
     python -m benchmarks.one_pair --size=28 --rounds=3 --calls=5 --out=FILE.json
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 
 from benchmarks import core
 from dirnet_jax import init_variables, machine
-from dirnet_jax.models import register
+from dirnet_jax.models import register, registrar
 from dirnet_jax.workdir import atomic_write_text
 
 FLAGS = {"size": "256", "rounds": "20", "calls": "50", "out": ""}
@@ -61,6 +62,9 @@ def main(argv: list[str]) -> None:
             with core.swapped("fused_first_layer", first_layer):
                 jax.block_until_ready(call())
         fns[name] = call
+    bound = registrar(base, variables)  # BatchNorm folded once, not per call
+    jax.block_until_ready(bound(fixed, moving))
+    fns["registrar (folded once)"] = lambda: bound(fixed, moving)
     times: dict[str, list[list[float]]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, call in fns.items():

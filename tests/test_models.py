@@ -396,6 +396,24 @@ def test_register_in_chunks_equals_one_pass(rng, chunk):
         register(config, variables, fixed, moving, chunk=0)
 
 
+def test_registrar_registers_as_register_and_traces_once(rng):
+    config = MNIST.replace(features=8)
+    variables = perturbed(config)
+    bound = models.registrar(config, variables)
+    before = models._register_folded._cache_size()
+    for n in (7, 7, 1):
+        fixed, moving = (rng.uniform(size=(n, 28, 28, 1)).astype(np.float32) for _ in "ab")
+        expected = register(config, variables, fixed, moving)
+        assert float(jnp.abs(expected.displacement).max()) > 0.1
+        for chunk in (None, 3):
+            for a, b in zip(bound(fixed, moving, chunk=chunk), expected, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # One trace per shape and chunk: (7, None), (7, 3), (1, None), (1, 3).
+    assert models._register_folded._cache_size() == before + 4
+    with pytest.raises(ValueError, match="differ in shape"):
+        bound(jnp.zeros((1, 28, 28, 1)), jnp.zeros((2, 28, 28, 1)))
+
+
 def test_pairs_per_pass_keeps_a_pass_in_cache_on_cpu():
     assert jax.default_backend() == "cpu"
     assert pairs_per_pass(CARDIAC, 32) == 2  # 256² pairs: two per pass
