@@ -431,6 +431,53 @@ def parse(argv: list[str]) -> tuple[bool, dict[str, str]]:
     return quick, opts
 
 
+def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple[str, Callable]]:
+    """The baseline's A/B rows on a GPU, (label, run) each, the rows no GPU has measured yet
+    first: each swaps one choice (a config of its own seed, so no trace is shared)."""
+    bf16 = base.replace(compute_dtype="bfloat16")
+    return [
+        # The later pooled layers as Triton kernels (not yet the default).
+        ("baseline-tritonpool", lambda: in_swap(
+            "pooled_conv", triton_pooled_conv, bench_register,
+            table, "baseline-tritonpool", base.replace(seed=5), p, batches, r)),
+        # Every training candidate (what adopting them all would give), then each.
+        ("baseline-tritontrain", lambda: in_swap(
+            TRAIN_CANDIDATES, None, bench_train_dispatch,
+            table, "baseline-tritontrain", base.replace(seed=8), p, r)),
+        # Training's later convolutions and their gradients as Triton kernels.
+        ("baseline-tritonconv", lambda: in_swap(
+            "conv_layer", triton_conv_layer, bench_train_dispatch,
+            table, "baseline-tritonconv", base.replace(seed=6), p, r)),
+        # Training's first conv with its kernel gradient as a Triton kernel.
+        ("baseline-tritontaps", lambda: in_swap(
+            "TapConv", triton_taps_grad, bench_train_dispatch,
+            table, "baseline-tritontaps", base.replace(seed=7), p, r)),
+        # Training's first layer at once (`first_layer_train`), XLA's gradients.
+        ("baseline-fusedfirst", lambda: in_swap(
+            "train_first_layer_conv", models.conv_taps, bench_train_dispatch,
+            table, "baseline-fusedfirst", base.replace(seed=9), p, r)),
+        ("baseline-bf16", lambda: bench_jax(table, "baseline-bf16", bf16, p, batches, r)),
+        # The first layer as XLA's loop instead of the Triton kernel.
+        ("baseline-xlaloop", lambda: in_swap(
+            "fused_first_layer", xla_first_layer, bench_register,
+            table, "baseline-xlaloop", base.replace(seed=4), p, batches, r)),
+        # What INFER_COMPILER_OPTIONS buys.
+        ("baseline-graphs5", lambda: bench_register(
+            table, "baseline-graphs5", base, p, (1,), r, fn=register_default_graphs)),
+        # The first layer unfused (BatchNorm still folded).
+        ("baseline-xlafirst", lambda: in_swap(
+            "fused_first_layer", unfused_first_layer, bench_register,
+            table, "baseline-xlafirst", base.replace(seed=2), p, batches, r)),
+        # Plain layers: what folding BatchNorm and the fused first layer buy.
+        ("baseline-unfolded", lambda: bench_register(
+            table, "baseline-unfolded", base, p, batches, r, fn=register_unfolded)),
+        # What `conv_taps` buys in training.
+        ("baseline-xlaconv", lambda: in_swap(
+            "TapConv", xla_conv, bench_train,
+            table, "baseline-xlaconv", base.replace(seed=1), p, r)),
+    ]  # fmt: skip
+
+
 def main(argv: list[str]) -> None:
     global MIN_SECONDS
     quick, opts = parse(argv)
@@ -463,48 +510,7 @@ def main(argv: list[str]) -> None:
             ("PyTorch", lambda: bench_torch(table, base, p, r)),
         ]
         if on_gpu:  # bfloat16 activations are for accelerators (slower on a CPU)
-            bf16 = base.replace(compute_dtype="bfloat16")
-            rows += [  # the rows no GPU has measured yet first
-                # The later pooled layers as Triton kernels (not yet the default).
-                ("baseline-tritonpool", lambda: in_swap(
-                    "pooled_conv", triton_pooled_conv, bench_register,
-                    table, "baseline-tritonpool", base.replace(seed=5), p, batches, r)),
-                # Every training candidate (what adopting them all would give), then each.
-                ("baseline-tritontrain", lambda: in_swap(
-                    TRAIN_CANDIDATES, None, bench_train_dispatch,
-                    table, "baseline-tritontrain", base.replace(seed=8), p, r)),
-                # Training's later convolutions and their gradients as Triton kernels.
-                ("baseline-tritonconv", lambda: in_swap(
-                    "conv_layer", triton_conv_layer, bench_train_dispatch,
-                    table, "baseline-tritonconv", base.replace(seed=6), p, r)),
-                # Training's first conv with its kernel gradient as a Triton kernel.
-                ("baseline-tritontaps", lambda: in_swap(
-                    "TapConv", triton_taps_grad, bench_train_dispatch,
-                    table, "baseline-tritontaps", base.replace(seed=7), p, r)),
-                # Training's first layer at once (`first_layer_train`), XLA's gradients.
-                ("baseline-fusedfirst", lambda: in_swap(
-                    "train_first_layer_conv", models.conv_taps, bench_train_dispatch,
-                    table, "baseline-fusedfirst", base.replace(seed=9), p, r)),
-                ("baseline-bf16", lambda: bench_jax(table, "baseline-bf16", bf16, p, batches, r)),
-                # The first layer as XLA's loop instead of the Triton kernel.
-                ("baseline-xlaloop", lambda: in_swap(
-                    "fused_first_layer", xla_first_layer, bench_register,
-                    table, "baseline-xlaloop", base.replace(seed=4), p, batches, r)),
-                # What INFER_COMPILER_OPTIONS buys.
-                ("baseline-graphs5", lambda: bench_register(
-                    table, "baseline-graphs5", base, p, (1,), r, fn=register_default_graphs)),
-                # The first layer unfused (BatchNorm still folded).
-                ("baseline-xlafirst", lambda: in_swap(
-                    "fused_first_layer", unfused_first_layer, bench_register,
-                    table, "baseline-xlafirst", base.replace(seed=2), p, batches, r)),
-                # Plain layers: what folding BatchNorm and the fused first layer buy.
-                ("baseline-unfolded", lambda: bench_register(
-                    table, "baseline-unfolded", base, p, batches, r, fn=register_unfolded)),
-                # What `conv_taps` buys in training.
-                ("baseline-xlaconv", lambda: in_swap(
-                    "TapConv", xla_conv, bench_train,
-                    table, "baseline-xlaconv", base.replace(seed=1), p, r)),
-            ]  # fmt: skip
+            rows += gpu_ab_blocks(table, base, p, batches, r)
         return [(f"{label} {size}²", run) for label, run in rows]
 
     # The baselines, their PyTorch twins and A/B rows first, so that a run cut short by a

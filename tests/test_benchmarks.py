@@ -198,6 +198,21 @@ def test_layers_benchmark_times_the_training_kernels(tmp_path, capsys):
         layers.parse(["--batch=0"])
 
 
+def test_the_gpu_rows_no_gpu_has_run_yet_run(monkeypatch):
+    # They run on a GPU only, where a slip in one would cost a lease: here on the CPU at
+    # 28² (the swaps in place, XLA's side of each), each must add its row.
+    monkeypatch.setattr(core, "MIN_SECONDS", 0.0)
+    monkeypatch.setattr(core, "default_steps_per_dispatch", lambda: 2)
+    table = core.Table()
+    base = core.base_config(28)
+    blocks = dict(core.gpu_ab_blocks(table, base, core.timed_pairs(28, 32), (1,), 1))
+    new = ["tritonpool", "tritontrain", "tritonconv", "tritontaps", "fusedfirst"]
+    assert list(blocks)[: len(new)] == [f"baseline-{name}" for name in new]
+    for name in new:
+        blocks[f"baseline-{name}"]()
+        assert any(row["variant"] == f"baseline-{name}" for row in table.rows)
+
+
 def test_core_reports_a_row_that_fails_and_goes_on(tmp_path, monkeypatch, capsys):
     def fails_at_256(table, name, config, *args):
         if config.image_shape[0] == 256:
