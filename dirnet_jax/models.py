@@ -250,10 +250,31 @@ def _first_layer_train_fwd(x, kernel, scale, bias, downsampling, conv, dtype):
 
 
 def _first_layer_train_bwd(downsampling, conv, dtype, residuals, cotangents):
-    reference = functools.partial(
-        _first_layer_reference, downsampling=downsampling, conv=conv, dtype=dtype
-    )
-    return jax.vjp(reference, *residuals)[1](cotangents)
+    """The reference's gradients, written out so that every full-resolution value is an
+    expression of x and the pooled gradient (XLA fuses each into the reduction or the
+    array that reads it): BatchNorm's backward needs only two sums per channel, Σ g_y and
+    Σ z·g_y, with y the normalized conv z and g_y its gradient."""
+    x, kernel, scale, bias = residuals
+    g_pooled, g_mean, g_var = cotangents
+    x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
+    z = conv(x32, k32)  # recomputed, not stored
+    (mean, var), stats_vjp = jax.vjp(batch_stats, z)
+    r = jax.lax.rsqrt(var + BN_EPSILON)
+    mul = r * scale
+    y = z * mul + (bias - mean * mul)
+    reduce = jnp.mean if downsampling == "avg" else jnp.max
+    a, elu_vjp = jax.vjp(elu, y)
+    (g_a,) = jax.vjp(lambda a: pool2(a, reduce).astype(dtype), a)[1](g_pooled)
+    (g_y,) = elu_vjp(g_a)
+    axes = tuple(range(z.ndim - 1))
+    sum_g, sum_zg = g_y.sum(axes), (z * g_y).sum(axes)
+    centred = sum_zg - mean * sum_g  # Σ (z − mean) g_y
+    # y = (z − mean)·r·scale + bias: the gradients of scale, bias, and of the statistics.
+    g_scale, g_bias = r * centred, sum_g
+    (g_z_stats,) = stats_vjp((g_mean - mul * sum_g, g_var - 0.5 * scale * r**3 * centred))
+    g_z = mul * g_y + g_z_stats
+    g_x, g_kernel = jax.vjp(conv, x32, k32)[1](g_z)
+    return g_x.astype(x.dtype), g_kernel.astype(kernel.dtype), g_scale, g_bias
 
 
 first_layer_train.defvjp(_first_layer_train_fwd, _first_layer_train_bwd)

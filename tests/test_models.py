@@ -325,6 +325,34 @@ def test_first_layer_at_once_trains_alike(rng, name, monkeypatch):
     assert float(jnp.abs(grads["Conv_0"]["kernel"]).max()) > 0
 
 
+@pytest.mark.parametrize("downsampling", ["avg", "max"])
+def test_first_layer_train_gradients_are_the_reference_layers(rng, downsampling):
+    # The backward written out (two sums per channel) against autodiff of the layer as the
+    # regressor computes it unfused, with cotangents on the batch statistics too (they
+    # are zero in training, where only the running averages read them).
+    x = jnp.asarray(rng.uniform(size=(3, 16, 32, 2)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 16)) * 0.5, jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 2, 16), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=16) * 0.3, jnp.float32)
+    cotangents = tuple(jnp.asarray(rng.normal(size=shape), jnp.float32)
+                       for shape in [(3, 8, 16, 16), (16,), (16,)])  # fmt: skip
+    args = (x, kernel, scale, bias)
+    fused = functools.partial(
+        models.first_layer_train, downsampling=downsampling, conv=conv_taps, dtype=jnp.float32
+    )
+    reference = functools.partial(
+        models._first_layer_reference, downsampling=downsampling, conv=conv_taps,
+        dtype=jnp.float32,
+    )  # fmt: skip
+    got, got_vjp = jax.vjp(fused, *args)
+    expected, expected_vjp = jax.vjp(reference, *args)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_vjp(cotangents), expected_vjp(cotangents), strict=True):
+        assert float(jnp.abs(b).max()) > 1  # every gradient non-trivial
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6 * float(jnp.abs(b).max()))
+
+
 def test_batchnorm_applied_by_its_layer_only_trains():
     bn = BatchNorm(use_running_average=True)
     variables = bn.init(jax.random.key(0), jnp.ones((2, 4)))
