@@ -226,8 +226,9 @@ def first_layer_train(
     The statistics are reductions of the conv (two input channels: a sum of products per
     value, recomputed where it is read). With them BatchNorm is a scale and a shift of the
     conv, so the layer is inference's folded first layer (`fused_first_layer`, the Triton
-    kernel on CUDA) with kernel·mul and bias − mean·mul. The gradients recompute the layer
-    unfused (`conv`'s gradients among them) instead of reading stored activations.
+    kernel on CUDA) with kernel·mul and bias − mean·mul. The gradients recompute what they
+    need from x instead of reading stored activations (`_first_layer_train_bwd`), and end
+    in `conv`'s own gradients. Sums in float32 whatever `dtype`.
 
     Args:
       x: [B, H, W, Cin]; kernel: [3, 3, Cin, F]; scale, bias: BatchNorm's [F].
