@@ -115,16 +115,22 @@ def pooled_layer_impls(on_gpu: bool) -> dict:
     }
 
 
+def with_grads(conv, input_grad: bool = True):
+    """jitted fn(x, kernel, g) → (conv(x, kernel), its input gradient (if `input_grad`) and
+    its kernel gradient for the output gradient g)."""
+
+    def fn(x, kernel, g):
+        y, vjp = jax.vjp(conv, x, kernel)
+        dx, dw = vjp(g)
+        return (y, dx, dw) if input_grad else (y, dw)
+
+    return jax.jit(fn)
+
+
 def train_conv_impls(on_gpu: bool) -> dict:
     """{name: jitted fn(x, kernel, g) → (conv, input gradient, kernel gradient)} for a later
     layer's convolution in training; XLA's first."""
-
-    def grads(conv):
-        def fn(x, kernel, g):
-            y, vjp = jax.vjp(conv, x, kernel)
-            return (y, *vjp(g))
-
-        return jax.jit(fn)
+    grads = with_grads
 
     def triton(passes, *grad_shape):
         options = dict(interpret=not on_gpu, passes=passes, grad_shape=grad_shape)
@@ -144,13 +150,7 @@ def train_conv_impls(on_gpu: bool) -> dict:
 def first_conv_train_impls(on_gpu: bool) -> dict:
     """{name: jitted fn(x, kernel, g) → (conv, kernel gradient)} for training's first conv
     (its input gradient unused); what trains now first."""
-
-    def grads(conv):
-        def fn(x, kernel, g):
-            y, vjp = jax.vjp(conv, x, kernel)
-            return y, vjp(g)[1]
-
-        return jax.jit(fn)
+    grads = functools.partial(with_grads, input_grad=False)
 
     def triton(*grad_shape):
         return grads(train_conv.with_taps_grad(models.conv_taps, not on_gpu, grad_shape))
