@@ -152,11 +152,10 @@ def main(argv: list[str]) -> None:
             # Training: the conv, its input gradient, its kernel gradient (a loop over
             # blocks of columns of the program's rows); inference: the layer's kernel.
             parts = {"": 1}
-            if layer.startswith("train"):
+            if train:
                 trips = kernel_grad_trips(name, *shapes[0][1:3], taps=layer == "train1")
-                parts = {"kernel grad": trips}
-                if layer == "train":
-                    parts = {"conv": 1, "input grad": 1, **parts}
+                first = {"conv": 1, "input grad": 1} if layer == "train" else {}
+                parts = {**first, "kernel grad": trips}
             try:
                 kernels = triton_kernels(fn, *args)
                 if not kernels:  # one of XLA's own rows
