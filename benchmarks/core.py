@@ -263,12 +263,18 @@ register_default_graphs = jax.jit(
 )  # fmt: skip
 
 
-def in_swap(name: str | dict, value, bench, *args, **kwargs) -> None:
-    """bench(*args, **kwargs) with `models.<name>` swapped for `value` (or, with `name` a
-    dict and `value` None, each `models.<key>` for its value)."""
+@contextlib.contextmanager
+def swapped_all(swaps: dict):
+    """Each `models.<name>` of `swaps` replaced by its value while the context lasts."""
     with contextlib.ExitStack() as stack:
-        for key, new in (name if isinstance(name, dict) else {name: value}).items():
-            stack.enter_context(swapped(key, new))
+        for name, value in swaps.items():
+            stack.enter_context(swapped(name, value))
+        yield
+
+
+def in_swap(swaps: dict, bench, *args, **kwargs) -> None:
+    """bench(*args, **kwargs) with each `models.<name>` of `swaps` swapped for its value."""
+    with swapped_all(swaps):
         bench(*args, **kwargs)
 
 
@@ -438,42 +444,42 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
     return [
         # The later pooled layers as Triton kernels (not yet the default).
         ("baseline-tritonpool", lambda: in_swap(
-            "pooled_conv", triton_pooled_conv, bench_register,
+            {"pooled_conv": triton_pooled_conv}, bench_register,
             table, "baseline-tritonpool", base.replace(seed=5), p, batches, r)),
         # Every training candidate (what adopting them all would give), then each.
         ("baseline-tritontrain", lambda: in_swap(
-            TRAIN_CANDIDATES, None, bench_train_dispatch,
+            TRAIN_CANDIDATES, bench_train_dispatch,
             table, "baseline-tritontrain", base.replace(seed=8), p, r)),
         # Training's later convolutions and their gradients as Triton kernels.
         ("baseline-tritonconv", lambda: in_swap(
-            "conv_layer", triton_conv_layer, bench_train_dispatch,
+            {"conv_layer": triton_conv_layer}, bench_train_dispatch,
             table, "baseline-tritonconv", base.replace(seed=6), p, r)),
         # Training's first conv with its kernel gradient as a Triton kernel.
         ("baseline-tritontaps", lambda: in_swap(
-            "TapConv", triton_taps_grad, bench_train_dispatch,
+            {"TapConv": triton_taps_grad}, bench_train_dispatch,
             table, "baseline-tritontaps", base.replace(seed=7), p, r)),
         # Training's first layer at once (`first_layer_train`), XLA's gradients.
         ("baseline-fusedfirst", lambda: in_swap(
-            "train_first_layer_conv", models.conv_taps, bench_train_dispatch,
+            {"train_first_layer_conv": models.conv_taps}, bench_train_dispatch,
             table, "baseline-fusedfirst", base.replace(seed=9), p, r)),
         ("baseline-bf16", lambda: bench_jax(table, "baseline-bf16", bf16, p, batches, r)),
         # The first layer as XLA's loop instead of the Triton kernel.
         ("baseline-xlaloop", lambda: in_swap(
-            "fused_first_layer", xla_first_layer, bench_register,
+            {"fused_first_layer": xla_first_layer}, bench_register,
             table, "baseline-xlaloop", base.replace(seed=4), p, batches, r)),
         # What INFER_COMPILER_OPTIONS buys.
         ("baseline-graphs5", lambda: bench_register(
             table, "baseline-graphs5", base, p, (1,), r, fn=register_default_graphs)),
         # The first layer unfused (BatchNorm still folded).
         ("baseline-xlafirst", lambda: in_swap(
-            "fused_first_layer", unfused_first_layer, bench_register,
+            {"fused_first_layer": unfused_first_layer}, bench_register,
             table, "baseline-xlafirst", base.replace(seed=2), p, batches, r)),
         # Plain layers: what folding BatchNorm and the fused first layer buy.
         ("baseline-unfolded", lambda: bench_register(
             table, "baseline-unfolded", base, p, batches, r, fn=register_unfolded)),
         # What `conv_taps` buys in training.
         ("baseline-xlaconv", lambda: in_swap(
-            "TapConv", xla_conv, bench_train,
+            {"TapConv": xla_conv}, bench_train,
             table, "baseline-xlaconv", base.replace(seed=1), p, r)),
     ]  # fmt: skip
 

@@ -17,7 +17,6 @@ launch, not the work.
 from __future__ import annotations
 
 import collections
-import contextlib
 import gzip
 import json
 import sys
@@ -92,9 +91,7 @@ def main(argv: list[str]) -> None:
     opts = parse(argv)
     size, batch, calls = int(opts["size"]), int(opts["batch"]), int(opts["calls"])
     base = base_config(size).replace(batch_size=batch)
-    with contextlib.ExitStack() as stack:
-        for name, value in CANDIDATES.items() if opts["candidates"] == "true" else ():
-            stack.enter_context(core.swapped(name, value))
+    with core.swapped_all(CANDIDATES if opts["candidates"] == "true" else {}):
         run, program = workload(opts["what"], variant(opts["variant"], base), batch)
         for _ in range(3):
             run()

@@ -4,7 +4,6 @@ gradient, in Pallas' interpreter on any backend (compiled on a GPU) against XLA'
 convolution and its gradients at full precision; the whole DIRNet's training gradients
 with the kernels swapped in; the swaps' lowering for CUDA."""
 
-import contextlib
 import functools
 
 import jax
@@ -160,13 +159,6 @@ SWAPS = {
 }
 
 
-def swapped(swaps):
-    stack = contextlib.ExitStack()
-    for name, value in swaps.items():
-        stack.enter_context(core.swapped(name, value))
-    return stack
-
-
 @pytest.mark.parametrize("swaps", ["each", "all"])
 def test_dirnet_trains_alike_with_the_kernels(swaps):
     pairs = jax.random.uniform(jax.random.key(2), (2, 4, 64, 64, 1))
@@ -182,7 +174,7 @@ def test_dirnet_trains_alike_with_the_kernels(swaps):
         return jax.jit(jax.value_and_grad(_loss, has_aux=True))(params, state, batch)
 
     (loss, stats), grads = loss_and_grads()
-    with swapped(SWAPS[swaps]):
+    with core.swapped_all(SWAPS[swaps]):
         (kernel_loss, kernel_stats), kernel_grads = loss_and_grads()
     np.testing.assert_allclose(kernel_loss, loss, rtol=TF32)
     for layer in ("Conv_0", "Conv_1"):  # the layers the kernels took: their kernel gradients
@@ -211,7 +203,7 @@ def test_the_swapped_in_training_lowers_the_kernels_for_cuda_only(swaps):
     batch = {"fixed": pair, "moving": pair}
     rows = {"each": {"conv_layer": core.triton_conv_layer, "TapConv": core.triton_taps_grad},
             "all": core.TRAIN_CANDIDATES}  # fmt: skip
-    with swapped(rows[swaps]):
+    with core.swapped_all(rows[swaps]):
         state = create_train_state(CONFIG.replace(seed=9))
         traced = jax.jit(jax.grad(_loss, has_aux=True)).trace(state.params, state, batch)
         cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
