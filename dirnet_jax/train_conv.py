@@ -289,20 +289,22 @@ def with_taps_grad(forward, interpret: bool = False, grad_shape: tuple[int, ...]
     def fwd(x, kernel):
         return conv(x, kernel), (x, kernel)
 
+    def xla_kernel_grad(x, kernel, g):
+        return jax.vjp(functools.partial(xla_conv, x), kernel)[1](g)[0]
+
+    def gpu_kernel_grad(x, kernel, g):
+        return taps_kernel_grad_gpu(x, g, interpret, *grad_shape).astype(kernel.dtype)
+
     def bwd(residuals, g):
         x, kernel = residuals
-        dx, dw = _xla_grads(x, kernel, g)
+        dx = jax.vjp(lambda x: xla_conv(x, kernel), x)[1](g)[0]
         if not applies_few(x.shape, kernel.shape[-1]):
-            return dx, dw
-
-        def kernel_grad(x, g, xla_dw):
-            return taps_kernel_grad_gpu(x, g, interpret, *grad_shape).astype(xla_dw.dtype)
-
+            return dx, xla_kernel_grad(x, kernel, g)
         if interpret:
-            return dx, kernel_grad(x, g, dw)
-        return dx, jax.lax.platform_dependent(
-            x, g, dw, cuda=kernel_grad, default=lambda x, g, xla_dw: xla_dw
-        )
+            return dx, gpu_kernel_grad(x, kernel, g)
+        # XLA's kernel gradient inside its branch only: on CUDA nothing computes it.
+        dw = jax.lax.platform_dependent(x, kernel, g, cuda=gpu_kernel_grad, default=xla_kernel_grad)
+        return dx, dw
 
     conv.defvjp(fwd, bwd)
     return conv

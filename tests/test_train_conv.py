@@ -116,6 +116,19 @@ def test_taps_kernel_gradient_is_the_convolutions(rng, shape):
         train_conv.taps_kernel_grad_gpu(jnp.ones((1, 4, 16, 8)), jnp.ones((1, 4, 16, 16)))
 
 
+def test_taps_kernel_gradient_leaves_no_convolution_on_cuda():
+    # Training asks for the kernel's gradient only: on CUDA the Triton kernel and no cuDNN
+    # convolution at all (XLA's kernel gradient lives in the other platforms' branch).
+    conv = train_conv.with_taps_grad(models.conv_taps)
+    x = jax.ShapeDtypeStruct((2, 64, 64, 2), jnp.float32)
+    kernel = jax.ShapeDtypeStruct((3, 3, 2, 16), jnp.float32)
+    traced = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2), 1)).trace(x, kernel)
+    cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    assert cuda.count("xla.gpu.triton") == 1 and "stablehlo.convolution" not in cuda
+    assert "stablehlo.convolution" in cpu and "xla.gpu.triton" not in cpu
+
+
 def test_applies_only_to_shapes_triton_takes(monkeypatch):
     assert train_conv.applies((32, 128, 128, 16), 16)
     assert train_conv.applies((2, 5, 16, 32), 16)  # any height
