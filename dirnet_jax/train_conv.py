@@ -58,16 +58,21 @@ def applies(x_shape: tuple[int, ...], features: int) -> bool:
     """Whether the kernels take a convolution of [B, H, W, C] into `features` channels: 2-D,
     width, channels and features powers of two of at least 16 (the sizes of Triton's
     matrix products). ``DIRNET_TRAIN_CONV=xla`` in the environment turns them off."""
-    if os.environ.get("DIRNET_TRAIN_CONV", "") == "xla" or len(x_shape) != 4:
+    if not _enabled_for(x_shape):
         return False
     return all(power_of_two(n, least=16) for n in (x_shape[2], x_shape[3], features))
+
+
+def _enabled_for(x_shape: tuple[int, ...]) -> bool:
+    """2-D activations, and the kernels not turned off (``DIRNET_TRAIN_CONV=xla``)."""
+    return os.environ.get("DIRNET_TRAIN_CONV", "") != "xla" and len(x_shape) == 4
 
 
 def applies_few(x_shape: tuple[int, ...], features: int) -> bool:
     """Whether `taps_kernel_grad_gpu` takes a convolution of [B, H, W, C] into `features`
     channels: 2-D, width and features powers of two (Triton's block shapes), C at most 4
     (an unrolled loop over channels). ``DIRNET_TRAIN_CONV=xla`` turns it off."""
-    if os.environ.get("DIRNET_TRAIN_CONV", "") == "xla" or len(x_shape) != 4:
+    if not _enabled_for(x_shape):
         return False
     return power_of_two(x_shape[2], least=16) and power_of_two(features) and x_shape[3] <= 4
 
