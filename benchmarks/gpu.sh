@@ -25,8 +25,8 @@
 #
 # Limits: TESTS_SECONDS, ONEPAIR_SECONDS, BENCH_SECONDS, PROFILE_SECONDS,
 # FLAGS_SECONDS, TRAIN_SECONDS. BENCH_ARGS: more arguments for benchmarks.core (--sizes=256, say).
-# Results go to $OUT (default benchmarks/results/gpu): the tests' log, one JSON per tool,
-# every tool's printed table in gpu.log, compiled programs as .tar.gz (at most 8 files, what
+# Results go to $OUT (default benchmarks/results/gpu): the tests' log, one JSON per tool
+# (the layers' four in layers.tar.gz), every tool's printed table in gpu.log, compiled programs as .tar.gz (at most 8 files, what
 # a lease brings back). After `train`, unpack
 # $OUT/sunnybrook-paper.tar.gz into runs/ on a machine with the full install and run
 #   python -m experiments.sunnybrook --variant=C1 --workdir=runs/sunnybrook-paper
@@ -73,10 +73,13 @@ train() {
 
 kernel() {
   local -A limit=([1]=60 [2]=35 [train]=50 [train1]=30)  # each takes ~3/4 of its limit
+  local dir=/tmp/layers
+  mkdir -p $dir
   for layer in 1 2 train train1; do
     timeout "${limit[$layer]}" $py -m benchmarks.layers --layer=$layer \
-      --out="$OUT/layer${layer}_gpu.json" 2>&1 | tee -a "$OUT/gpu.log"
+      --out="$dir/layer${layer}_gpu.json" 2>&1 | tee -a "$OUT/gpu.log"
   done
+  tar -czf "$OUT/layers.tar.gz" -C $dir .  # one file: a lease brings back at most 8
 }
 
 onepair() {
