@@ -1,7 +1,10 @@
 """The regressor's later conv layers at inference, ``pool2(elu(conv3×3(x) + bias))`` on
 many-channel activations, as one GPU kernel each (Pallas, Triton backend). A candidate:
-not yet timed on a GPU, so `models.pooled_conv` still runs XLA's convolution, ELU and
-pooling, and benchmarks/core.py swaps this in (`baseline-tritonpool`).
+on an H200 it took the 128² layer in 0.91 ms with one TF32 product (1.37 with three)
+against cuDNN's 1.60, but with three products on every layer it bought nothing end to end
+(the 64² and 32² layers were slower than cuDNN's; benchmarks/NOTES.md). So
+`models.pooled_conv` still runs XLA's convolution, ELU and pooling, and benchmarks/core.py
+swaps this in with one product (`baseline-tritonpool`, `-tritonpool2`: the 128² layer).
 
 Why: at 256², batch 512 on an H200, the second layer (16 → 16 channels at 128²) took 1.3
 of 3.9 ms in cuDNN: its convolution 0.76 ms, a conversion of its 537 MB input into a
@@ -15,14 +18,14 @@ edges only) and multiplied on tensor cores by the kernel's [C, Cout] taps, accum
 per position in the window; then bias, ELU (its expm1 as the first layer's kernel
 computes it, `first_layer.EXPM1`) and the mean or max.
 
-Float32 to about 1e-6 by three TF32 products (``passes=3``): each value x = big + small,
-big its TF32 part (the low 13 mantissa bits cleared, `tf32_split`), x·w ≈ small·w_big +
-big·w_small + big·w_big, the kernel's split done once outside. This is Triton's own
-``tf32x3`` without its per-product NaN guard and with every product accumulated in
-place: 2,192 instead of 3,544 instructions per thread, 94 instead of 124 registers
-(sm_90a, `python -m benchmarks.sass`). ``passes=1`` is one TF32 product, the precision
-of XLA's own convolution on a GPU at default precision. Pallas' interpreter computes
-each product at full precision.
+Float32 to about 3e-6 of the largest value (on an H200) by three TF32 products
+(``passes=3``): each value x = big + small, big its TF32 part (the low 13 mantissa bits
+cleared, `tf32_split`), x·w ≈ small·w_big + big·w_small + big·w_big, the kernel's split
+done once outside. This is Triton's own ``tf32x3`` without its per-product NaN guard and
+with every product accumulated in place: 2,192 instead of 3,544 instructions per thread,
+94 instead of 124 registers (sm_90a, `python -m benchmarks.sass`). ``passes=1`` is one
+TF32 product, the precision of XLA's own convolution on a GPU at default precision.
+Pallas' interpreter computes each product at full precision.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from dirnet_jax import first_layer
 from dirnet_jax.first_layer import pool_window, power_of_two
 
 WARPS = 4
-PASSES = 3  # tensor-core products per tap: float32 to ~1e-6 (1: TF32, as XLA's conv)
+PASSES = 3  # tensor-core products per tap: float32 to ~3e-6 (1: TF32, as XLA's conv)
 
 
 def applies(x_shape: tuple[int, ...], features: int, downsampling: str) -> bool:
@@ -142,7 +145,8 @@ def conv_elu_pool2_dense(
     Args:
       x: [B, H, W, C] (float32 or bfloat16); kernel: [3, 3, C, Cout]; bias: [Cout].
       downsampling: "avg" or "max"; out_dtype: the output's dtype (sums in float32).
-      passes: 3 (float32 to ~1e-6) or 1 (one TF32 product) tensor-core products per tap.
+      passes: tensor-core products per tap: 3 (float32 to ~3e-6 of the largest value) or
+        1 (one TF32 product).
       interpret: run Pallas' interpreter (any backend: the tests on a CPU).
 
     Returns:
