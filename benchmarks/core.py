@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import socket
 import statistics
 import sys
@@ -53,7 +54,6 @@ from dirnet_jax import (
     machine,
     models,
     pooled_layers,
-    train_conv,
     variant,
 )
 from dirnet_jax.models import Registration, Regressor, register, transform
@@ -186,9 +186,10 @@ def swapped(name: str, value):
         setattr(models, name, original)
 
 
-def xla_conv(features: int, **kwargs) -> nn.Module:
-    """flax's 3×3 nn.Conv, for `swapped("TapConv", xla_conv)`: training's first conv by
-    XLA's convolution instead of `conv_taps`."""
+def xla_conv(features: int, conv=None, **kwargs) -> nn.Module:
+    """flax's 3×3 nn.Conv, for `swapped("TapConv", xla_conv)`: training's 3×3 convs (the
+    first, and those of `train_conv`) by XLA's convolution and its gradients (cuDNN on
+    GPUs): what `conv_taps` and the training kernels buy together. `conv` is ignored."""
     return nn.Conv(features, (3, 3), **kwargs)
 
 
@@ -212,48 +213,43 @@ def unfused_first_layer(x, kernel, bias, downsampling: str, dtype) -> jax.Array:
 _pooled_conv = models.pooled_conv  # the original, whatever is swapped in later
 
 
-def triton_pooled_conv(x, kernel, bias, downsampling: str, dtype) -> jax.Array:
+def triton_pooled_conv(
+    x, kernel, bias, downsampling: str, dtype, passes: int = 1, min_width: int = 0
+) -> jax.Array:
     """`models.pooled_conv` on CUDA by the Triton kernel of dirnet_jax.pooled_layers where
-    it applies, for `swapped("pooled_conv", triton_pooled_conv)`: what it would buy."""
+    it applies (and the input is at least `min_width` wide), `passes` TF32 products per
+    tap (1: cuDNN's precision at XLA's default), for `swapped("pooled_conv",
+    triton_pooled_conv)`: what it would buy."""
 
     def xla(x, kernel, bias):
         return _pooled_conv(x, kernel, bias, downsampling, dtype)
 
-    if not pooled_layers.applies(x.shape, kernel.shape[-1], downsampling):
+    applies = pooled_layers.applies(x.shape, kernel.shape[-1], downsampling)
+    if not applies or x.shape[2] < min_width:
         return xla(x, kernel, bias)
     gpu = functools.partial(
-        pooled_layers.conv_elu_pool2_dense, downsampling=downsampling, out_dtype=dtype
-    )
+        pooled_layers.conv_elu_pool2_dense, downsampling=downsampling, out_dtype=dtype,
+        passes=passes,
+    )  # fmt: skip
     return jax.lax.platform_dependent(x, kernel, bias, cuda=gpu, default=xla)
 
 
-_TapConv = models.TapConv  # the original, whatever is swapped in later
+# Training's candidate: the first layer at once, its conv's kernel gradient by Triton.
+TRAIN_CANDIDATES = {"train_first_layer_conv": models.conv_taps_train}
 
 
-def triton_conv_layer(
-    features: int, kernel_size: tuple[int, ...], conv=train_conv.conv3x3, **kwargs
-) -> nn.Module:
-    """`models.conv_layer` with its 3×3, stride-1 SAME convolutions (and their gradients) by
-    `conv`, dirnet_jax.train_conv's kernels on CUDA where they take the shape, for
-    `swapped("conv_layer", triton_conv_layer)`: what they would buy in training."""
-    strides, padding = kwargs.pop("strides", 1), kwargs.pop("padding", "SAME")
-    if tuple(kernel_size) == (3, 3) and strides == 1 and padding == "SAME":
-        return _TapConv(features, conv=conv, **kwargs)
-    return nn.Conv(features, kernel_size, strides=strides, padding=padding, **kwargs)
-
-
-def triton_taps_grad(features: int, **kwargs) -> nn.Module:
-    """`models.TapConv` (training's first conv) with its kernel gradient by
-    `train_conv.taps_kernel_grad_gpu` on CUDA, for `swapped("TapConv", triton_taps_grad)`."""
-    return _TapConv(features, conv=train_conv.with_taps_grad(models.conv_taps), **kwargs)
-
-
-# Training's Triton candidates together: the later convolutions and their gradients, the
-# first layer at once with its conv's kernel gradient by Triton.
-TRAIN_CANDIDATES = {
-    "conv_layer": triton_conv_layer,
-    "train_first_layer_conv": train_conv.with_taps_grad(models.conv_taps),
-}
+@contextlib.contextmanager
+def environment(name: str, value: str):
+    """os.environ[name] = value while the context lasts (read when jit traces)."""
+    original = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if original is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = original
 
 
 # `register` with XLA:GPU's default CUDA-graph threshold: what INFER_COMPILER_OPTIONS buys.
@@ -270,6 +266,12 @@ def swapped_all(swaps: dict):
         for name, value in swaps.items():
             stack.enter_context(swapped(name, value))
         yield
+
+
+def in_env(variable: tuple[str, str], bench, *args, **kwargs) -> None:
+    """bench(*args, **kwargs) with the environment variable (name, value) set."""
+    with environment(*variable):
+        bench(*args, **kwargs)
 
 
 def in_swap(swaps: dict, bench, *args, **kwargs) -> None:
@@ -442,26 +444,27 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
     first: each swaps one choice (a config of its own seed, so no trace is shared)."""
     bf16 = base.replace(compute_dtype="bfloat16")
     return [
-        # The later pooled layers as Triton kernels (not yet the default).
+        # The later pooled layers as Triton kernels (not yet the default), one TF32 product
+        # per tap: every layer they take, then the 128² layer alone (the deeper ones were
+        # slower than cuDNN's).
         ("baseline-tritonpool", lambda: in_swap(
             {"pooled_conv": triton_pooled_conv}, bench_register,
             table, "baseline-tritonpool", base.replace(seed=5), p, batches, r)),
-        # Every training candidate (what adopting them all would give), then each.
-        ("baseline-tritontrain", lambda: in_swap(
-            TRAIN_CANDIDATES, bench_train_dispatch,
-            table, "baseline-tritontrain", base.replace(seed=8), p, r)),
-        # Training's later convolutions and their gradients as Triton kernels.
-        ("baseline-tritonconv", lambda: in_swap(
-            {"conv_layer": triton_conv_layer}, bench_train_dispatch,
-            table, "baseline-tritonconv", base.replace(seed=6), p, r)),
-        # Training's first conv with its kernel gradient as a Triton kernel.
-        ("baseline-tritontaps", lambda: in_swap(
-            {"TapConv": triton_taps_grad}, bench_train_dispatch,
-            table, "baseline-tritontaps", base.replace(seed=7), p, r)),
-        # Training's first layer at once (`first_layer_train`), XLA's gradients.
+        ("baseline-tritonpool2", lambda: in_swap(
+            {"pooled_conv": functools.partial(triton_pooled_conv, min_width=128)},
+            bench_register, table, "baseline-tritonpool2", base.replace(seed=6), p, batches, r)),
+        # Training's first layer at once (`first_layer_train`) on top of the Triton kernels.
         ("baseline-fusedfirst", lambda: in_swap(
-            {"train_first_layer_conv": models.conv_taps}, bench_train_dispatch,
+            TRAIN_CANDIDATES, bench_train_dispatch,
             table, "baseline-fusedfirst", base.replace(seed=9), p, r)),
+        # bfloat16 training with the Triton kernels (their sums in float32) against cuDNN's.
+        ("baseline-bf16triton", lambda: in_swap(
+            {"TRAIN_CONV_DTYPES": ("float32", "bfloat16")}, bench_train_dispatch,
+            table, "baseline-bf16triton", bf16.replace(seed=7), p, r)),
+        # What the training kernels buy: XLA's convolutions (conv_taps kept).
+        ("baseline-xlatrain", lambda: in_env(
+            ("DIRNET_TRAIN_CONV", "xla"), bench_train_dispatch,
+            table, "baseline-xlatrain", base.replace(seed=8), p, r)),
         ("baseline-bf16", lambda: bench_jax(table, "baseline-bf16", bf16, p, batches, r)),
         # The first layer as XLA's loop instead of the Triton kernel.
         ("baseline-xlaloop", lambda: in_swap(
@@ -477,7 +480,7 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
         # Plain layers: what folding BatchNorm and the fused first layer buy.
         ("baseline-unfolded", lambda: bench_register(
             table, "baseline-unfolded", base, p, batches, r, fn=register_unfolded)),
-        # What `conv_taps` buys in training.
+        # What `conv_taps` and the training kernels buy: every 3×3 conv by XLA's.
         ("baseline-xlaconv", lambda: in_swap(
             {"TapConv": xla_conv}, bench_train,
             table, "baseline-xlaconv", base.replace(seed=1), p, r)),

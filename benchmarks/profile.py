@@ -37,7 +37,7 @@ from dirnet_jax.workdir import atomic_write_text
 FLAGS = {"what": "register", "size": "256", "batch": "1", "variant": "baseline",
          "calls": "20", "top": "25", "hlo": "", "candidates": "false"}  # fmt: skip
 # --candidates: the Triton kernels not yet the default, swapped in as benchmarks.core's
-# A/B rows swap them (`baseline-tritonpool`, `baseline-tritontrain`).
+# A/B rows swap them (`baseline-tritonpool`, `baseline-fusedfirst`).
 CANDIDATES = {"pooled_conv": core.triton_pooled_conv, **core.TRAIN_CANDIDATES}
 
 

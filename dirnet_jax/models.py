@@ -22,10 +22,11 @@ Inference computes the same function faster: BatchNorm's running averages folded
 layers (`fold_batchnorm`), and the first conv, its ELU and the pooling after it as one
 elementwise loop (`conv_elu_pool2`; on CUDA GPUs a Triton kernel, `dirnet_jax.first_layer`).
 Training, and inference where no fused layer takes it (A2), compute the first conv (two
-input channels) as sums of products of shifted slices (`conv_taps`). Candidates awaiting
-a GPU timing, off by default: training's first layer at once (`first_layer_train`, by
-`train_first_layer_conv`) and Triton kernels for the later layers (`conv_layer`,
-`pooled_conv`).
+input channels) as sums of products of shifted slices (`conv_taps`). Training in float32
+computes its 3×3 convs and their gradients by Triton kernels on CUDA GPUs where they take
+the shape (`dirnet_jax.train_conv`), by XLA elsewhere. Candidates, off by default:
+training's first layer at once (`first_layer_train`, by `train_first_layer_conv`) and a
+Triton kernel for the later layers at inference (`pooled_conv`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dirnet_jax import first_layer
+from dirnet_jax import first_layer, train_conv
 from dirnet_jax.batchnorm import BatchNorm, batch_stats
 from dirnet_jax.bspline import cubic_bspline_field, quadratic_bspline_field
 from dirnet_jax.config import DIRNetConfig
@@ -111,15 +112,6 @@ def _pad_same(x: jax.Array, size: int) -> jax.Array:
     return jnp.pad(x, [(0, 0), *[(size // 2, size // 2)] * (x.ndim - 2), (0, 0)])
 
 
-def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """XLA's SAME, stride-1 convolution of [B, *spatial, Cin] with [k, …, k, Cin, Cout]."""
-    axes = "DHW"[3 - (x.ndim - 2) :]
-    numbers = (f"N{axes}C", f"{axes}IO", f"N{axes}C")
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1,) * (x.ndim - 2), "SAME", dimension_numbers=numbers
-    )
-
-
 @jax.custom_vjp
 def conv_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """``conv(x, kernel)`` (SAME zero padding, stride 1) as sums of products of shifted
@@ -143,7 +135,7 @@ def _conv_taps_fwd(x, kernel):
 
 
 def _conv_taps_bwd(residuals, cotangent):
-    return jax.vjp(_lax_conv, *residuals)[1](cotangent)
+    return jax.vjp(train_conv.xla_conv, *residuals)[1](cotangent)
 
 
 conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
@@ -293,7 +285,7 @@ def pooled_conv(
     """A later folded layer and its pooling: XLA's convolution (cuDNN on GPUs), ELU and
     `pool2`, in `dtype`. [B, *spatial, C] → [B, *spatial / 2, Cout]. (A Triton kernel of
     the same, `dirnet_jax.pooled_layers`, awaits its GPU timing.)"""
-    y = _lax_conv(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    y = train_conv.xla_conv(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
     return pool2(elu_unguarded(y), jnp.mean if downsampling == "avg" else jnp.max)
 
 
@@ -338,10 +330,20 @@ class TapConv(nn.Module):
 
 
 def conv_layer(features: int, kernel_size: tuple[int, ...], **kwargs: Any) -> nn.Module:
-    """The regressor's conv layers but the first and the fused ones: flax's nn.Conv.
-    (benchmarks/core.py swaps in the Triton kernels of `dirnet_jax.train_conv`, which await
-    their GPU timing.)"""
+    """The regressor's conv layers but the first, the fused ones and training's 3×3 convs
+    that `dirnet_jax.train_conv` takes: flax's nn.Conv."""
     return nn.Conv(features, kernel_size, **kwargs)
+
+
+# Training's first conv: `conv_taps`, with its kernel gradient by a Triton kernel on CUDA
+# GPUs where it takes the shape (`train_conv.with_taps_grad`), conv_taps' own elsewhere.
+conv_taps_train = train_conv.with_taps_grad(conv_taps)
+
+# The compute dtypes whose training computes its 3×3 convs by `conv_taps_train` and
+# `train_conv.conv3x3` (Triton kernels on CUDA where they take the shape, the same as
+# before elsewhere). float32 was timed: 1.26× the steps/s of cuDNN's in a 256² step on an
+# H200 (benchmarks/NOTES.md). bfloat16 was not, so it trains with cuDNN's convolutions.
+TRAIN_CONV_DTYPES = ("float32",)
 
 
 class ConvKernel(nn.Module):
@@ -357,9 +359,11 @@ class ConvKernel(nn.Module):
         return self.param("kernel", nn.initializers.lecun_normal(), shape)
 
 
-# A candidate awaiting its GPU timing: when a conv function (`conv_taps`, or
-# `train_conv.with_taps_grad(conv_taps)`), training computes the first layer with its
-# BatchNorm, ELU and pooling by `first_layer_train` with that conv; None: layer by layer.
+# A candidate: when a conv function (`conv_taps`, or `conv_taps_train`), training computes
+# the first layer with its BatchNorm, ELU and pooling by `first_layer_train` with that
+# conv; None: layer by layer. On the H200 alone (XLA's gradients) 0.98× the steps/s; with
+# the Triton kernels it was in the 1.26× (benchmarks/NOTES.md): the next lease times it
+# on top of them (`baseline-fusedfirst`).
 train_first_layer_conv: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
 
@@ -400,11 +404,19 @@ class Regressor(nn.Module):
                 )(x)
             return elu_unguarded(x) if self.folded else elu(x)  # folded: inference only
 
+        # Training's 3×3 convs by Triton kernels on CUDA (see TRAIN_CONV_DTYPES).
+        kernels = train and cfg.compute_dtype in TRAIN_CONV_DTYPES
+
         def layer(x, kernel, strides=1, padding="SAME"):
             # The first conv by `conv_taps` in training and in folded inference (where no
             # fused layer took it); plain at unfolded inference, the benchmarks' reference.
             if (train or self.folded) and not made["Conv"] and (kernel, strides) == (3, 1):
-                return normalized(functools.partial(TapConv, cfg.features), "Conv", x)
+                conv = conv_taps_train if kernels else conv_taps
+                return normalized(functools.partial(TapConv, cfg.features, conv=conv), "Conv", x)
+            taken = kernels and train_conv.applies(x.shape, cfg.features)
+            if taken and (kernel, strides) == (3, 1):
+                tap_conv = functools.partial(TapConv, cfg.features, conv=train_conv.conv3x3)
+                return normalized(tap_conv, "Conv", x)
             conv = functools.partial(
                 conv_layer, cfg.features, (kernel,) * ndim, strides=strides, padding=padding
             )

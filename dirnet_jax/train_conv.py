@@ -1,14 +1,15 @@
-"""Training's later 3×3 convolutions (many channels, SAME zero padding, stride 1) and both
-their gradients as GPU kernels (Pallas, Triton backend). A candidate: not yet timed on a
-GPU, so the regressor trains with flax's nn.Conv (cuDNN), and benchmarks/core.py swaps
-these in (`baseline-tritonconv`, `-tritontaps`, and with `models.first_layer_train`,
-`-tritontrain`).
+"""Training's 3×3 convolutions (SAME zero padding, stride 1) and their gradients as GPU
+kernels (Pallas, Triton backend): the default for float32 training on CUDA GPUs where they
+take the shape (`models.Regressor`), XLA's convolution elsewhere.
 
 Why: a 256² training step at batch 32 on an H200 spent ~0.74 of its ~1.5 ms of kernels in
 cuDNN's work for these layers: the kernel gradient 0.39 ms (sm80 `wgrad`, all 16-channel
 layers together), a conversion of their inputs into a workspace 0.20 and the input
 gradient 0.14 (benchmarks/NOTES.md). What they must move is small: at 128² the layer's
-input and output gradient are 34 MB each, and the kernel gradient is 2,304 numbers.
+input and output gradient are 34 MB each, and the kernel gradient is 2,304 numbers. On
+the H200 the 128² layer's conv and both gradients took 0.34 against cuDNN's 0.60 ms, the
+first conv's kernel gradient 0.41 against XLA's 0.74 ms, and a whole step 1.26× the
+steps/s (benchmarks/NOTES.md).
 
 How: the convolution is 9 matrix products per output row, one per tap, of the input row
 shifted by the tap ([W, Cin], gathered with zeros outside the image) by the tap's
@@ -16,13 +17,14 @@ shifted by the tap ([W, Cin], gathered with zeros outside the image) by the tap'
 the flipped, transposed kernel. The kernel gradient is, per tap, Σ over pixels of
 x_shiftedᵀ · g: each program sums ``ROWS`` rows of one image into 9 [Cin, Cout]
 matrices, and XLA adds the programs' sums. Products on tensor cores, one TF32 product each
-(``passes=1``, the precision of cuDNN's at XLA's default precision, which trains now) or
-three (``passes=3``, float32 to ~1e-6; see `pooled_layers`). Pallas' interpreter computes
-each product at full precision.
+(``passes=1``, the precision of cuDNN's at XLA's default precision: ~3e-4 of the largest
+value on the H200) or three (``passes=3``, ~3e-6; see `pooled_layers`). Pallas'
+interpreter computes each product at full precision.
 
 The first conv (two input channels, fixed and moving, at full resolution; `models.conv_taps`)
 gets its kernel gradient from `taps_kernel_grad_gpu` (`with_taps_grad`): the same sums as
-float32 products and additions, as two channels make no matrix product. It reads the
+float32 products and additions, as two channels make no matrix product (~3e-6 of the
+largest value at 256², batch 32, where XLA's TF32 gradient is off by 3e-4). It reads the
 layer's output gradient (134 MB at 256², batch 32) and the images once.
 """
 
@@ -78,9 +80,12 @@ def applies_few(x_shape: tuple[int, ...], features: int) -> bool:
 
 
 def xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """XLA's SAME, stride-1 convolution: [B, H, W, Cin], [3, 3, Cin, Cout] → [B, H, W, Cout]."""
-    numbers = ("NHWC", "HWIO", "NHWC")
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=numbers)
+    """XLA's SAME, stride-1 convolution of [B, *spatial, Cin] with [k, …, k, Cin, Cout]."""
+    axes = "DHW"[3 - (x.ndim - 2) :]
+    numbers = (f"N{axes}C", f"{axes}IO", f"N{axes}C")
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1,) * (x.ndim - 2), "SAME", dimension_numbers=numbers
+    )
 
 
 def _conv_kernel(x_ref, wb_ref, ws_ref, o_ref, *, height, width, passes, interpret):
@@ -115,7 +120,7 @@ def conv_gpu(
 
     Args:
       x: [B, H, W, Cin] (float32 or bfloat16); kernel: [3, 3, Cin, Cout].
-      passes: 1 (one TF32 product per tap) or 3 (float32 to ~1e-6).
+      passes: 1 (one TF32 product per tap) or 3 (float32 to ~3e-6 of the largest value).
       interpret: run Pallas' interpreter (any backend: the tests on a CPU).
 
     Returns:
@@ -280,8 +285,8 @@ def taps_kernel_grad_gpu(
 def with_taps_grad(forward, interpret: bool = False, grad_shape: tuple[int, ...] = ()):
     """`forward(x, kernel)` (a SAME, stride-1 3×3 convolution of few input channels, such as
     `models.conv_taps`) with its kernel gradient by `taps_kernel_grad_gpu` on CUDA where
-    `applies_few` takes the shape; XLA's gradients elsewhere, and XLA's input gradient
-    always (training never asks for the images' gradient, so XLA drops it).
+    `applies_few` takes the shape; forward's own gradients elsewhere, and its input
+    gradient always (training never asks for the images' gradient, so XLA drops it).
 
     interpret: the kernel in Pallas' interpreter on every backend (the tests);
     grad_shape: (rows, block, warps) of `taps_kernel_grad_gpu`, or a prefix of them.
@@ -294,21 +299,23 @@ def with_taps_grad(forward, interpret: bool = False, grad_shape: tuple[int, ...]
     def fwd(x, kernel):
         return conv(x, kernel), (x, kernel)
 
-    def xla_kernel_grad(x, kernel, g):
-        return jax.vjp(functools.partial(xla_conv, x), kernel)[1](g)[0]
+    def forward_kernel_grad(x, kernel, g):
+        return jax.vjp(functools.partial(forward, x), kernel)[1](g)[0]
 
     def gpu_kernel_grad(x, kernel, g):
         return taps_kernel_grad_gpu(x, g, interpret, *grad_shape).astype(kernel.dtype)
 
     def bwd(residuals, g):
         x, kernel = residuals
-        dx = jax.vjp(lambda x: xla_conv(x, kernel), x)[1](g)[0]
         if not applies_few(x.shape, kernel.shape[-1]):
-            return dx, xla_kernel_grad(x, kernel, g)
+            return jax.vjp(forward, x, kernel)[1](g)
+        dx = jax.vjp(lambda x: forward(x, kernel), x)[1](g)[0]
         if interpret:
             return dx, gpu_kernel_grad(x, kernel, g)
-        # XLA's kernel gradient inside its branch only: on CUDA nothing computes it.
-        dw = jax.lax.platform_dependent(x, kernel, g, cuda=gpu_kernel_grad, default=xla_kernel_grad)
+        # The forward's kernel gradient inside its branch only: on CUDA nothing computes it.
+        dw = jax.lax.platform_dependent(
+            x, kernel, g, cuda=gpu_kernel_grad, default=forward_kernel_grad
+        )
         return dx, dw
 
     conv.defvjp(fwd, bwd)
@@ -352,6 +359,10 @@ def conv3x3(
     Returns:
       [B, H, W, Cout].
     """
+    return _conv3x3_forward(x, kernel, interpret, passes)
+
+
+def _conv3x3_forward(x, kernel, interpret, passes):
     if not applies(x.shape, kernel.shape[-1]):
         return xla_conv(x, kernel)
     gpu = functools.partial(conv_gpu, passes=passes, interpret=interpret)
@@ -361,7 +372,7 @@ def conv3x3(
 
 
 def _conv3x3_fwd(x, kernel, interpret, passes, grad_shape):
-    return conv3x3(x, kernel, interpret, passes, grad_shape), (x, kernel)
+    return _conv3x3_forward(x, kernel, interpret, passes), (x, kernel)
 
 
 def _conv3x3_bwd(interpret, passes, grad_shape, residuals, g):

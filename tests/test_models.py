@@ -287,7 +287,8 @@ def test_training_computes_the_first_conv_by_taps(rng, name, monkeypatch):
 
     assert convolutions(train=True) == convolutions(train=False) - 1
     grid, stats = run(variables)
-    monkeypatch.setattr(models, "TapConv", lambda features, **kw: nn.Conv(features, (3, 3), **kw))
+    flax_conv = lambda features, conv=None, **kw: nn.Conv(features, (3, 3), **kw)  # noqa: E731
+    monkeypatch.setattr(models, "TapConv", flax_conv)
     expected_grid, expected_stats = run(variables)
     np.testing.assert_allclose(grid, expected_grid, rtol=1e-4, atol=1e-5)
     jax.tree.map(
