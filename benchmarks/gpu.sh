@@ -3,7 +3,7 @@
 # SimpleITK there, so the cardiac cohort is generated in memory and the elastix row is
 # computed on a CPU machine afterwards). Steps, each under its own time limit (seconds):
 #
-#   bash benchmarks/gpu.sh tests     # versions; the model and kernel tests on the GPU (75)
+#   bash benchmarks/gpu.sh tests     # versions; the model and kernel tests on the GPU (120)
 #   bash benchmarks/gpu.sh kernel    # the first and second layers alone, and both convs
 #                                    # in training: our Triton kernels against XLA
 #                                    # (benchmarks/layers.py) (175); what they
@@ -20,14 +20,14 @@
 #                                    # CUDA graphs off; no Triton GEMMs; cuDNN runtime fusion
 #                                    # (conv + bias + ELU); graphs around loops, from one op (120)
 #   bash benchmarks/gpu.sh train     # cardiac experiment, paper settings, every variant (300)
-#   bash benchmarks/gpu.sh all       # tests, kernel, onepair, bench, profile (~9 min; flags
+#   bash benchmarks/gpu.sh all       # tests, kernel, onepair, bench, profile (~8 min; flags
 #                                    # and train have been measured)
 #
 # Limits: TESTS_SECONDS, ONEPAIR_SECONDS, BENCH_SECONDS, PROFILE_SECONDS,
 # FLAGS_SECONDS, TRAIN_SECONDS. BENCH_ARGS: more arguments for benchmarks.core (--sizes=256, say).
 # Results go to $OUT (default benchmarks/results/gpu): the tests' log, one JSON per tool
-# (the layers' four in layers.tar.gz), every tool's printed table in gpu.log, compiled programs as .tar.gz (at most 8 files, what
-# a lease brings back). After `train`, unpack
+# (the layers' four in layers.tar.gz), every tool's printed table in gpu.log, compiled
+# programs as .tar.gz (at most 8 files, what a lease brings back). After `train`, unpack
 # $OUT/sunnybrook-paper.tar.gz into runs/ on a machine with the full install and run
 #   python -m experiments.sunnybrook --variant=C1 --workdir=runs/sunnybrook-paper
 # there: the trained variants are reused and the SimpleElastix row is added.
@@ -43,13 +43,14 @@ tests() {
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__,
       'orbax', getattr(ocp, '__version__', '?'), 'torch', torch.__version__, jax.devices())"
   # The numerics the GPU has not run yet first (the Triton kernel; then what the H200's
-  # 60 s did not reach). One line per test (-v), so a run cut short still says which passed.
+  # 60 s did not reach). One line per test (-v), so a run cut short still says which
+  # passed; stopped by SIGINT, pytest still prints the tracebacks of what failed.
   # Full float32 convolutions and products, as on the CPU the tolerances were set on (the
   # GPU's default is TF32-like; the timings below use the default).
   local m=tests/test_models.py
-  JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TESTS_SECONDS:-75}" \
-    $py -m pytest -v -p no:cacheprovider tests/test_train_conv.py tests/test_pooled_layers.py \
-    tests/test_first_layer.py \
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT -k 15 "${TESTS_SECONDS:-120}" \
+    $py -m pytest -v --tb=short -p no:cacheprovider tests/test_train_conv.py \
+    tests/test_pooled_layers.py tests/test_first_layer.py \
     $m::test_folded_batchnorm_gives_the_same_grid \
     $m::test_fused_first_layer_is_conv_elu_pool $m::test_conv_taps_is_a_zero_padded_correlation \
     $m::test_conv_taps_gradients_are_the_convolutions $m::test_training_computes_the_first_conv_by_taps \
