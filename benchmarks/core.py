@@ -56,6 +56,7 @@ from dirnet_jax import (
     pooled_layers,
     variant,
 )
+from dirnet_jax.dispatch import cuda_or_xla
 from dirnet_jax.models import Registration, Regressor, register, transform
 from dirnet_jax.preprocess import minmax
 from dirnet_jax.train import (
@@ -224,14 +225,13 @@ def triton_pooled_conv(
     def xla(x, kernel, bias):
         return _pooled_conv(x, kernel, bias, downsampling, dtype)
 
-    applies = pooled_layers.applies(x.shape, kernel.shape[-1], downsampling)
-    if not applies or x.shape[2] < min_width:
-        return xla(x, kernel, bias)
     gpu = functools.partial(
         pooled_layers.conv_elu_pool2_dense, downsampling=downsampling, out_dtype=dtype,
         passes=passes,
     )  # fmt: skip
-    return jax.lax.platform_dependent(x, kernel, bias, cuda=gpu, default=xla)
+    applies = pooled_layers.applies(x.shape, kernel.shape[-1], downsampling)
+    taken = applies and x.shape[2] >= min_width
+    return cuda_or_xla(gpu, xla, x, kernel, bias, taken=taken)
 
 
 # Training's candidate: the first layer at once, its conv's kernel gradient by Triton.
@@ -453,7 +453,8 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
         ("baseline-tritonpool2", lambda: in_swap(
             {"pooled_conv": functools.partial(triton_pooled_conv, min_width=128)},
             bench_register, table, "baseline-tritonpool2", base.replace(seed=6), p, batches, r)),
-        # Training's first layer at once (`first_layer_train`) on top of the Triton kernels.
+        # Training's first layer at once (`first_layer_train`: first_layer_grad's kernels)
+        # on top of the training kernels.
         ("baseline-fusedfirst", lambda: in_swap(
             TRAIN_CANDIDATES, bench_train_dispatch,
             table, "baseline-fusedfirst", base.replace(seed=9), p, r)),

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from dirnet_jax.dispatch import cuda_or_xla
 from dirnet_jax.first_layer import power_of_two
 from dirnet_jax.pooled_layers import dot_precision, gathered, tf32_split, tf32_terms
 
@@ -310,13 +311,9 @@ def with_taps_grad(forward, interpret: bool = False, grad_shape: tuple[int, ...]
         if not applies_few(x.shape, kernel.shape[-1]):
             return jax.vjp(forward, x, kernel)[1](g)
         dx = jax.vjp(lambda x: forward(x, kernel), x)[1](g)[0]
-        if interpret:
-            return dx, gpu_kernel_grad(x, kernel, g)
         # The forward's kernel gradient inside its branch only: on CUDA nothing computes it.
-        dw = jax.lax.platform_dependent(
-            x, kernel, g, cuda=gpu_kernel_grad, default=forward_kernel_grad
-        )
-        return dx, dw
+        grads = (gpu_kernel_grad, forward_kernel_grad, x, kernel, g)
+        return dx, cuda_or_xla(*grads, interpret=interpret)
 
     conv.defvjp(fwd, bwd)
     return conv
@@ -363,12 +360,9 @@ def conv3x3(
 
 
 def _conv3x3_forward(x, kernel, interpret, passes):
-    if not applies(x.shape, kernel.shape[-1]):
-        return xla_conv(x, kernel)
     gpu = functools.partial(conv_gpu, passes=passes, interpret=interpret)
-    if interpret:
-        return gpu(x, kernel)
-    return jax.lax.platform_dependent(x, kernel, cuda=gpu, default=xla_conv)
+    taken = applies(x.shape, kernel.shape[-1])
+    return cuda_or_xla(gpu, xla_conv, x, kernel, taken=taken, interpret=interpret)
 
 
 def _conv3x3_fwd(x, kernel, interpret, passes, grad_shape):
@@ -377,12 +371,9 @@ def _conv3x3_fwd(x, kernel, interpret, passes, grad_shape):
 
 def _conv3x3_bwd(interpret, passes, grad_shape, residuals, g):
     x, kernel = residuals
-    if not applies(x.shape, kernel.shape[-1]):
-        return _xla_grads(x, kernel, g)
     gpu = functools.partial(_gpu_grads, interpret=interpret, passes=passes, grad_shape=grad_shape)
-    if interpret:
-        return gpu(x, kernel, g)
-    return jax.lax.platform_dependent(x, kernel, g, cuda=gpu, default=_xla_grads)
+    taken = applies(x.shape, kernel.shape[-1])
+    return cuda_or_xla(gpu, _xla_grads, x, kernel, g, taken=taken, interpret=interpret)
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
