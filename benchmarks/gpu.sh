@@ -4,9 +4,9 @@
 # computed on a CPU machine afterwards). Steps, each under its own time limit (seconds):
 #
 #   bash benchmarks/gpu.sh tests     # versions; the model and kernel tests on the GPU (120)
-#   bash benchmarks/gpu.sh kernel    # the first and second layers alone, and both convs
-#                                    # in training: our Triton kernels against XLA
-#                                    # (benchmarks/layers.py) (175); what they
+#   bash benchmarks/gpu.sh kernel    # the first and second layers alone, both convs and
+#                                    # the first layer in training: our Triton kernels
+#                                    # against XLA (benchmarks/layers.py) (205); what they
 #                                    # compile to is counted off the GPU (benchmarks/sass.py)
 #   bash benchmarks/gpu.sh onepair   # one pair: register against its A/B twins, interleaved
 #                                    # (benchmarks/one_pair.py) (30)
@@ -49,8 +49,9 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
   # GPU's default is TF32-like; the timings below use the default).
   local m=tests/test_models.py
   JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT -k 15 "${TESTS_SECONDS:-120}" \
-    $py -m pytest -v --tb=short -p no:cacheprovider tests/test_train_conv.py \
-    tests/test_pooled_layers.py tests/test_first_layer.py \
+    $py -m pytest -v --tb=short -p no:cacheprovider tests/test_first_layer_grad.py \
+    tests/test_train_conv.py tests/test_pooled_layers.py tests/test_first_layer.py \
+    $m::test_first_layer_train_gradients_are_the_reference_layers \
     $m::test_folded_batchnorm_gives_the_same_grid \
     $m::test_fused_first_layer_is_conv_elu_pool $m::test_conv_taps_is_a_zero_padded_correlation \
     $m::test_conv_taps_gradients_are_the_convolutions $m::test_training_computes_the_first_conv_by_taps \
@@ -73,10 +74,10 @@ train() {
 }
 
 kernel() {
-  local -A limit=([1]=60 [2]=35 [train]=50 [train1]=30)  # each takes ~3/4 of its limit
+  local -A limit=([1]=60 [2]=35 [train]=50 [train1]=30 [train1bn]=30)  # ~3/4 of it each
   local dir=/tmp/layers
   mkdir -p $dir
-  for layer in 1 2 train train1; do
+  for layer in train1bn 1 2 train train1; do
     timeout "${limit[$layer]}" $py -m benchmarks.layers --layer=$layer \
       --out="$dir/layer${layer}_gpu.json" 2>&1 | tee -a "$OUT/gpu.log"
   done

@@ -41,7 +41,7 @@ from dirnet_jax import first_layer, machine, models, pooled_layers, train_conv
 from dirnet_jax.workdir import atomic_write_text
 
 FLAGS = {"size": "256", "batch": "", "layer": "1", "min_seconds": "", "out": ""}
-LAYERS = ("1", "2", "train", "train1")
+LAYERS = ("1", "2", "train", "train1", "train1bn")
 # (form, rows, warps, expm1) of the Triton kernel: the default first.
 SHAPES = [
     (first_layer.FORM, first_layer.ROWS, first_layer.WARPS, first_layer.EXPM1),
@@ -65,7 +65,7 @@ CPU_SHAPES = [SHAPES[0], ("scalar", 1, 4, "exp"), ("unpadded", 1, 8, "exp")]
 def parse(argv: list[str]) -> dict[str, str]:
     opts = core.parse_options(argv, FLAGS)
     if opts["layer"] not in LAYERS:
-        sys.exit(f"error: --layer is 1, 2, train or train1, not {opts['layer']!r}")
+        sys.exit(f"error: --layer is one of {', '.join(LAYERS)}, not {opts['layer']!r}")
     opts["batch"] = opts["batch"] or ("32" if opts["layer"].startswith("train") else "512")
     if not opts["batch"].isdigit() or int(opts["batch"]) < 1:
         sys.exit(f"error: --batch is a positive integer, not {opts['batch']!r}")
@@ -165,12 +165,38 @@ def first_conv_train_impls(on_gpu: bool) -> dict:
     return impls
 
 
+def first_layer_train_impls(on_gpu: bool) -> dict:
+    """{name: jitted fn(x, kernel, g) → (pooled, mean, var, and the gradients of kernel,
+    scale and bias for the pooled gradient g)} for training's first layer with its
+    BatchNorm (batch statistics), ELU and average pooling: layer by layer as it trains
+    now, against at once (`models.first_layer_train`, first_layer_grad's kernels)."""
+    scale, bias = jnp.linspace(0.5, 1.5, 16), jnp.linspace(-0.2, 0.2, 16)
+    options = dict(downsampling="avg", conv=models.conv_taps_train, dtype=jnp.float32)
+
+    def grads(layer):
+        def fn(x, kernel, g):
+            out, vjp = jax.vjp(lambda *p: layer(x, *p), kernel, scale, bias)
+            return *out, *vjp((g, jnp.zeros(16), jnp.zeros(16)))
+
+        return jax.jit(fn)
+
+    at_once = functools.partial(models.first_layer_train, **options, interpret=not on_gpu)
+    return {
+        "layer by layer (what trains now)": grads(
+            functools.partial(models._first_layer_reference, **options)
+        ),
+        "at once (first_layer_grad's kernels)": grads(at_once),
+    }
+
+
 def layer_shapes(layer: str, size: int, batch: int) -> list[tuple[int, ...]]:
     """The shapes of the arrays the layer's implementations take: (x, kernel, bias) at
     inference, (x, kernel, output gradient) in training; the input at `size` for the first
     layer (1, train1), at half of it for the second (2, train)."""
-    side, cin = (size, 2) if layer in ("1", "train1") else (size // 2, 16)
+    side, cin = (size, 2) if layer in ("1", "train1", "train1bn") else (size // 2, 16)
     last = (batch, side, side, 16) if layer.startswith("train") else (16,)
+    if layer == "train1bn":  # the pooled output's gradient
+        last = (batch, side // 2, side // 2, 16)
     return [(batch, side, side, cin), (3, 3, cin, 16), last]
 
 
@@ -189,6 +215,7 @@ IMPLS = {
     "2": pooled_layer_impls,
     "train": train_conv_impls,
     "train1": first_conv_train_impls,
+    "train1bn": first_layer_train_impls,
 }
 
 
@@ -210,6 +237,8 @@ def main(argv: list[str]) -> None:
         moved = 6 * x.nbytes
     elif layer == "train1":  # x read by the conv and the kernel gradient, y written, g read
         moved = 2 * x.nbytes + 2 * args[2].nbytes
+    elif layer == "train1bn":  # at least: x read 4 times, the pooled y written, its g read twice
+        moved = 4 * x.nbytes + 3 * args[2].nbytes
     else:  # the input read once, the pooled output written once
         moved = (x.size + batch * (side // 2) ** 2 * 16) * 4
     impls = IMPLS[layer](on_gpu)
@@ -232,7 +261,9 @@ def main(argv: list[str]) -> None:
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
     what = {"1": "first layer", "2": f"second layer ({side}², 16 channels)",
             "train": f"second layer's conv in training ({side}², 16 channels)",
-            "train1": f"first conv in training ({side}², 2 → 16 channels)"}[layer]  # fmt: skip
+            "train1": f"first conv in training ({side}², 2 → 16 channels)",
+            "train1bn": f"first layer in training with BatchNorm, ELU, pooling ({side}²)",
+            }[layer]  # fmt: skip
     print(f"{what}, {size}² images, batch {batch}, on {device}; GB/s of {moved / 1e9:.2f} GB")
     atomic_write_text(
         out,

@@ -152,7 +152,11 @@ def main(argv: list[str]) -> None:
             # Training: the conv, its input gradient, its kernel gradient (a loop over
             # blocks of columns of the program's rows); inference: the layer's kernel.
             parts = {"": 1}
-            if train:
+            if layer == "train1bn" and name.startswith("at once"):  # straight-line kernels
+                parts = dict.fromkeys(["stats", "forward", "backward sums", "kernel grad"], 1)
+            elif layer == "train1bn":  # the first conv's kernel gradient (train1's default)
+                parts = {"kernel grad": kernel_grad_trips(name, *shapes[0][1:3], taps=True)}
+            elif train:
                 trips = kernel_grad_trips(name, *shapes[0][1:3], taps=layer == "train1")
                 first = {"conv": 1, "input grad": 1} if layer == "train" else {}
                 parts = {**first, "kernel grad": trips}

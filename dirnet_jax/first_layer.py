@@ -151,6 +151,14 @@ def _kernel_unpadded(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, poo
     o_ref[b, pl.ds(r, 1), :, :] = _pooled(acc, b_ref, pool, expm1).astype(o_ref.dtype)
 
 
+def padded_pairs(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] zero-padded by 2 as row and column pairs: [B, H/2 + 2, 2, W/2 + 2, 2, C]
+    (the layout the kernels read; see the module's docstring)."""
+    batch, h, w, c = x.shape
+    padded = jnp.pad(x, [(0, 0), (2, 2), (2, 2), (0, 0)])
+    return padded.reshape(batch, h // 2 + 2, 2, w // 2 + 2, 2, c)
+
+
 def exp_minus_one(y: jax.Array) -> jax.Array:
     """``exp(y) − 1``: expm1 within 1.2e-7 absolute for y ≤ 0 (ELU's branch), cheaper."""
     return jnp.exp(y) - 1
@@ -216,8 +224,7 @@ def kernel_call(
     if form == "unpadded":
         pairs = x.reshape(batch, rows, 2, tw, 2, cin)
     else:
-        padded = jnp.pad(x, [(0, 0), (2, 2), (2, 2), (0, 0)])
-        pairs = padded.reshape(batch, rows + 2, 2, tw + 2, 2, cin)
+        pairs = padded_pairs(x)
     body = functools.partial(
         FORMS[form], rows=rows, th=th, tw=tw, cin=cin, cout=cout, pool=downsampling, expm1=expm1
     )

@@ -43,10 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dirnet_jax import first_layer, train_conv
+from dirnet_jax import first_layer, first_layer_grad, train_conv
 from dirnet_jax.batchnorm import BatchNorm, batch_stats
 from dirnet_jax.bspline import cubic_bspline_field, quadratic_bspline_field
 from dirnet_jax.config import DIRNetConfig
+from dirnet_jax.dispatch import cuda_or_xla
 from dirnet_jax.elu import elu, elu_unguarded
 from dirnet_jax.resample import warp
 from dirnet_jax.tps import tps_field
@@ -182,12 +183,11 @@ def fused_first_layer(
     def xla(x, kernel, bias):
         return conv_elu_pool2(x, kernel, bias, downsampling).astype(dtype)
 
-    if not first_layer.applies(x.shape, kernel.shape[-1], downsampling):
-        return xla(x, kernel, bias)
     gpu = functools.partial(
         first_layer.conv_elu_pool2_gpu, downsampling=downsampling, out_dtype=dtype
     )
-    return jax.lax.platform_dependent(x, kernel, bias, cuda=gpu, default=xla)
+    taken = first_layer.applies(x.shape, kernel.shape[-1], downsampling)
+    return cuda_or_xla(gpu, xla, x, kernel, bias, taken=taken)
 
 
 def _first_layer_reference(x, kernel, scale, bias, downsampling, conv, dtype):
@@ -201,7 +201,7 @@ def _first_layer_reference(x, kernel, scale, bias, downsampling, conv, dtype):
     return pool2(y, jnp.mean if downsampling == "avg" else jnp.max).astype(dtype), mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def first_layer_train(
     x: jax.Array,
     kernel: jax.Array,
@@ -210,63 +210,106 @@ def first_layer_train(
     downsampling: str,
     conv: Callable[[jax.Array, jax.Array], jax.Array] = conv_taps,
     dtype: Any = jnp.float32,
+    interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training's first layer, ``pool2(elu(BatchNorm(conv(x, kernel))))`` with the batch's
     statistics, without writing its full-resolution activations (a candidate, see
     `train_first_layer_conv`).
 
-    The statistics are reductions of the conv (two input channels: a sum of products per
-    value, recomputed where it is read). With them BatchNorm is a scale and a shift of the
-    conv, so the layer is inference's folded first layer (`fused_first_layer`, the Triton
-    kernel on CUDA) with kernel·mul and bias − mean·mul. The gradients recompute what they
-    need from x instead of reading stored activations (`_first_layer_train_bwd`), and end
-    in `conv`'s own gradients. Sums in float32 whatever `dtype`.
+    The statistics are sums of the conv and its square (two input channels: a sum of
+    products per value, recomputed where it is read). With them BatchNorm is a scale and
+    a shift of the conv, so the layer is inference's folded first layer
+    (`fused_first_layer`, the Triton kernel on CUDA) with kernel·mul and bias − mean·mul.
+    The gradients recompute what they need from x instead of reading stored activations
+    (`_first_layer_train_bwd`). On CUDA GPUs, where the shape suits them, the sums and the
+    kernel's gradient are the Triton kernels of `dirnet_jax.first_layer_grad`; elsewhere
+    XLA's, ending in `conv`'s own gradients. Sums in float32 whatever `dtype`.
 
     Args:
       x: [B, H, W, Cin]; kernel: [3, 3, Cin, F]; scale, bias: BatchNorm's [F].
       downsampling: "avg" or "max"; conv: the SAME 3×3 convolution (x, kernel) → [B, H,
-        W, F] whose gradients the backward pass uses; dtype: the output's.
+        W, F] of XLA's path; dtype: the output's; interpret: first_layer_grad's kernels
+        in Pallas' interpreter on every backend (the tests).
 
     Returns:
       (pooled [B, H/2, W/2, F] in dtype, batch mean [F], batch variance [F]).
     """
-    mean, var = batch_stats(conv(x.astype(jnp.float32), kernel.astype(jnp.float32)))
+    return _first_layer_train_fwd(x, kernel, scale, bias, downsampling, conv, dtype, interpret)[0]
+
+
+def _first_layer_train_fwd(x, kernel, scale, bias, downsampling, conv, dtype, interpret):
+    x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
+
+    def xla(x, kernel):
+        z = conv(x, kernel)
+        axes = tuple(range(z.ndim - 1))
+        return jnp.stack([z.sum(axes), jax.lax.square(z).sum(axes)])
+
+    gpu = functools.partial(first_layer_grad.stats_gpu, interpret=interpret)
+    taken = first_layer_grad.applies(x.shape, kernel.shape[-1], downsampling)
+    sums = cuda_or_xla(gpu, xla, x32, k32, taken=taken, interpret=interpret)
+    mean, mean_sq = sums / x[..., 0].size
+    var = jnp.maximum(0.0, mean_sq - jax.lax.square(mean))  # as `batch_stats`
     mul = jax.lax.rsqrt(var + BN_EPSILON) * scale
-    folded = kernel.astype(jnp.float32) * mul
-    pooled = fused_first_layer(x, folded, bias - mean * mul, downsampling, dtype)
-    return pooled, mean, var
+    pooled = fused_first_layer(x, k32 * mul, bias - mean * mul, downsampling, dtype)
+    return (pooled, mean, var), (x, kernel, scale, bias, mean, mean_sq)
 
 
-def _first_layer_train_fwd(x, kernel, scale, bias, downsampling, conv, dtype):
-    out = first_layer_train(x, kernel, scale, bias, downsampling, conv, dtype)
-    return out, (x, kernel, scale, bias)
-
-
-def _first_layer_train_bwd(downsampling, conv, dtype, residuals, cotangents):
-    """The reference's gradients, written out so that every full-resolution value is an
-    expression of x and the pooled gradient (XLA fuses each into the reduction or the
-    array that reads it): BatchNorm's backward needs only two sums per channel, Σ g_y and
-    Σ z·g_y, with y the normalized conv z and g_y its gradient."""
-    x, kernel, scale, bias = residuals
+def _first_layer_train_bwd(downsampling, conv, dtype, interpret, residuals, cotangents):
+    """The reference's gradients, written out so that no full-resolution value is stored:
+    BatchNorm's backward needs only two sums per channel, Σ g_y and Σ z·g_y (y the
+    normalized conv z, g_y its gradient), and the kernel's gradient is Σ x_shifted · g_z
+    with g_z = mul·g_y + c0 + c1·z (c0, c1 from the statistics' own gradient). On CUDA
+    Triton kernels compute both from x and the pooled gradient; elsewhere XLA fuses each
+    full-resolution value into the reduction that reads it."""
+    x, kernel, scale, bias, mean, mean_sq = residuals
     g_pooled, g_mean, g_var = cotangents
     x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
-    z = conv(x32, k32)  # recomputed, not stored
-    (mean, var), stats_vjp = jax.vjp(batch_stats, z)
+    (_, var), stats_vjp = jax.vjp(
+        lambda m, q: (m, jnp.maximum(0.0, q - jax.lax.square(m))), mean, mean_sq
+    )
     r = jax.lax.rsqrt(var + BN_EPSILON)
     mul = r * scale
-    y = z * mul + (bias - mean * mul)
+    shift = bias - mean * mul
     reduce = jnp.mean if downsampling == "avg" else jnp.max
-    a, elu_vjp = jax.vjp(elu, y)
-    (g_a,) = jax.vjp(lambda a: pool2(a, reduce).astype(dtype), a)[1](g_pooled)
-    (g_y,) = elu_vjp(g_a)
-    axes = tuple(range(z.ndim - 1))
-    sum_g, sum_zg = g_y.sum(axes), (z * g_y).sum(axes)
+
+    def xla_grad_y(x, kernel, mul, shift, g):
+        z = conv(x, kernel)
+        y = z * mul + shift
+        (g_y,) = jax.vjp(lambda y: pool2(elu(y), reduce).astype(dtype), y)[1](g)
+        return z, g_y
+
+    def xla_sums(x, kernel, mul_shift, g):
+        z, g_y = xla_grad_y(x, kernel, *mul_shift, g)
+        axes = tuple(range(z.ndim - 1))
+        return jnp.stack([g_y.sum(axes), (z * g_y).sum(axes)])
+
+    def xla_kernel_grad(x, kernel, coefficients, g):
+        mul, shift, c0, c1 = coefficients
+        z, g_y = xla_grad_y(x, kernel, mul, shift, g)
+        return jax.vjp(functools.partial(conv, x), kernel)[1](mul * g_y + c0 + c1 * z)[0]
+
+    taken = first_layer_grad.applies(x.shape, kernel.shape[-1], downsampling)
+    kernels = functools.partial(cuda_or_xla, taken=taken, interpret=interpret)
+    sums = functools.partial(
+        first_layer_grad.backward_sums_gpu, downsampling=downsampling, interpret=interpret
+    )
+    sum_g, sum_zg = kernels(sums, xla_sums, x32, k32, jnp.stack([mul, shift]), g_pooled)
     centred = sum_zg - mean * sum_g  # Σ (z − mean) g_y
-    # y = (z − mean)·r·scale + bias: the gradients of scale, bias, and of the statistics.
+    # y = (z − mean)·r·scale + bias: the gradients of scale, bias, and of the statistics
+    # (mean = Σ z / N, mean_sq = Σ z² / N): g_z = mul·g_y + g_m / N + 2·g_q·z / N.
     g_scale, g_bias = r * centred, sum_g
-    (g_z_stats,) = stats_vjp((g_mean - mul * sum_g, g_var - 0.5 * scale * r**3 * centred))
-    g_z = mul * g_y + g_z_stats
-    g_x, g_kernel = jax.vjp(conv, x32, k32)[1](g_z)
+    g_m, g_q = stats_vjp((g_mean - mul * sum_g, g_var - 0.5 * scale * r**3 * centred))
+    n = x[..., 0].size
+    coefficients = jnp.stack([mul, shift, g_m / n, 2 * g_q / n])
+    grad = functools.partial(
+        first_layer_grad.kernel_grad_gpu, downsampling=downsampling, interpret=interpret
+    )
+    g_kernel = kernels(grad, xla_kernel_grad, x32, k32, coefficients, g_pooled)
+    # The images' gradient (training never asks for it, so XLA drops it): XLA's.
+    z, g_y = xla_grad_y(x32, k32, mul, shift, g_pooled)
+    g_z = mul * g_y + coefficients[2] + coefficients[3] * z
+    g_x = jax.vjp(lambda x: conv(x, k32), x32)[1](g_z)[0]
     return g_x.astype(x.dtype), g_kernel.astype(kernel.dtype), g_scale, g_bias
 
 

@@ -194,6 +194,13 @@ def test_layers_benchmark_times_the_training_kernels(tmp_path, capsys):
                          "taps, triton kernel grad", "copy"}  # fmt: skip
     assert 0 < rows["taps, triton kernel grad"]["max_abs_diff"] < 1e-4
     assert "first conv in training (32², 2 → 16 channels)" in capsys.readouterr().out
+    layers.main(["--layer=train1bn", "--size=32", "--batch=2", "--min_seconds=0.01",
+                 f"--out={out}"])  # fmt: skip
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"layer by layer (what trains now)", "copy",
+                         "at once (first_layer_grad's kernels)"}  # fmt: skip
+    # The layer's values, statistics and gradients, with the kernels interpreted here.
+    assert 0 < rows["at once (first_layer_grad's kernels)"]["max_abs_diff"] < 1e-4
     with pytest.raises(SystemExit, match="error: --batch"):
         layers.parse(["--batch=0"])
 

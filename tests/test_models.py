@@ -327,10 +327,12 @@ def test_first_layer_at_once_trains_alike(rng, name, monkeypatch):
 
 
 @pytest.mark.parametrize("downsampling", ["avg", "max"])
-def test_first_layer_train_gradients_are_the_reference_layers(rng, downsampling):
+@pytest.mark.parametrize("kernels", [False, True])
+def test_first_layer_train_gradients_are_the_reference_layers(rng, downsampling, kernels):
     # The backward written out (two sums per channel) against autodiff of the layer as the
     # regressor computes it unfused, with cotangents on the batch statistics too (they
-    # are zero in training, where only the running averages read them).
+    # are zero in training, where only the running averages read them). `kernels`: the
+    # sums and the kernel's gradient by first_layer_grad's kernels (interpreted here).
     x = jnp.asarray(rng.uniform(size=(3, 16, 32, 2)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 16)) * 0.5, jnp.float32)
     scale = jnp.asarray(rng.uniform(0.5, 2, 16), jnp.float32)
@@ -339,8 +341,9 @@ def test_first_layer_train_gradients_are_the_reference_layers(rng, downsampling)
                        for shape in [(3, 8, 16, 16), (16,), (16,)])  # fmt: skip
     args = (x, kernel, scale, bias)
     fused = functools.partial(
-        models.first_layer_train, downsampling=downsampling, conv=conv_taps, dtype=jnp.float32
-    )
+        models.first_layer_train, downsampling=downsampling, conv=conv_taps,
+        dtype=jnp.float32, interpret=kernels,
+    )  # fmt: skip
     reference = functools.partial(
         models._first_layer_reference, downsampling=downsampling, conv=conv_taps,
         dtype=jnp.float32,

@@ -210,9 +210,10 @@ KERNELS = {
     # float32: the first conv's kernel gradient; the 32² layer's conv, input and kernel
     # gradients.
     "float32": 1 + 3,
-    # and the first layer at once: its forward (inference's kernel, BatchNorm folded in)
-    # and its conv's kernel gradient; the 32² layer's three.
-    "fused": 2 + 3,
+    # and the first layer at once: its statistics, its forward (inference's kernel,
+    # BatchNorm folded in), its backward sums and kernel gradient (first_layer_grad); the
+    # 32² layer's three.
+    "fused": 4 + 3,
     # bfloat16 (not timed with the kernels: cuDNN's), and with the kernels turned off.
     "bfloat16": 0,
     "off": 0,
