@@ -13,16 +13,10 @@ import pytest
 
 from dirnet_jax import first_layer_grad, models
 from dirnet_jax.elu import elu
+from tests.references import conv_same
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
-
-
-def reference_conv(x, kernel):
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=jax.lax.Precision.HIGHEST,
-    )  # fmt: skip
 
 
 def inputs(rng, shape, features):
@@ -50,7 +44,7 @@ SHAPES = [((2, 8, 32, 2), 16), ((1, 6, 64, 3), 4)]
 @pytest.mark.parametrize("shape,features", SHAPES)
 def test_kernels_are_the_sums_they_stand_for(rng, shape, features, downsampling):
     x, kernel, mul_shift, g = inputs(rng, shape, features)
-    z = reference_conv(x, kernel)
+    z = conv_same(x, kernel)
     axes = (0, 1, 2)
     close = functools.partial(np.testing.assert_allclose, rtol=2e-5)
 
@@ -73,7 +67,7 @@ def test_kernels_are_the_sums_they_stand_for(rng, shape, features, downsampling)
     c0, c1 = (jnp.asarray(rng.normal(size=features) * s, jnp.float32) for s in (0.1, 0.05))
     coefficients = jnp.concatenate([mul_shift, c0[None], c1[None]])
     g_z = mul_shift[0] * g_y + c0 + c1 * z
-    want = jax.vjp(functools.partial(reference_conv, x), kernel)[1](g_z)[0]
+    want = jax.vjp(functools.partial(conv_same, x), kernel)[1](g_z)[0]
     got = first_layer_grad.kernel_grad_gpu(x, kernel, coefficients, g, downsampling, INTERPRET)
     assert got.shape == kernel.shape and got.dtype == jnp.float32
     close(got, want, **scaled(want))

@@ -14,6 +14,7 @@ import pytest
 from benchmarks import core
 from dirnet_jax import DIRNetConfig, models, train_conv
 from dirnet_jax.train import _loss, create_train_state
+from tests.references import conv_same
 
 ON_GPU = jax.default_backend() == "gpu"  # else the kernels run in Pallas' interpreter
 INTERPRET = not ON_GPU
@@ -25,13 +26,6 @@ def scale_of(expected):
     """What absolute errors scale with on a GPU: the largest value (three TF32 products per
     tap leave ~3e-6 of it on an H200, at any output); 1 in the interpreter (exact)."""
     return float(jnp.abs(expected).max()) if ON_GPU else 1.0
-
-
-def reference_conv(x, kernel):
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=jax.lax.Precision.HIGHEST,
-    )  # fmt: skip
 
 
 def arrays(rng, shape, cout):
@@ -49,7 +43,7 @@ SHAPES = [((2, 12, 32, 16), 32), ((1, 16, 16, 32), 16), ((3, 5, 16, 16), 16)]
 @pytest.mark.parametrize("shape,cout", SHAPES)
 def test_kernels_are_the_convolution_and_its_gradients(rng, shape, cout):
     x, kernel, g = arrays(rng, shape, cout)
-    expected, vjp = jax.vjp(reference_conv, x, kernel)
+    expected, vjp = jax.vjp(conv_same, x, kernel)
     expected_dx, expected_dw = vjp(g)
     # Values along the zero-padded edges differ from the inside: the masks are exercised.
     assert float(jnp.abs(expected[:, 0] - expected[:, 1]).max()) > 0.5
@@ -74,19 +68,17 @@ def test_bfloat16_inputs_are_read_as_they_are(rng):
     up = [a.astype(jnp.float32) for a in (x, kernel, g)]
     got = train_conv.conv_gpu(x, kernel, interpret=INTERPRET)
     assert got.dtype == jnp.bfloat16  # sums in float32, rounded once
-    np.testing.assert_allclose(
-        got.astype(jnp.float32), reference_conv(*up[:2]), rtol=1e-2, atol=2e-2
-    )
+    np.testing.assert_allclose(got.astype(jnp.float32), conv_same(*up[:2]), rtol=1e-2, atol=2e-2)
     dw = train_conv.kernel_grad_gpu(x, g, interpret=INTERPRET)
-    expected_dw = jax.vjp(reference_conv, *up[:2])[1](up[2])[1]
+    expected_dw = jax.vjp(conv_same, *up[:2])[1](up[2])[1]
     np.testing.assert_allclose(dw, expected_dw, rtol=1e-2, atol=1e-2 * float(jnp.abs(dw).max()))
 
 
 def test_flipped_kernel_convolves_by_the_transpose(rng):
     # ⟨conv(x, k), y⟩ = ⟨x, conv(y, flipped(k))⟩ for SAME zero padding, stride 1.
     x, kernel, y = arrays(rng, (2, 6, 7, 3), 5)
-    left = jnp.vdot(reference_conv(x, kernel), y)
-    right = jnp.vdot(x, reference_conv(y, train_conv.flipped(kernel)))
+    left = jnp.vdot(conv_same(x, kernel), y)
+    right = jnp.vdot(x, conv_same(y, train_conv.flipped(kernel)))
     np.testing.assert_allclose(left, right, rtol=1e-5)
     assert train_conv.flipped(kernel).shape == (3, 3, 5, 3)
 
@@ -96,7 +88,7 @@ def test_conv3x3_gradients_are_the_convolutions(rng, shape, cout):
     x, kernel, g = arrays(rng, shape, cout)
     conv = functools.partial(train_conv.conv3x3, interpret=INTERPRET)
     got, vjp = jax.vjp(conv, x, kernel)
-    expected, expected_vjp = jax.vjp(reference_conv, x, kernel)
+    expected, expected_vjp = jax.vjp(conv_same, x, kernel)
     np.testing.assert_allclose(got, expected, rtol=TF32, atol=TF32)
     for a, b in zip(vjp(g), expected_vjp(g), strict=True):
         np.testing.assert_allclose(a, b, rtol=TF32, atol=TF32 * float(jnp.abs(b).max()))
@@ -106,7 +98,7 @@ def test_conv3x3_gradients_are_the_convolutions(rng, shape, cout):
 def test_taps_kernel_gradient_is_the_convolutions(rng, shape):
     # The first conv's (few input channels): by elementwise sums, float32 throughout.
     x, kernel, g = arrays(rng, shape, 16)
-    expected = jax.vjp(reference_conv, x, kernel)[1](g)
+    expected = jax.vjp(conv_same, x, kernel)[1](g)
     scale = float(jnp.abs(expected[1]).max())
     for grad_shape in [(), (3, 16, 2)]:  # the default, and 3 rows (gcd 1 with 5), 16 columns
         dw = train_conv.taps_kernel_grad_gpu(x, g, INTERPRET, *grad_shape)
