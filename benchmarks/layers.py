@@ -58,6 +58,9 @@ SHAPES = [
 GRAD_SHAPES = [(8, 32, 1), (2, 32, 1), (4, 16, 2), (4, 64, 1), (8, 128, 4)]
 # The same for the first conv's (train_conv.TAPS_ROWS, TAPS_BLOCK, TAPS_WARPS).
 TAPS_GRAD_SHAPES = [(4, 64, 8), (4, 32, 2), (8, 32, 4), (4, 128, 4)]
+# first_layer_grad's kernel gradient on a GPU: (rows, block, warps) besides its default
+# (one row, every column, 8 warps): loops with 18 [block, F] sums in registers.
+FIRST_GRAD_SHAPES = [(1, 0, 4), (4, 32, 4), (2, 64, 8), (8, 16, 2)]
 # Off a GPU (Pallas' interpreter, slow): the default and one of each other form.
 CPU_SHAPES = [SHAPES[0], ("scalar", 1, 4, "exp"), ("unpadded", 1, 8, "exp")]
 
@@ -181,12 +184,16 @@ def first_layer_train_impls(on_gpu: bool) -> dict:
         return jax.jit(fn)
 
     at_once = functools.partial(models.first_layer_train, **options, interpret=not on_gpu)
-    return {
+    impls = {
         "layer by layer (what trains now)": grads(
             functools.partial(models._first_layer_reference, **options)
         ),
         "at once (first_layer_grad's kernels)": grads(at_once),
     }
+    for shape in FIRST_GRAD_SHAPES if on_gpu else []:
+        name = "at once, kernel grad rows={} block={} warps={}".format(*shape)
+        impls[name] = grads(functools.partial(at_once, grad_shape=shape))
+    return impls
 
 
 def layer_shapes(layer: str, size: int, batch: int) -> list[tuple[int, ...]]:

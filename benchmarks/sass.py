@@ -31,7 +31,8 @@ from pathlib import Path
 import jax
 
 from benchmarks import core, layers
-from dirnet_jax import machine, train_conv
+from dirnet_jax import first_layer_grad, machine, train_conv
+from dirnet_jax.train_conv import BLOCK, ROWS
 from dirnet_jax.workdir import atomic_write_text
 
 FLAGS = {"size": "256", "batch": "512", "train_batch": "32", "triton_python": "", "out": ""}
@@ -114,18 +115,16 @@ def row(name: str, programs: int, warps: int, sass: dict, trips: int = 1) -> dic
     )  # fmt: skip
 
 
-def kernel_grad_trips(name: str, height: int, width: int, taps: bool = False) -> int:
-    """Times the loop of `train_conv.kernel_grad_gpu` (`taps`: `taps_kernel_grad_gpu`) runs,
-    for an implementation named as benchmarks.layers names it ("… rows=R block=N …", or
-    the defaults)."""
+def kernel_grad_trips(
+    name: str, height: int, width: int, defaults: tuple[int, int] | None = None
+) -> int:
+    """Times a kernel gradient's loop runs over a [height, width] image (its rows, its
+    columns a block at a time), for an implementation named as benchmarks.layers names it
+    ("… rows=R block=N …"), else `defaults` (rows, block; block 0: every column), those of
+    `train_conv.kernel_grad_gpu` if None."""
     shape = re.search(r"rows=(\d+) block=(\d+)", name)
-    defaults = (
-        (train_conv.TAPS_ROWS, train_conv.TAPS_BLOCK)
-        if taps
-        else (train_conv.ROWS, train_conv.BLOCK)
-    )
-    rows, block = map(int, shape.groups()) if shape else defaults
-    return math.gcd(height, rows) * (width // min(width, block))
+    rows, block = map(int, shape.groups()) if shape else defaults or (ROWS, BLOCK)
+    return math.gcd(height, rows) * (width // min(width, block or width))
 
 
 def triton_available(python: str) -> bool:
@@ -144,6 +143,8 @@ def main(argv: list[str]) -> None:
     rows = []
     print(f"{'kernel':60} {'instr':>6} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} "
           f"{'issue ms':>8} {'fp32':>5} {'tensor':>6} {'ldg':>4} {'mufu':>4}")  # fmt: skip
+    taps = (train_conv.TAPS_ROWS, train_conv.TAPS_BLOCK)  # the kernel gradients' defaults
+    first_grad = (first_layer_grad.GRAD_ROWS, first_layer_grad.GRAD_BLOCK)
     for layer in layers.LAYERS:
         train = layer.startswith("train")
         shapes = layers.layer_shapes(layer, size, train_batch if train else batch)
@@ -152,14 +153,16 @@ def main(argv: list[str]) -> None:
             # Training: the conv, its input gradient, its kernel gradient (a loop over
             # blocks of columns of the program's rows); inference: the layer's kernel.
             parts = {"": 1}
-            if layer == "train1bn" and name.startswith("at once"):  # straight-line kernels
-                parts = dict.fromkeys(["stats", "forward", "backward sums", "kernel grad"], 1)
-            elif layer == "train1bn":  # the first conv's kernel gradient (train1's default)
-                parts = {"kernel grad": kernel_grad_trips(name, *shapes[0][1:3], taps=True)}
+            if layer == "train1bn" and name.startswith("at once"):
+                half = (shapes[0][1] // 2, shapes[0][2] // 2)  # pooled rows and columns
+                trips = kernel_grad_trips(name, *half, first_grad)
+                parts = {**dict.fromkeys(["stats", "forward", "backward sums"], 1),
+                         "kernel grad": trips}  # fmt: skip
+            elif layer in ("train1", "train1bn"):  # the first conv's kernel gradient
+                parts = {"kernel grad": kernel_grad_trips(name, *shapes[0][1:3], taps)}
             elif train:
-                trips = kernel_grad_trips(name, *shapes[0][1:3], taps=layer == "train1")
-                first = {"conv": 1, "input grad": 1} if layer == "train" else {}
-                parts = {**first, "kernel grad": trips}
+                trips = kernel_grad_trips(name, *shapes[0][1:3])
+                parts = {"conv": 1, "input grad": 1, "kernel grad": trips}
             try:
                 kernels = triton_kernels(fn, *args)
                 if not kernels:  # one of XLA's own rows

@@ -31,6 +31,7 @@ exp − 1, as inference's kernel computes it.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,11 @@ from jax.experimental.pallas import triton as plgpu
 from dirnet_jax import first_layer
 
 WARPS = 8  # as inference's kernel, whose [W/2, F] window sums these repeat
+# The kernel gradient's shape: pooled rows per program, pooled columns per step (0: all)
+# and warps. One row, every column, 8 warps: one trip, 18 sums across columns per program
+# (sm_90a: 3,736 instructions, 217 registers); benchmarks/layers.py times others, which
+# loop over blocks of columns and rows with 18 [block, F] sums in registers.
+GRAD_ROWS, GRAD_BLOCK, GRAD_WARPS = 1, 0, 8
 
 
 def applies(x_shape: tuple[int, ...], features: int, downsampling: str) -> bool:
@@ -48,12 +54,13 @@ def applies(x_shape: tuple[int, ...], features: int, downsampling: str) -> bool:
     return first_layer.applies(x_shape, features, downsampling, 1)
 
 
-def _values(x_ref, b, r, tw, cin):
-    """The 4×4 input values feeding pooled row r of image b: (u, v, channel) → [W/2],
-    input row 2r − 1 + u, columns 2c − 1 + v for every pooled column c."""
+def _values(x_ref, b, r, tw, cin, start=0):
+    """The 4×4 input values feeding pooled row r of image b: (u, v, channel) → [tw],
+    input row 2r − 1 + u, columns 2c − 1 + v for the pooled columns c = start … start +
+    tw − 1."""
     return {
         (u, v, ch): x_ref[
-            b, r + (1 + u) // 2, (1 + u) % 2, pl.ds((1 + v) // 2, tw), (1 + v) % 2, ch
+            b, r + (1 + u) // 2, (1 + u) % 2, pl.ds(start + (1 + v) // 2, tw), (1 + v) % 2, ch
         ]
         for u in range(4)
         for v in range(4)
@@ -114,38 +121,63 @@ def _sums_kernel(x_ref, w_ref, m_ref, g_ref, o_ref, *, rows, tw, cin, pool):
     o_ref[pid, 1, :] = jnp.sum(zg, axis=0)
 
 
-def _kernel_grad_kernel(x_ref, w_ref, m_ref, g_ref, o_ref, *, rows, tw, cin, pool):
-    """Program p: Σ over its pixels of x_shifted · g_z per tap and input channel, [9, Cin, F]
-    (m_ref: mul, shift, c0, c1, each [F])."""
+def _kernel_grad_kernel(x_ref, w_ref, m_ref, g_ref, o_ref, *, rows, tw, cin, pool, per, block):
+    """Program p: Σ over its pixels (`per` pooled rows of one image, `block` pooled columns
+    at a time) of x_shifted · g_z per tap and input channel, [9, Cin, F] (m_ref: mul,
+    shift, c0, c1, each [F])."""
     pid = pl.program_id(0)
-    b, r = pid // rows, pid % rows
-    values = _values(x_ref, b, r, tw, cin)
-    z = _convs(values, w_ref, cin)
-    mul = m_ref[0, :][None, :]
-    g_y = _grad_y(z, mul, m_ref[1, :][None, :], g_ref[b, r, :, :].astype(jnp.float32), pool)
+    b, first = pid // (rows // per), (pid % (rows // per)) * per
+    mul, shift = m_ref[0, :][None, :], m_ref[1, :][None, :]
     c0, c1 = m_ref[2, :][None, :], m_ref[3, :][None, :]
-    g_z = [mul * gy + c0 + c1 * zk for gy, zk in zip(g_y, z, strict=True)]
-    for dy in range(3):
-        for dx in range(3):
-            for ch in range(cin):
-                acc = None
-                for k, (a, bb) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
-                    term = values[a + dy, bb + dx, ch][:, None] * g_z[k]
-                    acc = term if acc is None else acc + term
-                o_ref[pid, 3 * dy + dx, ch, :] = jnp.sum(acc, axis=0)
+    steps_per_row = tw // block
+
+    def step(i, acc):
+        # lax's div and rem: jnp's // and % do not lower in a Triton loop
+        r = first + jax.lax.div(i, steps_per_row)
+        start = jax.lax.rem(i, steps_per_row) * block
+        values = _values(x_ref, b, r, block, cin, start)
+        z = _convs(values, w_ref, cin)
+        g = g_ref[b, r, pl.ds(start, block), :].astype(jnp.float32)
+        g_y = _grad_y(z, mul, shift, g, pool)
+        g_z = [mul * gy + c0 + c1 * zk for gy, zk in zip(g_y, z, strict=True)]
+        out = []
+        for dy, dx, ch in _tap_channels(cin):
+            total = acc[len(out)]
+            for k, (a, bb) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+                term = values[a + dy, bb + dx, ch][:, None] * g_z[k]
+                total = term if total is None else total + term
+            out.append(total)
+        return tuple(out)
+
+    trips = per * steps_per_row
+    if trips == 1:  # straight-line code
+        sums = step(0, (None,) * (9 * cin))
+    else:
+        zero = jnp.zeros((block, m_ref.shape[-1]), jnp.float32)
+        sums = jax.lax.fori_loop(0, trips, step, (zero,) * (9 * cin))
+    for t, (dy, dx, ch) in enumerate(_tap_channels(cin)):
+        o_ref[pid, 3 * dy + dx, ch, :] = jnp.sum(sums[t], axis=0)
 
 
-def _call(body, x, kernel, out_rows: tuple[int, ...], *operands, interpret, **params):
-    """body over one program per pooled row: the padded pairs of x, the kernel, `operands`;
-    its [programs, *out_rows] float32 sums, summed over programs."""
+def _tap_channels(cin):
+    """(dy, dx, channel) of every tap and input channel, in the kernel's order."""
+    return [(dy, dx, ch) for dy in range(3) for dx in range(3) for ch in range(cin)]
+
+
+def _call(
+    body, x, kernel, out_rows: tuple[int, ...], *operands, interpret, rows_per_program=1,
+    warps=WARPS, **params,
+):  # fmt: skip
+    """body over one program per `rows_per_program` pooled rows: the padded pairs of x, the
+    kernel, `operands`; its [programs, *out_rows] float32 sums, summed over programs."""
     batch, h, w, cin = x.shape
     rows, tw = h // 2, w // 2
     body = functools.partial(body, rows=rows, tw=tw, cin=cin, **params)
     partial_sums = pl.pallas_call(
         body,
-        out_shape=jax.ShapeDtypeStruct((batch * rows, *out_rows), jnp.float32),
-        grid=(batch * rows,),
-        compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1),
+        out_shape=jax.ShapeDtypeStruct((batch * rows // rows_per_program, *out_rows), jnp.float32),
+        grid=(batch * rows // rows_per_program,),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
     )(first_layer.padded_pairs(x.astype(jnp.float32)), kernel.astype(jnp.float32), *operands)
     return partial_sums.sum(axis=0)
@@ -195,7 +227,7 @@ def backward_sums_gpu(
                  interpret=interpret, pool=downsampling)  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("downsampling", "interpret"))
+@functools.partial(jax.jit, static_argnames=("downsampling", "interpret", "rows", "block", "warps"))
 def kernel_grad_gpu(
     x: jax.Array,
     kernel: jax.Array,
@@ -203,18 +235,26 @@ def kernel_grad_gpu(
     g: jax.Array,
     downsampling: str,
     interpret: bool = False,
+    rows: int = GRAD_ROWS,
+    block: int = GRAD_BLOCK,
+    warps: int = GRAD_WARPS,
 ) -> jax.Array:
     """The kernel's gradient, Σ over images and pixels of x_shifted · g_z per tap.
 
     Args:
       x, kernel, g, downsampling, interpret: as `backward_sums_gpu`.
       coefficients: [4, F]: mul, shift, and c0, c1 of g_z = mul·g_y + c0 + c1·z.
+      rows, block, warps: pooled rows per program (their gcd with H/2), pooled columns
+        per step (0: all; at most W/2, a power of two), warps per program.
 
     Returns:
       [3, 3, Cin, F] float32.
     """
     _check(x, kernel, downsampling)
     cin, f = kernel.shape[-2:]
+    half_h, half_w = x.shape[1] // 2, x.shape[2] // 2
+    per, block = math.gcd(half_h, rows), min(block or half_w, half_w)
     grad = _call(_kernel_grad_kernel, x, kernel, (9, cin, f), coefficients.astype(jnp.float32),
-                 g, interpret=interpret, pool=downsampling)  # fmt: skip
+                 g, interpret=interpret, pool=downsampling, rows_per_program=per, per=per,
+                 block=block, warps=warps)  # fmt: skip
     return grad.reshape(3, 3, cin, f)

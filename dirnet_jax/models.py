@@ -201,7 +201,7 @@ def _first_layer_reference(x, kernel, scale, bias, downsampling, conv, dtype):
     return pool2(y, jnp.mean if downsampling == "avg" else jnp.max).astype(dtype), mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def first_layer_train(
     x: jax.Array,
     kernel: jax.Array,
@@ -211,6 +211,7 @@ def first_layer_train(
     conv: Callable[[jax.Array, jax.Array], jax.Array] = conv_taps,
     dtype: Any = jnp.float32,
     interpret: bool = False,
+    grad_shape: tuple[int, ...] = (),
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training's first layer, ``pool2(elu(BatchNorm(conv(x, kernel))))`` with the batch's
     statistics, without writing its full-resolution activations (a candidate, see
@@ -229,15 +230,19 @@ def first_layer_train(
       x: [B, H, W, Cin]; kernel: [3, 3, Cin, F]; scale, bias: BatchNorm's [F].
       downsampling: "avg" or "max"; conv: the SAME 3×3 convolution (x, kernel) → [B, H,
         W, F] of XLA's path; dtype: the output's; interpret: first_layer_grad's kernels
-        in Pallas' interpreter on every backend (the tests).
+        in Pallas' interpreter on every backend (the tests); grad_shape: (rows, block,
+        warps) of `first_layer_grad.kernel_grad_gpu`, or a prefix of them.
 
     Returns:
       (pooled [B, H/2, W/2, F] in dtype, batch mean [F], batch variance [F]).
     """
-    return _first_layer_train_fwd(x, kernel, scale, bias, downsampling, conv, dtype, interpret)[0]
+    out, _ = _first_layer_train_fwd(
+        x, kernel, scale, bias, downsampling, conv, dtype, interpret, grad_shape
+    )
+    return out
 
 
-def _first_layer_train_fwd(x, kernel, scale, bias, downsampling, conv, dtype, interpret):
+def _first_layer_train_fwd(x, kernel, scale, bias, downsampling, conv, dtype, interpret, _):
     x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
 
     def xla(x, kernel):
@@ -255,7 +260,9 @@ def _first_layer_train_fwd(x, kernel, scale, bias, downsampling, conv, dtype, in
     return (pooled, mean, var), (x, kernel, scale, bias, mean, mean_sq)
 
 
-def _first_layer_train_bwd(downsampling, conv, dtype, interpret, residuals, cotangents):
+def _first_layer_train_bwd(
+    downsampling, conv, dtype, interpret, grad_shape, residuals, cotangents
+):  # fmt: skip
     """The reference's gradients, written out so that no full-resolution value is stored:
     BatchNorm's backward needs only two sums per channel, Σ g_y and Σ z·g_y (y the
     normalized conv z, g_y its gradient), and the kernel's gradient is Σ x_shifted · g_z
@@ -302,9 +309,10 @@ def _first_layer_train_bwd(downsampling, conv, dtype, interpret, residuals, cota
     g_m, g_q = stats_vjp((g_mean - mul * sum_g, g_var - 0.5 * scale * r**3 * centred))
     n = x[..., 0].size
     coefficients = jnp.stack([mul, shift, g_m / n, 2 * g_q / n])
-    grad = functools.partial(
-        first_layer_grad.kernel_grad_gpu, downsampling=downsampling, interpret=interpret
-    )
+
+    def grad(*args):
+        return first_layer_grad.kernel_grad_gpu(*args, downsampling, interpret, *grad_shape)
+
     g_kernel = kernels(grad, xla_kernel_grad, x32, k32, coefficients, g_pooled)
     # The images' gradient (training never asks for it, so XLA drops it): XLA's.
     z, g_y = xla_grad_y(x32, k32, mul, shift, g_pooled)

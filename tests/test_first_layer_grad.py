@@ -68,9 +68,14 @@ def test_kernels_are_the_sums_they_stand_for(rng, shape, features, downsampling)
     coefficients = jnp.concatenate([mul_shift, c0[None], c1[None]])
     g_z = mul_shift[0] * g_y + c0 + c1 * z
     want = jax.vjp(functools.partial(conv_same, x), kernel)[1](g_z)[0]
-    got = first_layer_grad.kernel_grad_gpu(x, kernel, coefficients, g, downsampling, INTERPRET)
-    assert got.shape == kernel.shape and got.dtype == jnp.float32
-    close(got, want, **scaled(want))
+    # One program per pooled row (the default), and loops: 2 or 3 rows per program (their
+    # gcd with H/2), 8 or 16 pooled columns a step.
+    for grad_shape in [(), (2, 8, 4), (3, 16, 2)]:
+        got = first_layer_grad.kernel_grad_gpu(
+            x, kernel, coefficients, g, downsampling, INTERPRET, *grad_shape
+        )
+        assert got.shape == kernel.shape and got.dtype == jnp.float32
+        close(got, want, **scaled(want))
 
 
 def test_kernels_refuse_shapes_they_do_not_take():

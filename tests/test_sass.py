@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import sass, triton_sass
-from dirnet_jax import first_layer, pooled_layers, train_conv
+from dirnet_jax import first_layer, first_layer_grad, pooled_layers, train_conv
 
 LISTING = """
         /*0000*/                   LDC R1, c[0x0][0x28] ;
@@ -109,6 +109,10 @@ def test_captures_the_training_kernels_and_their_loop():
     )
     assert sass.kernel_grad_trips("…, kernel grad rows=8 block=128 warps=4", 12, 64) == 4
     assert sass.kernel_grad_trips("…, kernel grad rows=2 block=16 warps=1", 12, 64) == 8
+    # first_layer_grad's, over pooled rows and columns: by default one trip (block 0: all).
+    one_row = (first_layer_grad.GRAD_ROWS, first_layer_grad.GRAD_BLOCK)
+    assert sass.kernel_grad_trips("at once (first_layer_grad's kernels)", 6, 64, one_row) == 1
+    assert sass.kernel_grad_trips("at once, kernel grad rows=4 block=32", 6, 64, one_row) == 4
 
 
 def test_says_when_triton_is_missing(tmp_path):
