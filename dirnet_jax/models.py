@@ -298,9 +298,10 @@ def _first_layer_train_bwd(
 
     taken = first_layer_grad.applies(x.shape, kernel.shape[-1], downsampling)
     kernels = functools.partial(cuda_or_xla, taken=taken, interpret=interpret)
-    sums = functools.partial(
-        first_layer_grad.backward_sums_gpu, downsampling=downsampling, interpret=interpret
-    )
+
+    def sums(*args):
+        return first_layer_grad.backward_sums_gpu(*args, downsampling, interpret)
+
     sum_g, sum_zg = kernels(sums, xla_sums, x32, k32, jnp.stack([mul, shift]), g_pooled)
     centred = sum_zg - mean * sum_g  # Σ (z − mean) g_y
     # y = (z − mean)·r·scale + bias: the gradients of scale, bias, and of the statistics
@@ -335,7 +336,8 @@ def pooled_conv(
 ) -> jax.Array:
     """A later folded layer and its pooling: XLA's convolution (cuDNN on GPUs), ELU and
     `pool2`, in `dtype`. [B, *spatial, C] → [B, *spatial / 2, Cout]. (A Triton kernel of
-    the same, `dirnet_jax.pooled_layers`, awaits its GPU timing.)"""
+    the same, `dirnet_jax.pooled_layers`, is a candidate: benchmarks.core's
+    `baseline-tritonpool` rows.)"""
     y = train_conv.xla_conv(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
     return pool2(elu_unguarded(y), jnp.mean if downsampling == "avg" else jnp.max)
 
