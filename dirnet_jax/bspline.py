@@ -84,15 +84,26 @@ def bspline_matrix(size: int, grid: int, order: int) -> np.ndarray:
 
 
 def separable_apply(values: jax.Array, matrices: list[np.ndarray]) -> jax.Array:
-    """Apply one ``[size, grid]`` matrix per spatial axis of ``values [B, *grid, D]``."""
+    """Apply one ``[size, grid]`` matrix per spatial axis of ``values [B, *grid, D]``.
+
+    The last axis's matrix is applied as ``kron(matrix, I_D)`` to the last two axes taken
+    together: the product then comes out in the field's own layout ``[B, *size, D]``, where
+    a product along that axis alone would leave D inside and need a transpose of the whole
+    field (on an H200 at batch 512 135 µs of a 256² registration's 3.98 ms). The zeros it
+    adds are exact."""
+    *first_matrices, last = matrices
     out = values
-    for axis, matrix in enumerate(matrices, start=1):
+    for axis, matrix in enumerate(first_matrices, start=1):
         out = jnp.moveaxis(
             jnp.tensordot(jnp.asarray(matrix), out, axes=((1,), (axis,)), precision=HIGHEST),
             0,
             axis,
         )
-    return out
+    d = out.shape[-1]
+    wide = np.kron(last, np.eye(d, dtype=last.dtype))  # [size · D, grid · D]
+    flat = out.reshape(*out.shape[:-2], -1)
+    field = jnp.tensordot(flat, jnp.asarray(wide), axes=((flat.ndim - 1,), (1,)), precision=HIGHEST)
+    return field.reshape(*out.shape[:-2], last.shape[0], d)
 
 
 def bspline_field(grid: jax.Array, spatial_shape: tuple[int, ...], order: int = 3) -> jax.Array:
