@@ -105,30 +105,6 @@ def _pooled(acc, b_ref, pool, expm1):
     return pool_window([acc[a, bb] + bias for a in range(2) for bb in range(2)], pool, expm1)
 
 
-def _kernel_scalar(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, pool, expm1):
-    """The same, one output channel at a time as [th, tw] arrays: input values times scalar
-    weights, stored channel by channel."""
-    b, r0 = _program(rows, th)
-    xs = {
-        (u, v, ch): _load(x_ref, b, r0, th, tw, u, v, ch)
-        for u in range(4)
-        for v in range(4)
-        for ch in range(cin)
-    }
-    for k in range(cout):
-        window = []
-        for a in range(2):
-            for bb in range(2):
-                acc = None
-                for dy in range(3):
-                    for dx in range(3):
-                        for ch in range(cin):
-                            term = xs[a + dy, bb + dx, ch] * w_ref[dy, dx, ch, k]
-                            acc = term if acc is None else acc + term
-                window.append(acc + b_ref[k])
-        o_ref[b, pl.ds(r0, th), :, k] = pool_window(window, pool, expm1).astype(o_ref.dtype)
-
-
 def _kernel_unpadded(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, pool, expm1):
     """The broadcast form on the images unpadded (``[B, H/2, 2, W/2, 2, C]``), one pooled
     row per program: rows and columns outside the image are clamped and their values
@@ -173,7 +149,7 @@ def exp2_minus_one(y: jax.Array) -> jax.Array:
 
 LOG2_E = 1.4426950408889634
 
-FORMS = {"broadcast": _kernel_broadcast, "scalar": _kernel_scalar, "unpadded": _kernel_unpadded}
+FORMS = {"broadcast": _kernel_broadcast, "unpadded": _kernel_unpadded}
 EXPM1S = {"expm1": jnp.expm1, "exp": exp_minus_one, "exp2": exp2_minus_one}
 
 
