@@ -20,7 +20,7 @@ computes it, `first_layer.EXPM1`) and the mean or max.
 
 Float32 to about 3e-6 of the largest value (on an H200) by three TF32 products
 (``passes=3``): each value x = big + small, big its TF32 part (the low 13 mantissa bits
-cleared, `tf32_split`), x·w ≈ small·w_big + big·w_small + big·w_big, the kernel's split
+cleared, `tf32.tf32_split`), x·w ≈ small·w_big + big·w_small + big·w_big, the kernel's split
 done once outside. This is Triton's own ``tf32x3`` without its per-product NaN guard and
 with every product accumulated in place: 2,192 instead of 3,544 instructions per thread,
 94 instead of 124 registers (sm_90a, `python -m benchmarks.sass`). ``passes=1`` is one
@@ -40,6 +40,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from dirnet_jax import first_layer
 from dirnet_jax.first_layer import pool_window, power_of_two
+from dirnet_jax.tf32 import dot_precision, tf32_split, tf32_terms
 
 WARPS = 4
 PASSES = 3  # tensor-core products per tap: float32 to ~3e-6 (1: TF32, as XLA's conv)
@@ -59,31 +60,6 @@ def applies(x_shape: tuple[int, ...], features: int, downsampling: str) -> bool:
         and w % 2 == 0
         and all(power_of_two(n, least=16) for n in (w // 2, c, features))
     )
-
-
-TF32_BITS = 0xFFFFE000  # the float32 bits a TF32 product reads: sign, exponent, 10 of 23
-
-
-def tf32_split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x as big + small (exactly): big its TF32 part, small the rest (|small| < 2⁻¹⁰ |x|)."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(TF32_BITS)
-    big = jax.lax.bitcast_convert_type(bits, jnp.float32)
-    return big, x - big
-
-
-def tf32_terms(x, x_split, w_big, w_small):
-    """The (lhs, rhs) products whose sum is x·w for w = w_big + w_small (`tf32_split`): with
-    x's split (big, small), the three that carry float32's accuracy through TF32 products;
-    with None, x·w itself (one TF32 product on a GPU)."""
-    if x_split is None:
-        return ((x, w_big + w_small),)  # w exactly
-    big, small = x_split
-    return ((small, w_big), (big, w_small), (big, w_big))
-
-
-def dot_precision(interpret: bool):
-    """Each product on tensor cores as TF32; in Pallas' interpreter at full precision."""
-    return jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32
 
 
 def _kernel(x_ref, wb_ref, ws_ref, b_ref, o_ref, *, rows, width, pool, passes, interpret):

@@ -41,7 +41,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from dirnet_jax.dispatch import cuda_or_xla
 from dirnet_jax.first_layer import power_of_two
-from dirnet_jax.pooled_layers import dot_precision, gathered, tf32_split, tf32_terms
+from dirnet_jax.pooled_layers import gathered
+from dirnet_jax.tf32 import dot_precision, tf32_split, tf32_terms
 
 WARPS = 4  # the convolution's: 528 instructions, 62 registers (1 warp: 1,600 and 176)
 # The kernel gradient: image rows per program (fewer where the height is not a multiple),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import core
-from dirnet_jax import DIRNetConfig, init_variables, models, pooled_layers
+from dirnet_jax import DIRNetConfig, init_variables, models, pooled_layers, tf32
 from tests.references import conv_elu_pool
 
 ON_GPU = jax.default_backend() == "gpu"  # else the kernel runs in Pallas' interpreter
@@ -53,10 +53,10 @@ def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling):
 
 def test_tf32_split_is_exact(rng):
     x = jnp.asarray(rng.normal(size=1000) * 10.0 ** rng.integers(-30, 30, size=1000), jnp.float32)
-    big, small = pooled_layers.tf32_split(x)
+    big, small = tf32.tf32_split(x)
     assert bool(jnp.all(big + small == x))  # exact in float32
     bits = jax.lax.bitcast_convert_type(big, jnp.uint32)
-    assert not bool(jnp.any(bits & ~jnp.uint32(pooled_layers.TF32_BITS)))  # TF32 as it is
+    assert not bool(jnp.any(bits & ~jnp.uint32(tf32.TF32_BITS)))  # TF32 as it is
     assert bool(jnp.all(jnp.abs(small) < 2.0**-10 * jnp.abs(x)))
     assert float(jnp.abs(small).max()) > 0  # not all of x is TF32
 
