@@ -46,10 +46,15 @@ LAYERS = ("1", "2", "train", "train1", "train1bn")
 # 3 % of it in run 5 (benchmarks/NOTES.md). Slower there, in ms against the default's
 # 1.235: broadcast expm1 1.648, 16 warps 1.393; unpadded exp 1.315, 4 warps 1.438; the
 # fastest scalar form (one output channel at a time; 2 rows, 8 warps, since removed) 1.824.
+# Then the window's matrix products on tensor cores (untimed; sm_90a issue floor at batch
+# 512 0.35 ms with three products and 4 warps, 0.33 with one, against the default's 0.55).
 SHAPES = [
     (first_layer.FORM, first_layer.ROWS, first_layer.WARPS, first_layer.EXPM1),
     ("broadcast", 1, 8, "exp2"),
     ("unpadded", 1, 8, "exp2"),
+    ("dot", 1, 4, "exp"),
+    ("dot", 1, 8, "exp"),
+    ("dot1", 1, 4, "exp"),
 ]
 # The kernel gradient's (rows, columns, warps) per program besides the default
 # (train_conv.ROWS, BLOCK, GRAD_WARPS), for the training layer.
@@ -59,8 +64,8 @@ TAPS_GRAD_SHAPES = [(4, 64, 8), (4, 32, 2), (8, 32, 4), (4, 128, 4)]
 # first_layer_grad's kernel gradient on a GPU: (rows, block, warps) besides its default
 # (one row, every column, 8 warps): loops with 18 [block, F] sums in registers.
 FIRST_GRAD_SHAPES = [(1, 0, 4), (4, 32, 4), (2, 64, 8), (8, 16, 2)]
-# Off a GPU (Pallas' interpreter, slow): the default and the other form.
-CPU_SHAPES = [SHAPES[0], ("unpadded", 1, 8, "exp")]
+# Off a GPU (Pallas' interpreter, slow): the default and one of each other form.
+CPU_SHAPES = [SHAPES[0], ("unpadded", 1, 8, "exp"), ("dot", 1, 4, "exp")]
 
 
 def parse(argv: list[str]) -> dict[str, str]:

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from dirnet_jax.tf32 import dot_precision, tf32_split, tf32_terms
+
 # The kernel's form (`FORMS`), pooled rows and warps per Triton program, and ELU's expm1
 # (`EXPM1S`): the fastest of those benchmarks/layers.py timed on an H200.
 FORM, ROWS, WARPS, EXPM1 = "broadcast", 1, 8, "exp"
@@ -127,6 +129,53 @@ def _kernel_unpadded(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, poo
     o_ref[b, pl.ds(r, 1), :, :] = _pooled(acc, b_ref, pool, expm1).astype(o_ref.dtype)
 
 
+def window_index(r, tw, cin, start=0):
+    """Where the 4×4 input window of each pooled column c = start … start + tw − 1 of pooled
+    row r lies in the padded pairs: (row pair, row parity, column pair, column parity,
+    channel), each broadcasting to [tw, 16·cin]; column k = (4u + v)·cin + ch of that matrix
+    is input row 2r − 1 + u, column 2c − 1 + v, channel ch."""
+    k = jax.lax.broadcasted_iota(jnp.int32, (1, 16 * cin), 1)
+    u, v, ch = jax.lax.div(k, 4 * cin), jax.lax.rem(jax.lax.div(k, cin), 4), jax.lax.rem(k, cin)
+    c = jax.lax.broadcasted_iota(jnp.int32, (tw, 1), 0) + start
+    return r + jax.lax.div(1 + u, 2), jax.lax.rem(1 + u, 2), c + jax.lax.div(1 + v, 2), \
+        jax.lax.rem(1 + v, 2), ch  # fmt: skip
+
+
+def window_weights(kernel: jax.Array) -> jax.Array:
+    """kernel [3, 3, Cin, F] as the matrix [4, 16·Cin, F] that takes the 4×4 input window
+    (`window_index`'s columns) to the conv at pooling position (a, b), at 2a + b: the
+    kernel placed at (a, b) in the window, zeros where it does not reach."""
+    placed = [
+        jnp.pad(kernel, [(a, 1 - a), (bb, 1 - bb), (0, 0), (0, 0)])
+        for a in range(2)
+        for bb in range(2)
+    ]
+    return jnp.stack(placed).reshape(4, 16 * kernel.shape[2], kernel.shape[3])
+
+
+def _kernel_dot(
+    x_ref, wb_ref, ws_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, pool, expm1, passes,
+    interpret,
+):  # fmt: skip
+    """One pooled row per program, its convs as matrix products on tensor cores: the 4×4
+    input window of every pooled column gathered as one [tw, 16·Cin] matrix, times each
+    pooling position's [16·Cin, Cout] weights (`window_weights`), `passes` TF32 products
+    each (`tf32.tf32_terms`)."""
+    b, r = _program(rows, 1)
+    window = x_ref[(b, *window_index(r, tw, cin))]
+    split = tf32_split(window) if passes == 3 else None
+    precision = dot_precision(interpret)
+    bias = b_ref[:][None, :]
+    convs = []
+    for p in range(4):
+        acc = None
+        for lhs, rhs in tf32_terms(window, split, wb_ref[p, :, :], ws_ref[p, :, :]):
+            term = jnp.dot(lhs, rhs, precision=precision, preferred_element_type=jnp.float32)
+            acc = term if acc is None else acc + term
+        convs.append(acc + bias)
+    o_ref[b, r, :, :] = pool_window(convs, pool, expm1).astype(o_ref.dtype)
+
+
 def padded_pairs(x: jax.Array) -> jax.Array:
     """[B, H, W, C] zero-padded by 2 as row and column pairs: [B, H/2 + 2, 2, W/2 + 2, 2, C]
     (the layout the kernels read; see the module's docstring)."""
@@ -149,7 +198,13 @@ def exp2_minus_one(y: jax.Array) -> jax.Array:
 
 LOG2_E = 1.4426950408889634
 
-FORMS = {"broadcast": _kernel_broadcast, "unpadded": _kernel_unpadded}
+FORMS = {
+    "broadcast": _kernel_broadcast,
+    "unpadded": _kernel_unpadded,
+    "dot": functools.partial(_kernel_dot, passes=3),  # float32 to ~3e-6 of the largest
+    "dot1": functools.partial(_kernel_dot, passes=1),  # TF32, as XLA's conv by default
+}
+DOT_FORMS = ("dot", "dot1")  # the forms reading the window weights, split for TF32
 EXPM1S = {"expm1": jnp.expm1, "exp": exp_minus_one, "exp2": exp2_minus_one}
 
 
@@ -191,8 +246,8 @@ def kernel_call(
     chosen by the caller (benchmarks/layers.py times them)."""
     if not applies(x.shape, kernel.shape[-1], downsampling, rows_per_program):
         raise ValueError(f"conv_elu_pool2_gpu does not take {x.shape} → {kernel.shape[-1]}")
-    if form == "unpadded" and rows_per_program != 1:
-        raise ValueError("the unpadded form computes one pooled row per program")
+    if form in ("unpadded", *DOT_FORMS) and rows_per_program != 1:
+        raise ValueError(f"the {form} form computes one pooled row per program")
     batch, h, w, cin = x.shape
     cout = kernel.shape[-1]
     rows, tw, th = h // 2, w // 2, rows_per_program
@@ -204,10 +259,16 @@ def kernel_call(
     body = functools.partial(
         FORMS[form], rows=rows, th=th, tw=tw, cin=cin, cout=cout, pool=downsampling, expm1=expm1
     )
+    weights = (kernel.astype(jnp.float32),)
+    if form in DOT_FORMS:
+        if not power_of_two(cin):
+            raise ValueError(f"the {form} form takes a power of two of channels, not {cin}")
+        body = functools.partial(body, interpret=interpret)
+        weights = tf32_split(window_weights(kernel.astype(jnp.float32)))
     return pl.pallas_call(
         body,
         out_shape=jax.ShapeDtypeStruct((batch, rows, tw, cout), out_dtype),
         grid=(batch * rows // th,),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-    )(pairs, kernel.astype(jnp.float32), bias.astype(jnp.float32))
+    )(pairs, *weights, bias.astype(jnp.float32))
