@@ -15,11 +15,13 @@ given batch; pair sampling and step in one dispatch; and several steps per dispa
 time and memory per call. Each baseline is followed by the same network in PyTorch eager
 (benchmarks/torch_dirnet.py, if torch is installed), as ratios to DIRNet, and on a GPU by
 its A/B rows: registration with the later pooled layers as Triton kernels too (a
-candidate: every layer, or the 128² one), with the first layer as XLA's loop instead of
-the Triton kernel, and unfused (XLA's convolution, then ELU and pooling), with XLA:GPU's
+candidate: every layer, or the 128² one), with the first layer on tensor cores (a
+candidate), as XLA's loop instead of the Triton kernel, and unfused (XLA's convolution,
+then ELU and pooling), with XLA:GPU's
 default CUDA-graph threshold (one pair), as plain layers (what folding BatchNorm and the
 fused first layer buy), with bfloat16 activations; training with the first layer at once
-(a candidate, `first_layer_grad`'s kernels), in bfloat16 with the training kernels, with
+(a candidate, `first_layer_grad`'s kernels, also by TF32 products), in bfloat16 with the
+training kernels, with
 the training kernels off (`DIRNET_TRAIN_CONV=xla`), and with every 3×3 conv by XLA's
 convolution (what `conv_taps` and the kernels buy together). Then the other variants, and
 SimpleElastix per 256×256 pair with the paper's settings. Every 256×256 row times the same
@@ -52,6 +54,7 @@ from flax import linen as nn
 from dirnet_jax import (
     PAPER_VARIANTS,
     DIRNetConfig,
+    first_layer,
     init_variables,
     machine,
     models,
@@ -238,6 +241,20 @@ def triton_pooled_conv(
 
 # Training's candidate: the first layer at once (first_layer_grad's kernels on CUDA).
 TRAIN_CANDIDATES = {"train_first_layer_conv": models.conv_taps_train}
+
+
+def dot_first_layer(x, kernel, bias, downsampling: str, dtype, form: str = "dot") -> jax.Array:
+    """`models.fused_first_layer` with the Triton kernel's `form` on CUDA ("dot": the 4×4
+    windows' matrix times the window weights, three TF32 products; "dot1": one), for
+    `swapped("fused_first_layer", dot_first_layer)`: what it would buy."""
+
+    def xla(x, kernel, bias):
+        return models.conv_elu_pool2(x, kernel, bias, downsampling).astype(dtype)
+
+    gpu = functools.partial(first_layer.conv_elu_pool2_gpu, downsampling=downsampling,
+                            out_dtype=dtype, num_warps=4, form=form)  # fmt: skip
+    taken = first_layer.applies(x.shape, kernel.shape[-1], downsampling)
+    return cuda_or_xla(gpu, xla, x, kernel, bias, taken=taken)
 
 
 @contextlib.contextmanager
@@ -455,11 +472,21 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
         ("baseline-tritonpool2", lambda: in_swap(
             {"pooled_conv": functools.partial(triton_pooled_conv, min_width=128)},
             bench_register, table, "baseline-tritonpool2", base.replace(seed=6), p, batches, r)),
+        # Inference's first layer on tensor cores: the 4×4 windows' matrix times the
+        # window weights, three TF32 products (float32's accuracy).
+        ("baseline-dotfirst", lambda: in_swap(
+            {"fused_first_layer": dot_first_layer}, bench_register,
+            table, "baseline-dotfirst", base.replace(seed=10), p, batches, r)),
         # Training's first layer at once (`first_layer_train`: first_layer_grad's kernels)
-        # on top of the training kernels.
+        # on top of the training kernels; then with their convs and kernel gradient by
+        # three TF32 products of the window matrix, and the forward as `-dotfirst`.
         ("baseline-fusedfirst", lambda: in_swap(
             TRAIN_CANDIDATES, bench_train_dispatch,
             table, "baseline-fusedfirst", base.replace(seed=9), p, r)),
+        ("baseline-fusedfirst3", lambda: in_swap(
+            {**TRAIN_CANDIDATES, "TRAIN_FIRST_LAYER_PASSES": 3,
+             "fused_first_layer": dot_first_layer}, bench_train_dispatch,
+            table, "baseline-fusedfirst3", base.replace(seed=11), p, r)),
         # bfloat16 training with the Triton kernels (their sums in float32) against cuDNN's.
         ("baseline-bf16triton", lambda: in_swap(
             {"TRAIN_CONV_DTYPES": ("float32", "bfloat16")}, bench_train_dispatch,

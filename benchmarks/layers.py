@@ -61,9 +61,15 @@ SHAPES = [
 GRAD_SHAPES = [(8, 32, 1), (2, 32, 1), (4, 16, 2), (4, 64, 1), (8, 128, 4)]
 # The same for the first conv's (train_conv.TAPS_ROWS, TAPS_BLOCK, TAPS_WARPS).
 TAPS_GRAD_SHAPES = [(4, 64, 8), (4, 32, 2), (8, 32, 4), (4, 128, 4)]
-# first_layer_grad's kernel gradient on a GPU: (rows, block, warps) besides its default
-# (one row, every column, 8 warps): loops with 18 [block, F] sums in registers.
-FIRST_GRAD_SHAPES = [(1, 0, 4), (4, 32, 4), (2, 64, 8), (8, 16, 2)]
+# first_layer_grad's kernels on a GPU: the kernel gradient's (rows, block, warps) and the
+# kernels' passes besides the default (one row, every column, 8 warps; float32
+# multiply-adds): loops with 18 [block, F] sums in registers; then TF32 products of the
+# window matrix, three (sm_90a issue floors of the kernel gradient 48–65 µs against 117)
+# or one.
+FIRST_GRAD_SHAPES = [
+    (1, 0, 4, 0), (4, 32, 4, 0), (2, 64, 8, 0), (8, 16, 2, 0),
+    (1, 0, 4, 3), (4, 16, 1, 3), (2, 64, 4, 3), (1, 0, 4, 1),
+]  # fmt: skip
 # Off a GPU (Pallas' interpreter, slow): the default and one of each other form.
 CPU_SHAPES = [SHAPES[0], ("unpadded", 1, 8, "exp"), ("dot", 1, 4, "exp")]
 
@@ -193,9 +199,10 @@ def first_layer_train_impls(on_gpu: bool) -> dict:
         ),
         "at once (first_layer_grad's kernels)": grads(at_once),
     }
-    for shape in FIRST_GRAD_SHAPES if on_gpu else []:
+    for *shape, passes in FIRST_GRAD_SHAPES if on_gpu else [(1, 16, 4, 3)]:
         name = "at once, kernel grad rows={} block={} warps={}".format(*shape)
-        impls[name] = grads(functools.partial(at_once, grad_shape=shape))
+        name += f", {passes} TF32 products" if passes else ""
+        impls[name] = grads(functools.partial(at_once, grad_shape=tuple(shape), passes=passes))
     return impls
 
 

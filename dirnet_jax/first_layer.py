@@ -210,8 +210,10 @@ EXPM1S = {"expm1": jnp.expm1, "exp": exp_minus_one, "exp2": exp2_minus_one}
 
 @functools.partial(
     jax.jit,
-    static_argnames=("downsampling", "out_dtype", "rows_per_program", "num_warps", "interpret"),
-)
+    static_argnames=(
+        "downsampling", "out_dtype", "rows_per_program", "num_warps", "interpret", "form"
+    ),
+)  # fmt: skip
 def conv_elu_pool2_gpu(
     x: jax.Array,
     kernel: jax.Array,
@@ -221,6 +223,7 @@ def conv_elu_pool2_gpu(
     rows_per_program: int = ROWS,
     num_warps: int = WARPS,
     interpret: bool = False,
+    form: str = FORM,
 ) -> jax.Array:
     """`models.conv_elu_pool2` for 2-D images as one Triton kernel (see `applies`).
 
@@ -229,12 +232,13 @@ def conv_elu_pool2_gpu(
       downsampling: "avg" or "max"; out_dtype: the output's dtype (sums in float32).
       rows_per_program, num_warps: pooled rows and warps per Triton program.
       interpret: run Pallas' interpreter (any backend: the tests on a CPU).
+      form: a key of FORMS.
 
     Returns:
       [B, H/2, W/2, Cout].
     """
     return kernel_call(
-        x, kernel, bias, downsampling, out_dtype, rows_per_program, num_warps, interpret
+        x, kernel, bias, downsampling, out_dtype, rows_per_program, num_warps, interpret, form
     )
 
 

@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dirnet_jax import first_layer
+from dirnet_jax.tf32 import dot_precision, tf32_split, tf32_terms
 
 WARPS = 8  # as inference's kernel, whose [W/2, F] window sums these repeat
 # The kernel gradient's shape: pooled rows per program, pooled columns per step (0: all)
@@ -46,6 +47,14 @@ WARPS = 8  # as inference's kernel, whose [W/2, F] window sums these repeat
 # (sm_90a: 3,736 instructions, 217 registers); benchmarks/layers.py times others, which
 # loop over blocks of columns and rows with 18 [block, F] sums in registers.
 GRAD_ROWS, GRAD_BLOCK, GRAD_WARPS = 1, 0, 8
+# `passes`, how each kernel computes the conv and the kernel gradient: 0, float32
+# multiply-adds over the 4×4 window's [W/2] vectors (as inference's default kernel); 1 or
+# 3, TF32 matrix products on tensor cores of the window as one [W/2, 16·Cin] matrix
+# (`first_layer.window_index`), three carrying float32's accuracy (`tf32`). sm_90a issue
+# floors at 256², batch 32 (benchmarks/NOTES.md): stats 41 → 17 µs with three products,
+# backward sums 45 → 33, kernel gradient 117 → 48–65. Untimed:
+# `models.TRAIN_FIRST_LAYER_PASSES` chooses.
+CONTRACT_PIXELS = (((0,), (0,)), ((), ()))  # aᵀ · b over a block's pixels
 
 
 def applies(x_shape: tuple[int, ...], features: int, downsampling: str) -> bool:
@@ -83,6 +92,27 @@ def _convs(values, w_ref, cin):
     return out
 
 
+def _conv_window(x_ref, w_refs, b, r, tw, cin, passes, interpret, start=0):
+    """The conv at the four pooling-window positions of pooled row r of image b, columns
+    start … start + tw − 1, 4 × [tw, F]; and what the kernel gradient multiplies g_z by:
+    the window's values (passes 0: `_values`, w_refs the kernel) or its matrix and that
+    matrix's TF32 split (w_refs `first_layer.window_weights`, split)."""
+    if passes == 0:
+        values = _values(x_ref, b, r, tw, cin, start)
+        return _convs(values, w_refs[0], cin), values
+    window = x_ref[(b, *first_layer.window_index(r, tw, cin, start))]
+    split = tf32_split(window) if passes == 3 else None
+    convs = []
+    for p in range(4):
+        acc = None
+        for lhs, rhs in tf32_terms(window, split, w_refs[0][p, :, :], w_refs[1][p, :, :]):
+            term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
+                           preferred_element_type=jnp.float32)  # fmt: skip
+            acc = term if acc is None else acc + term
+        convs.append(acc)
+    return convs, (window, split)
+
+
 def _grad_y(z, mul, shift, g, pool):
     """g_y at the four window positions from the conv z (4 × [W/2, F]) and the pooled
     gradient g [W/2, F]: the gradients of pooling and of ELU (1 where y > 0, exp(y)
@@ -101,19 +131,21 @@ def _grad_y(z, mul, shift, g, pool):
     return [ga * jnp.where(p, 1.0, e) for ga, p, e in zip(g_a, positive, exp, strict=True)]
 
 
-def _stats_kernel(x_ref, w_ref, o_ref, *, rows, tw, cin):
+def _stats_kernel(x_ref, *refs, rows, tw, cin, passes, interpret):
     """Program p (pooled row r of image b): Σ z and Σ z² over its pixels, [2, F]."""
+    *w_refs, o_ref = refs
     pid = pl.program_id(0)
-    z = _convs(_values(x_ref, pid // rows, pid % rows, tw, cin), w_ref, cin)
+    z, _ = _conv_window(x_ref, w_refs, pid // rows, pid % rows, tw, cin, passes, interpret)
     o_ref[pid, 0, :] = jnp.sum(z[0] + z[1] + z[2] + z[3], axis=0)
     o_ref[pid, 1, :] = jnp.sum(z[0] * z[0] + z[1] * z[1] + z[2] * z[2] + z[3] * z[3], axis=0)
 
 
-def _sums_kernel(x_ref, w_ref, m_ref, g_ref, o_ref, *, rows, tw, cin, pool):
+def _sums_kernel(x_ref, *refs, rows, tw, cin, pool, passes, interpret):
     """Program p: Σ g_y and Σ z·g_y over its pixels, [2, F]."""
+    *w_refs, m_ref, g_ref, o_ref = refs
     pid = pl.program_id(0)
     b, r = pid // rows, pid % rows
-    z = _convs(_values(x_ref, b, r, tw, cin), w_ref, cin)
+    z, _ = _conv_window(x_ref, w_refs, b, r, tw, cin, passes, interpret)
     g = g_ref[b, r, :, :].astype(jnp.float32)
     g_y = _grad_y(z, m_ref[0, :][None, :], m_ref[1, :][None, :], g, pool)
     o_ref[pid, 0, :] = jnp.sum(g_y[0] + g_y[1] + g_y[2] + g_y[3], axis=0)
@@ -121,10 +153,14 @@ def _sums_kernel(x_ref, w_ref, m_ref, g_ref, o_ref, *, rows, tw, cin, pool):
     o_ref[pid, 1, :] = jnp.sum(zg, axis=0)
 
 
-def _kernel_grad_kernel(x_ref, w_ref, m_ref, g_ref, o_ref, *, rows, tw, cin, pool, per, block):
+def _kernel_grad_kernel(
+    x_ref, *refs, rows, tw, cin, pool, per, block, passes, interpret
+):  # fmt: skip
     """Program p: Σ over its pixels (`per` pooled rows of one image, `block` pooled columns
-    at a time) of x_shifted · g_z per tap and input channel, [9, Cin, F] (m_ref: mul,
-    shift, c0, c1, each [F])."""
+    at a time) of x_shifted · g_z per tap and input channel, [9, Cin, F] (passes 0); or of
+    windowᵀ · g_z per pooling position, [4, 16·Cin, F] (passes 1, 3). m_ref: mul, shift,
+    c0, c1, each [F]."""
+    *w_refs, m_ref, g_ref, o_ref = refs
     pid = pl.program_id(0)
     b, first = pid // (rows // per), (pid % (rows // per)) * per
     mul, shift = m_ref[0, :][None, :], m_ref[1, :][None, :]
@@ -135,28 +171,51 @@ def _kernel_grad_kernel(x_ref, w_ref, m_ref, g_ref, o_ref, *, rows, tw, cin, poo
         # lax's div and rem: jnp's // and % do not lower in a Triton loop
         r = first + jax.lax.div(i, steps_per_row)
         start = jax.lax.rem(i, steps_per_row) * block
-        values = _values(x_ref, b, r, block, cin, start)
-        z = _convs(values, w_ref, cin)
+        z, inputs = _conv_window(x_ref, w_refs, b, r, block, cin, passes, interpret, start)
         g = g_ref[b, r, pl.ds(start, block), :].astype(jnp.float32)
         g_y = _grad_y(z, mul, shift, g, pool)
         g_z = [mul * gy + c0 + c1 * zk for gy, zk in zip(g_y, z, strict=True)]
+        if passes:
+            return _window_grads(acc, inputs, g_z, interpret)
         out = []
         for dy, dx, ch in _tap_channels(cin):
             total = acc[len(out)]
             for k, (a, bb) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
-                term = values[a + dy, bb + dx, ch][:, None] * g_z[k]
+                term = inputs[a + dy, bb + dx, ch][:, None] * g_z[k]
                 total = term if total is None else total + term
             out.append(total)
         return tuple(out)
 
     trips = per * steps_per_row
+    f = m_ref.shape[-1]
+    sums = (block, f) if passes == 0 else (16 * cin, f)
+    count = 9 * cin if passes == 0 else 4
     if trips == 1:  # straight-line code
-        sums = step(0, (None,) * (9 * cin))
+        sums = step(0, (None,) * count)
     else:
-        zero = jnp.zeros((block, m_ref.shape[-1]), jnp.float32)
-        sums = jax.lax.fori_loop(0, trips, step, (zero,) * (9 * cin))
+        sums = jax.lax.fori_loop(0, trips, step, (jnp.zeros(sums, jnp.float32),) * count)
+    if passes:
+        for p_ in range(4):
+            o_ref[pid, p_, :, :] = sums[p_]
+        return
     for t, (dy, dx, ch) in enumerate(_tap_channels(cin)):
         o_ref[pid, 3 * dy + dx, ch, :] = jnp.sum(sums[t], axis=0)
+
+
+def _window_grads(acc, inputs, g_z, interpret):
+    """acc (4 × [16·Cin, F] or Nones) plus windowᵀ · g_z at each pooling position, by TF32
+    products: three where the window's split is given (`_conv_window`), else one."""
+    window, split = inputs
+    out = []
+    for p, g in enumerate(g_z):
+        g_big, g_small = tf32_split(g)
+        total = acc[p]
+        for lhs, rhs in tf32_terms(window, split, g_big, g_small):
+            term = jax.lax.dot_general(lhs, rhs, CONTRACT_PIXELS, precision=dot_precision(
+                interpret), preferred_element_type=jnp.float32)  # fmt: skip
+            total = term if total is None else total + term
+        out.append(total)
+    return tuple(out)
 
 
 def _tap_channels(cin):
@@ -165,44 +224,57 @@ def _tap_channels(cin):
 
 
 def _call(
-    body, x, kernel, out_rows: tuple[int, ...], *operands, interpret, rows_per_program=1,
-    warps=WARPS, **params,
+    body, x, kernel, out_rows: tuple[int, ...], *operands, interpret, passes,
+    rows_per_program=1, warps=WARPS, **params,
 ):  # fmt: skip
     """body over one program per `rows_per_program` pooled rows: the padded pairs of x, the
-    kernel, `operands`; its [programs, *out_rows] float32 sums, summed over programs."""
+    kernel (passes 0) or its window weights split for TF32 (`first_layer.window_weights`),
+    `operands`; its [programs, *out_rows] float32 sums, summed over programs."""
     batch, h, w, cin = x.shape
     rows, tw = h // 2, w // 2
-    body = functools.partial(body, rows=rows, tw=tw, cin=cin, **params)
+    body = functools.partial(
+        body, rows=rows, tw=tw, cin=cin, passes=passes, interpret=interpret, **params
+    )
+    kernel = kernel.astype(jnp.float32)
+    weights = (kernel,) if passes == 0 else tf32_split(first_layer.window_weights(kernel))
     partial_sums = pl.pallas_call(
         body,
         out_shape=jax.ShapeDtypeStruct((batch * rows // rows_per_program, *out_rows), jnp.float32),
         grid=(batch * rows // rows_per_program,),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
-    )(first_layer.padded_pairs(x.astype(jnp.float32)), kernel.astype(jnp.float32), *operands)
+    )(first_layer.padded_pairs(x.astype(jnp.float32)), *weights, *operands)
     return partial_sums.sum(axis=0)
 
 
-def _check(x, kernel, downsampling):
+def _check(x, kernel, downsampling, passes):
     if not applies(x.shape, kernel.shape[-1], downsampling):
         raise ValueError(f"first_layer_grad does not take {x.shape} → {kernel.shape[-1]}")
+    if passes not in (0, 1, 3):
+        raise ValueError(f"passes is 0, 1 or 3, not {passes}")
+    if passes and not first_layer.power_of_two(x.shape[-1]):
+        raise ValueError(f"TF32 products take a power of two of channels, not {x.shape[-1]}")
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def stats_gpu(x: jax.Array, kernel: jax.Array, interpret: bool = False) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("interpret", "passes"))
+def stats_gpu(
+    x: jax.Array, kernel: jax.Array, interpret: bool = False, passes: int = 0
+) -> jax.Array:
     """Σ z and Σ z² over images and pixels of z = conv(x, kernel) (SAME, zero padding).
 
     Args:
-      x: [B, H, W, Cin]; kernel: [3, 3, Cin, F]; interpret: Pallas' interpreter (tests).
+      x: [B, H, W, Cin]; kernel: [3, 3, Cin, F]; interpret: Pallas' interpreter (tests);
+      passes: 0, 1 or 3 (see the module's constants).
 
     Returns:
       [2, F] float32.
     """
-    _check(x, kernel, "avg")
-    return _call(_stats_kernel, x, kernel, (2, kernel.shape[-1]), interpret=interpret)
+    _check(x, kernel, "avg", passes)
+    return _call(_stats_kernel, x, kernel, (2, kernel.shape[-1]), interpret=interpret,
+                 passes=passes)  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("downsampling", "interpret"))
+@functools.partial(jax.jit, static_argnames=("downsampling", "interpret", "passes"))
 def backward_sums_gpu(
     x: jax.Array,
     kernel: jax.Array,
@@ -210,24 +282,27 @@ def backward_sums_gpu(
     g: jax.Array,
     downsampling: str,
     interpret: bool = False,
+    passes: int = 0,
 ) -> jax.Array:
     """Σ g_y and Σ z·g_y over images and pixels (see the module's docstring).
 
     Args:
       x: [B, H, W, Cin]; kernel: [3, 3, Cin, F]; mul_shift: [2, F], BatchNorm's multiplier
         and shift; g: [B, H/2, W/2, F], the pooled output's gradient; downsampling: "avg"
-        or "max"; interpret: Pallas' interpreter (tests).
+        or "max"; interpret: Pallas' interpreter (tests); passes: as `stats_gpu`.
 
     Returns:
       [2, F] float32.
     """
-    _check(x, kernel, downsampling)
+    _check(x, kernel, downsampling, passes)
     f = kernel.shape[-1]
     return _call(_sums_kernel, x, kernel, (2, f), mul_shift.astype(jnp.float32), g,
-                 interpret=interpret, pool=downsampling)  # fmt: skip
+                 interpret=interpret, passes=passes, pool=downsampling)  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("downsampling", "interpret", "rows", "block", "warps"))
+@functools.partial(
+    jax.jit, static_argnames=("downsampling", "interpret", "rows", "block", "warps", "passes")
+)
 def kernel_grad_gpu(
     x: jax.Array,
     kernel: jax.Array,
@@ -238,23 +313,31 @@ def kernel_grad_gpu(
     rows: int = GRAD_ROWS,
     block: int = GRAD_BLOCK,
     warps: int = GRAD_WARPS,
+    passes: int = 0,
 ) -> jax.Array:
     """The kernel's gradient, Σ over images and pixels of x_shifted · g_z per tap.
 
     Args:
-      x, kernel, g, downsampling, interpret: as `backward_sums_gpu`.
+      x, kernel, g, downsampling, interpret, passes: as `backward_sums_gpu`.
       coefficients: [4, F]: mul, shift, and c0, c1 of g_z = mul·g_y + c0 + c1·z.
       rows, block, warps: pooled rows per program (their gcd with H/2), pooled columns
-        per step (0: all; at most W/2, a power of two), warps per program.
+        per step (0: all; at most W/2, a power of two, at least 16 with TF32 products),
+        warps per program.
 
     Returns:
       [3, 3, Cin, F] float32.
     """
-    _check(x, kernel, downsampling)
+    _check(x, kernel, downsampling, passes)
     cin, f = kernel.shape[-2:]
     half_h, half_w = x.shape[1] // 2, x.shape[2] // 2
     per, block = math.gcd(half_h, rows), min(block or half_w, half_w)
-    grad = _call(_kernel_grad_kernel, x, kernel, (9, cin, f), coefficients.astype(jnp.float32),
-                 g, interpret=interpret, pool=downsampling, rows_per_program=per, per=per,
-                 block=block, warps=warps)  # fmt: skip
-    return grad.reshape(3, 3, cin, f)
+    if passes and block < 16:
+        raise ValueError(f"TF32 products take at least 16 pooled columns a step, not {block}")
+    out_rows = (9, cin, f) if passes == 0 else (4, 16 * cin, f)
+    grad = _call(_kernel_grad_kernel, x, kernel, out_rows, coefficients.astype(jnp.float32),
+                 g, interpret=interpret, passes=passes, pool=downsampling,
+                 rows_per_program=per, per=per, block=block, warps=warps)  # fmt: skip
+    if passes == 0:
+        return grad.reshape(3, 3, cin, f)
+    # The window's gradient back to the kernel's: window_weights is linear.
+    return jax.linear_transpose(first_layer.window_weights, kernel.astype(jnp.float32))(grad)[0]

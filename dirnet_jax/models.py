@@ -201,7 +201,7 @@ def _first_layer_reference(x, kernel, scale, bias, downsampling, conv, dtype):
     return pool2(y, jnp.mean if downsampling == "avg" else jnp.max).astype(dtype), mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
 def first_layer_train(
     x: jax.Array,
     kernel: jax.Array,
@@ -212,6 +212,7 @@ def first_layer_train(
     dtype: Any = jnp.float32,
     interpret: bool = False,
     grad_shape: tuple[int, ...] = (),
+    passes: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training's first layer, ``pool2(elu(BatchNorm(conv(x, kernel))))`` with the batch's
     statistics, without writing its full-resolution activations (a candidate, see
@@ -231,18 +232,22 @@ def first_layer_train(
       downsampling: "avg" or "max"; conv: the SAME 3×3 convolution (x, kernel) → [B, H,
         W, F] of XLA's path; dtype: the output's; interpret: first_layer_grad's kernels
         in Pallas' interpreter on every backend (the tests); grad_shape: (rows, block,
-        warps) of `first_layer_grad.kernel_grad_gpu`, or a prefix of them.
+        warps) of `first_layer_grad.kernel_grad_gpu`, or a prefix of them; passes: how
+        first_layer_grad's kernels compute (0: float32 multiply-adds, 1 or 3: TF32
+        products).
 
     Returns:
       (pooled [B, H/2, W/2, F] in dtype, batch mean [F], batch variance [F]).
     """
     out, _ = _first_layer_train_fwd(
-        x, kernel, scale, bias, downsampling, conv, dtype, interpret, grad_shape
+        x, kernel, scale, bias, downsampling, conv, dtype, interpret, grad_shape, passes
     )
     return out
 
 
-def _first_layer_train_fwd(x, kernel, scale, bias, downsampling, conv, dtype, interpret, _):
+def _first_layer_train_fwd(
+    x, kernel, scale, bias, downsampling, conv, dtype, interpret, _, passes
+):  # fmt: skip
     x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
 
     def xla(x, kernel):
@@ -250,7 +255,7 @@ def _first_layer_train_fwd(x, kernel, scale, bias, downsampling, conv, dtype, in
         axes = tuple(range(z.ndim - 1))
         return jnp.stack([z.sum(axes), jax.lax.square(z).sum(axes)])
 
-    gpu = functools.partial(first_layer_grad.stats_gpu, interpret=interpret)
+    gpu = functools.partial(first_layer_grad.stats_gpu, interpret=interpret, passes=passes)
     taken = first_layer_grad.applies(x.shape, kernel.shape[-1], downsampling)
     sums = cuda_or_xla(gpu, xla, x32, k32, taken=taken, interpret=interpret)
     mean, mean_sq = sums / x[..., 0].size
@@ -261,7 +266,7 @@ def _first_layer_train_fwd(x, kernel, scale, bias, downsampling, conv, dtype, in
 
 
 def _first_layer_train_bwd(
-    downsampling, conv, dtype, interpret, grad_shape, residuals, cotangents
+    downsampling, conv, dtype, interpret, grad_shape, passes, residuals, cotangents
 ):  # fmt: skip
     """The reference's gradients, written out so that no full-resolution value is stored:
     BatchNorm's backward needs only two sums per channel, Σ g_y and Σ z·g_y (y the
@@ -300,7 +305,7 @@ def _first_layer_train_bwd(
     kernels = functools.partial(cuda_or_xla, taken=taken, interpret=interpret)
 
     def sums(*args):
-        return first_layer_grad.backward_sums_gpu(*args, downsampling, interpret)
+        return first_layer_grad.backward_sums_gpu(*args, downsampling, interpret, passes)
 
     sum_g, sum_zg = kernels(sums, xla_sums, x32, k32, jnp.stack([mul, shift]), g_pooled)
     centred = sum_zg - mean * sum_g  # Σ (z − mean) g_y
@@ -312,7 +317,10 @@ def _first_layer_train_bwd(
     coefficients = jnp.stack([mul, shift, g_m / n, 2 * g_q / n])
 
     def grad(*args):
-        return first_layer_grad.kernel_grad_gpu(*args, downsampling, interpret, *grad_shape)
+        options = dict(zip(("rows", "block", "warps"), grad_shape, strict=False))
+        return first_layer_grad.kernel_grad_gpu(
+            *args, downsampling, interpret, passes=passes, **options
+        )
 
     g_kernel = kernels(grad, xla_kernel_grad, x32, k32, coefficients, g_pooled)
     # The images' gradient (training never asks for it, so XLA drops it): XLA's.
@@ -325,10 +333,10 @@ def _first_layer_train_bwd(
 first_layer_train.defvjp(_first_layer_train_fwd, _first_layer_train_bwd)
 
 
-def _first_layer_of(x, scale, bias, *, kernel, downsampling, conv, dtype):
+def _first_layer_of(x, scale, bias, *, kernel, downsampling, conv, dtype, passes):
     """`first_layer_train` as `BatchNorm`'s `layer` function: (x, scale, bias) → (y, mean,
     var)."""
-    return first_layer_train(x, kernel, scale, bias, downsampling, conv, dtype)
+    return first_layer_train(x, kernel, scale, bias, downsampling, conv, dtype, False, (), passes)
 
 
 def pooled_conv(
@@ -418,6 +426,10 @@ class ConvKernel(nn.Module):
 # the Triton kernels it was in the 1.26× (benchmarks/NOTES.md): the next lease times it
 # on top of them (`baseline-fusedfirst`).
 train_first_layer_conv: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+# With it, how first_layer_grad's kernels compute the conv and the kernel gradient: 0,
+# float32 multiply-adds; 3, three TF32 products on tensor cores (a candidate: lower sm_90a
+# issue floors, untimed: `baseline-fusedfirst3`).
+TRAIN_FIRST_LAYER_PASSES = 0
 
 
 class Regressor(nn.Module):
@@ -496,6 +508,7 @@ class Regressor(nn.Module):
                 fused = functools.partial(
                     _first_layer_of, kernel=kernel, downsampling=cfg.downsampling,
                     conv=train_first_layer_conv, dtype=cfg.compute_dtype or jnp.float32,
+                    passes=TRAIN_FIRST_LAYER_PASSES,
                 )  # fmt: skip
                 bn = BatchNorm(
                     use_running_average=False, momentum=cfg.bn_momentum, epsilon=BN_EPSILON,

@@ -197,10 +197,12 @@ def test_layers_benchmark_times_the_training_kernels(tmp_path, capsys):
     layers.main(["--layer=train1bn", "--size=32", "--batch=2", "--min_seconds=0.01",
                  f"--out={out}"])  # fmt: skip
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    tf32 = "at once, kernel grad rows=1 block=16 warps=4, 3 TF32 products"
     assert set(rows) == {"layer by layer (what trains now)", "copy",
-                         "at once (first_layer_grad's kernels)"}  # fmt: skip
+                         "at once (first_layer_grad's kernels)", tf32}  # fmt: skip
     # The layer's values, statistics and gradients, with the kernels interpreted here.
     assert 0 < rows["at once (first_layer_grad's kernels)"]["max_abs_diff"] < 1e-4
+    assert 0 < rows[tf32]["max_abs_diff"] < 1e-4
     with pytest.raises(SystemExit, match="error: --batch"):
         layers.parse(["--batch=0"])
 
@@ -213,7 +215,8 @@ def test_the_gpu_rows_no_gpu_has_run_yet_run(monkeypatch):
     table = core.Table()
     base = core.base_config(28)
     blocks = dict(core.gpu_ab_blocks(table, base, core.timed_pairs(28, 32), (1,), 1))
-    new = ["tritonpool", "tritonpool2", "fusedfirst", "bf16triton", "xlatrain"]
+    new = ["tritonpool", "tritonpool2", "dotfirst", "fusedfirst", "fusedfirst3", "bf16triton",
+           "xlatrain"]  # fmt: skip
     assert list(blocks)[: len(new)] == [f"baseline-{name}" for name in new]
     for name in new:
         blocks[f"baseline-{name}"]()

@@ -296,14 +296,18 @@ def test_training_computes_the_first_conv_by_taps(rng, name, monkeypatch):
     )
 
 
-@pytest.mark.parametrize("name", ["baseline", "A1", "C1", "A2"])
-def test_first_layer_at_once_trains_alike(rng, name, monkeypatch):
+@pytest.mark.parametrize(
+    "name,passes", [("baseline", 0), ("A1", 0), ("C1", 0), ("A2", 0), ("baseline", 3)]
+)
+def test_first_layer_at_once_trains_alike(rng, name, passes, monkeypatch):
     # `first_layer_train` (a candidate, swapped in by `train_first_layer_conv`): the same
     # loss, gradients and batch statistics as layer by layer. A2 (strided conv) keeps the
-    # layers apart.
-    config = variant(name, MNIST.replace(features=8))
+    # layers apart. `passes`: TRAIN_FIRST_LAYER_PASSES, how its kernels compute on CUDA,
+    # at 32² (their half width a power of two; off CUDA XLA's path takes no notice).
+    side = 32 if passes else 28
+    config = variant(name, MNIST.replace(features=8, image_shape=(side, side)))
     variables = perturbed(config)
-    fixed, moving = (jnp.asarray(rng.uniform(size=(4, 28, 28, 1)), jnp.float32) for _ in "ab")
+    fixed, moving = (jnp.asarray(rng.uniform(size=(4, side, side, 1)), jnp.float32) for _ in "ab")
 
     def loss(params):
         grid, stats = Regressor(config).apply(
@@ -316,6 +320,7 @@ def test_first_layer_at_once_trains_alike(rng, name, monkeypatch):
 
     (expected, expected_stats), expected_grads = run()
     monkeypatch.setattr(models, "train_first_layer_conv", models.conv_taps)
+    monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_PASSES", passes)
     (got, stats), grads = run()
     traced = str(jax.make_jaxpr(loss)(variables["params"]))
     assert ("first_layer_train" in traced) == (name != "A2")
@@ -327,12 +332,13 @@ def test_first_layer_at_once_trains_alike(rng, name, monkeypatch):
 
 
 @pytest.mark.parametrize("downsampling", ["avg", "max"])
-@pytest.mark.parametrize("kernels", [False, True])
-def test_first_layer_train_gradients_are_the_reference_layers(rng, downsampling, kernels):
+@pytest.mark.parametrize("kernels,passes", [(False, 0), (True, 0), (True, 3)])
+def test_first_layer_train_gradients_are_the_reference_layers(rng, downsampling, kernels, passes):
     # The backward written out (two sums per channel) against autodiff of the layer as the
     # regressor computes it unfused, with cotangents on the batch statistics too (they
     # are zero in training, where only the running averages read them). `kernels`: the
-    # sums and the kernel's gradient by first_layer_grad's kernels (interpreted here).
+    # sums and the kernel's gradient by first_layer_grad's kernels (interpreted here),
+    # by float32 multiply-adds (passes 0) or products of the window matrix (3).
     x = jnp.asarray(rng.uniform(size=(3, 16, 32, 2)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 16)) * 0.5, jnp.float32)
     scale = jnp.asarray(rng.uniform(0.5, 2, 16), jnp.float32)
@@ -342,7 +348,7 @@ def test_first_layer_train_gradients_are_the_reference_layers(rng, downsampling,
     args = (x, kernel, scale, bias)
     fused = functools.partial(
         models.first_layer_train, downsampling=downsampling, conv=conv_taps,
-        dtype=jnp.float32, interpret=kernels,
+        dtype=jnp.float32, interpret=kernels, passes=passes,
     )  # fmt: skip
     reference = functools.partial(
         models._first_layer_reference, downsampling=downsampling, conv=conv_taps,
