@@ -201,7 +201,7 @@ def first_layer_train_impls(on_gpu: bool) -> dict:
     }
     for *shape, passes in FIRST_GRAD_SHAPES if on_gpu else [(1, 16, 4, 3)]:
         name = "at once, kernel grad rows={} block={} warps={}".format(*shape)
-        name += f", {passes} TF32 products" if passes else ""
+        name += f", {passes} TF32 product{'s' * (passes > 1)}" if passes else ""
         impls[name] = grads(functools.partial(at_once, grad_shape=tuple(shape), passes=passes))
     return impls
 

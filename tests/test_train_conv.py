@@ -206,6 +206,8 @@ KERNELS = {
     # BatchNorm folded in), its backward sums and kernel gradient (first_layer_grad); the
     # 32² layer's three.
     "fused": 4 + 3,
+    # The same with TF32 products of the window matrix (`baseline-fusedfirst3`).
+    "fused3": 4 + 3,
     # bfloat16 (not timed with the kernels: cuDNN's), and with the kernels turned off.
     "bfloat16": 0,
     "off": 0,
@@ -217,7 +219,11 @@ def test_training_lowers_the_kernels_for_cuda_only(case):
     pair = jnp.zeros((2, 64, 64, 1), jnp.float32)
     batch = {"fixed": pair, "moving": pair}
     dtype = "bfloat16" if case == "bfloat16" else "float32"
-    swaps = core.TRAIN_CANDIDATES if case == "fused" else {}
+    swaps = {
+        "fused": core.TRAIN_CANDIDATES,
+        "fused3": {**core.TRAIN_CANDIDATES, "TRAIN_FIRST_LAYER_PASSES": 3,
+                   "fused_first_layer": core.dot_first_layer},
+    }.get(case, {})  # fmt: skip
     train_conv_env = "xla" if case == "off" else ""
     with core.swapped_all(swaps), core.environment("DIRNET_TRAIN_CONV", train_conv_env):
         state = create_train_state(CONFIG.replace(seed=9, compute_dtype=dtype))
