@@ -144,7 +144,7 @@ def main(argv: list[str]) -> None:
     print(f"{'kernel':60} {'instr':>6} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} "
           f"{'issue ms':>8} {'fp32':>5} {'tensor':>6} {'ldg':>4} {'mufu':>4}")  # fmt: skip
     taps = (train_conv.TAPS_ROWS, train_conv.TAPS_BLOCK)  # the kernel gradients' defaults
-    first_grad = (first_layer_grad.GRAD_ROWS, first_layer_grad.GRAD_BLOCK)
+    first_grad = first_layer_grad.GRAD_SHAPES[0][:2]  # the default row: float32 sums
     for layer in layers.LAYERS:
         train = layer.startswith("train")
         shapes = layers.layer_shapes(layer, size, train_batch if train else batch)

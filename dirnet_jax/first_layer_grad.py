@@ -42,18 +42,20 @@ from dirnet_jax import first_layer
 from dirnet_jax.tf32 import dot_precision, tf32_split, tf32_terms
 
 WARPS = 8  # as inference's kernel, whose [W/2, F] window sums these repeat
-# The kernel gradient's shape: pooled rows per program, pooled columns per step (0: all)
-# and warps. One row, every column, 8 warps: one trip, 18 sums across columns per program
-# (sm_90a: 3,736 instructions, 217 registers); benchmarks/layers.py times others, which
-# loop over blocks of columns and rows with 18 [block, F] sums in registers.
-GRAD_ROWS, GRAD_BLOCK, GRAD_WARPS = 1, 0, 8
 # `passes`, how each kernel computes the conv and the kernel gradient: 0, float32
 # multiply-adds over the 4×4 window's [W/2] vectors (as inference's default kernel); 1 or
 # 3, TF32 matrix products on tensor cores of the window as one [W/2, 16·Cin] matrix
 # (`first_layer.window_index`), three carrying float32's accuracy (`tf32`). sm_90a issue
 # floors at 256², batch 32 (benchmarks/NOTES.md): stats 41 → 17 µs with three products,
-# backward sums 45 → 33, kernel gradient 117 → 48–65. Untimed:
+# backward sums 45 → 33, kernel gradient 117 → 48. Untimed:
 # `models.TRAIN_FIRST_LAYER_PASSES` chooses.
+# The kernel gradient's shape by passes: pooled rows per program, pooled columns per step
+# (0: all) and warps, the lowest sm_90a issue floor of those counted. Passes 0: one row,
+# every column, 8 warps (one trip, 18 sums across columns per program: 3,744
+# instructions, 211 registers); 3: 4 rows of 16 columns a step, one warp (48,917
+# instructions over 32 trips, 235 registers); 1: one row, 4 warps (2,792, 218).
+# benchmarks/layers.py times others.
+GRAD_SHAPES = {0: (1, 0, 8), 1: (1, 0, 4), 3: (4, 16, 1)}
 CONTRACT_PIXELS = (((0,), (0,)), ((), ()))  # aᵀ · b over a block's pixels
 
 
@@ -310,9 +312,9 @@ def kernel_grad_gpu(
     g: jax.Array,
     downsampling: str,
     interpret: bool = False,
-    rows: int = GRAD_ROWS,
-    block: int = GRAD_BLOCK,
-    warps: int = GRAD_WARPS,
+    rows: int | None = None,
+    block: int | None = None,
+    warps: int | None = None,
     passes: int = 0,
 ) -> jax.Array:
     """The kernel's gradient, Σ over images and pixels of x_shifted · g_z per tap.
@@ -322,12 +324,14 @@ def kernel_grad_gpu(
       coefficients: [4, F]: mul, shift, and c0, c1 of g_z = mul·g_y + c0 + c1·z.
       rows, block, warps: pooled rows per program (their gcd with H/2), pooled columns
         per step (0: all; at most W/2, a power of two, at least 16 with TF32 products),
-        warps per program.
+        warps per program; None: `GRAD_SHAPES[passes]`'s.
 
     Returns:
       [3, 3, Cin, F] float32.
     """
     _check(x, kernel, downsampling, passes)
+    given, default = (rows, block, warps), GRAD_SHAPES[passes]
+    rows, block, warps = (d if v is None else v for v, d in zip(given, default, strict=True))
     cin, f = kernel.shape[-2:]
     half_h, half_w = x.shape[1] // 2, x.shape[2] // 2
     per, block = math.gcd(half_h, rows), min(block or half_w, half_w)

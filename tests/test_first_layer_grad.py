@@ -76,12 +76,14 @@ def test_kernels_are_the_sums_they_stand_for(rng, shape, features, passes, downs
     coefficients = jnp.concatenate([mul_shift, c0[None], c1[None]])
     g_z = mul_shift[0] * g_y + c0 + c1 * z
     want = jax.vjp(functools.partial(conv_same, x), kernel)[1](g_z)[0]
-    # One program per pooled row (the default), and loops: 2 or 3 rows per program (their
-    # gcd with H/2), 8 or 16 pooled columns a step.
-    default = (first_layer_grad.GRAD_ROWS, first_layer_grad.GRAD_BLOCK, first_layer_grad.GRAD_WARPS)
-    for grad_shape in [default, (2, 16 if passes else 8, 4), (3, 16, 2)]:
+    # The default shape (`GRAD_SHAPES`; with passes 0 one program per pooled row), loops:
+    # 2 or 3 rows per program (their gcd with H/2), 8 or 16 pooled columns a step; with
+    # products also one program per pooled row.
+    shapes = [(), (2, 16 if passes else 8, 4), (3, 16, 2)] + [(1, 0, 4)] * bool(passes)
+    for grad_shape in shapes:
+        shape = dict(zip(("rows", "block", "warps"), grad_shape, strict=False))
         got = first_layer_grad.kernel_grad_gpu(
-            x, kernel, coefficients, g, downsampling, INTERPRET, *grad_shape, passes
+            x, kernel, coefficients, g, downsampling, INTERPRET, passes=passes, **shape
         )
         assert got.shape == kernel.shape and got.dtype == jnp.float32
         close(got, want, **scaled(want))

@@ -110,7 +110,7 @@ def test_captures_the_training_kernels_and_their_loop():
     assert sass.kernel_grad_trips("…, kernel grad rows=8 block=128 warps=4", 12, 64) == 4
     assert sass.kernel_grad_trips("…, kernel grad rows=2 block=16 warps=1", 12, 64) == 8
     # first_layer_grad's, over pooled rows and columns: by default one trip (block 0: all).
-    one_row = (first_layer_grad.GRAD_ROWS, first_layer_grad.GRAD_BLOCK)
+    one_row = first_layer_grad.GRAD_SHAPES[0][:2]
     assert sass.kernel_grad_trips("at once (first_layer_grad's kernels)", 6, 64, one_row) == 1
     assert sass.kernel_grad_trips("at once, kernel grad rows=4 block=32", 6, 64, one_row) == 4
 
