@@ -254,6 +254,7 @@ def dot_first_layer(x, kernel, bias, downsampling: str, dtype, form: str = "dot"
     gpu = functools.partial(first_layer.conv_elu_pool2_gpu, downsampling=downsampling,
                             out_dtype=dtype, num_warps=4, form=form)  # fmt: skip
     taken = first_layer.applies(x.shape, kernel.shape[-1], downsampling)
+    taken = taken and first_layer.power_of_two(x.shape[-1])  # the window matrix's width
     return cuda_or_xla(gpu, xla, x, kernel, bias, taken=taken)
 
 
