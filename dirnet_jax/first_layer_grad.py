@@ -59,10 +59,12 @@ GRAD_SHAPES = {0: (1, 0, 8), 1: (1, 0, 4), 3: (4, 16, 1)}
 CONTRACT_PIXELS = (((0,), (0,)), ((), ()))  # aᵀ · b over a block's pixels
 
 
-def applies(x_shape: tuple[int, ...], features: int, downsampling: str) -> bool:
+def applies(x_shape: tuple[int, ...], features: int, downsampling: str, passes: int = 0) -> bool:
     """Whether the kernels take a first layer of this shape (`first_layer.applies` with one
-    pooled row per program). ``DIRNET_FIRST_LAYER=xla`` turns them off."""
-    return first_layer.applies(x_shape, features, downsampling, 1)
+    pooled row per program; with TF32 products, a power of two of input channels too).
+    ``DIRNET_FIRST_LAYER=xla`` turns them off."""
+    taken = first_layer.applies(x_shape, features, downsampling, 1)
+    return taken and (passes == 0 or first_layer.power_of_two(x_shape[-1]))
 
 
 def _values(x_ref, b, r, tw, cin, start=0):
@@ -250,12 +252,12 @@ def _call(
 
 
 def _check(x, kernel, downsampling, passes):
-    if not applies(x.shape, kernel.shape[-1], downsampling):
-        raise ValueError(f"first_layer_grad does not take {x.shape} → {kernel.shape[-1]}")
     if passes not in (0, 1, 3):
         raise ValueError(f"passes is 0, 1 or 3, not {passes}")
     if passes and not first_layer.power_of_two(x.shape[-1]):
         raise ValueError(f"TF32 products take a power of two of channels, not {x.shape[-1]}")
+    if not applies(x.shape, kernel.shape[-1], downsampling):
+        raise ValueError(f"first_layer_grad does not take {x.shape} → {kernel.shape[-1]}")
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "passes"))

@@ -256,7 +256,7 @@ def _first_layer_train_fwd(
         return jnp.stack([z.sum(axes), jax.lax.square(z).sum(axes)])
 
     gpu = functools.partial(first_layer_grad.stats_gpu, interpret=interpret, passes=passes)
-    taken = first_layer_grad.applies(x.shape, kernel.shape[-1], downsampling)
+    taken = first_layer_grad.applies(x.shape, kernel.shape[-1], downsampling, passes)
     sums = cuda_or_xla(gpu, xla, x32, k32, taken=taken, interpret=interpret)
     mean, mean_sq = sums / x[..., 0].size
     var = jnp.maximum(0.0, mean_sq - jax.lax.square(mean))  # as `batch_stats`
@@ -301,7 +301,7 @@ def _first_layer_train_bwd(
         z, g_y = xla_grad_y(x, kernel, mul, shift, g)
         return jax.vjp(functools.partial(conv, x), kernel)[1](mul * g_y + c0 + c1 * z)[0]
 
-    taken = first_layer_grad.applies(x.shape, kernel.shape[-1], downsampling)
+    taken = first_layer_grad.applies(x.shape, kernel.shape[-1], downsampling, passes)
     kernels = functools.partial(cuda_or_xla, taken=taken, interpret=interpret)
 
     def sums(*args):

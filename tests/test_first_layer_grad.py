@@ -94,6 +94,8 @@ def test_kernels_refuse_shapes_they_do_not_take():
     assert not first_layer_grad.applies(x.shape, 16, "avg")
     assert first_layer_grad.applies((1, 8, 32, 2), 16, "max")
     assert not first_layer_grad.applies((1, 8, 32, 2), 16, "strided")
+    assert first_layer_grad.applies((1, 8, 32, 3), 16, "avg")  # float32 sums: any channels
+    assert not first_layer_grad.applies((1, 8, 32, 3), 16, "avg", passes=3)
     with pytest.raises(ValueError, match="does not take"):
         first_layer_grad.stats_gpu(x, kernel, interpret=True)
     x3, kernel3 = jnp.ones((1, 8, 32, 3)), jnp.ones((3, 3, 3, 16))
