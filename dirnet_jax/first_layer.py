@@ -164,16 +164,24 @@ def _kernel_dot(
     b, r = _program(rows, 1)
     window = x_ref[(b, *window_index(r, tw, cin))]
     split = tf32_split(window) if passes == 3 else None
-    precision = dot_precision(interpret)
     bias = b_ref[:][None, :]
+    convs = [z + bias for z in window_convs(window, split, wb_ref, ws_ref, interpret)]
+    o_ref[b, r, :, :] = pool_window(convs, pool, expm1).astype(o_ref.dtype)
+
+
+def window_convs(window, split, wb_ref, ws_ref, interpret):
+    """The conv at the four pooling positions from the window matrix [tw, 16·Cin]
+    (`window_index`) and its TF32 split (three products) or None (one), times the window
+    weights split (`window_weights`, `tf32.tf32_split`): 4 × [tw, F]."""
     convs = []
     for p in range(4):
         acc = None
         for lhs, rhs in tf32_terms(window, split, wb_ref[p, :, :], ws_ref[p, :, :]):
-            term = jnp.dot(lhs, rhs, precision=precision, preferred_element_type=jnp.float32)
+            term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
+                           preferred_element_type=jnp.float32)  # fmt: skip
             acc = term if acc is None else acc + term
-        convs.append(acc + bias)
-    o_ref[b, r, :, :] = pool_window(convs, pool, expm1).astype(o_ref.dtype)
+        convs.append(acc)
+    return convs
 
 
 def padded_pairs(x: jax.Array) -> jax.Array:

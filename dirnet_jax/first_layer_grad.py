@@ -106,15 +106,7 @@ def _conv_window(x_ref, w_refs, b, r, tw, cin, passes, interpret, start=0):
         return _convs(values, w_refs[0], cin), values
     window = x_ref[(b, *first_layer.window_index(r, tw, cin, start))]
     split = tf32_split(window) if passes == 3 else None
-    convs = []
-    for p in range(4):
-        acc = None
-        for lhs, rhs in tf32_terms(window, split, w_refs[0][p, :, :], w_refs[1][p, :, :]):
-            term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
-                           preferred_element_type=jnp.float32)  # fmt: skip
-            acc = term if acc is None else acc + term
-        convs.append(acc)
-    return convs, (window, split)
+    return first_layer.window_convs(window, split, *w_refs, interpret), (window, split)
 
 
 def _grad_y(z, mul, shift, g, pool):
