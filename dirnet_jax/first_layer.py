@@ -13,6 +13,12 @@ channel), a free reshape. Pooled pixel (r, c) reads the 4×4 input window at row
 2r − 1 … 2r + 2, that is padded rows 2r + 1 … 2r + 4 = pair r + (1 + u) // 2, parity
 (1 + u) % 2 for u = 0 … 3, and likewise for columns: every load is a slice of whole
 pairs, with no edge to mask.
+
+A candidate form (`dot`, `dot1`; untimed) computes the conv on tensor cores: the 4×4
+window of every pooled column, 16·C values, gathered as one row of a [W/2, 16·C] matrix
+(`window_index`), times the kernel placed at each pooling position in the window
+(`window_weights`), by three TF32 products (float32's accuracy, ~3e-6 of the largest
+value) or one. `first_layer_grad` uses the same matrix in training.
 """
 
 from __future__ import annotations
