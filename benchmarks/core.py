@@ -17,12 +17,11 @@ time and memory per call. Each baseline is followed by the same network in PyTor
 its A/B rows: registration with the later pooled layers as Triton kernels too (a
 candidate: every layer, or the 128² one), with the first layer on tensor cores (a
 candidate), as XLA's loop instead of the Triton kernel, and unfused (XLA's convolution,
-then ELU and pooling), with XLA:GPU's
-default CUDA-graph threshold (one pair), as plain layers (what folding BatchNorm and the
-fused first layer buy), with bfloat16 activations; training with the first layer at once
-(a candidate, `first_layer_grad`'s kernels, also by TF32 products), in bfloat16 with the
-training kernels, with
-the training kernels off (`DIRNET_TRAIN_CONV=xla`), and with every 3×3 conv by XLA's
+then ELU and pooling), with XLA:GPU's default CUDA-graph threshold (one pair), as plain
+layers (what folding BatchNorm and the fused first layer buy), with bfloat16
+activations; training with the first layer at once (a candidate, `first_layer_grad`'s
+kernels, also by TF32 products), in bfloat16 with the training kernels, with the
+training kernels off (`DIRNET_TRAIN_CONV=xla`), and with every 3×3 conv by XLA's
 convolution (what `conv_taps` and the kernels buy together). Then the other variants, and
 SimpleElastix per 256×256 pair with the paper's settings. Every 256×256 row times the same
 synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after warm-up, device work
