@@ -37,7 +37,7 @@ def grad_y(z, mul, shift, g, downsampling):
     return jax.vjp(lambda y: models.pool2(elu(y), reduce), y)[1](g)[0]
 
 
-SHAPES = [((2, 8, 32, 2), 16), ((1, 6, 64, 3), 4)]
+SHAPES = [((2, 8, 32, 2), 16), ((1, 6, 32, 3), 4)]
 
 
 # passes 0: float32 multiply-adds; 1, 3: TF32 products of the window matrix (two channels:

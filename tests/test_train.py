@@ -121,7 +121,10 @@ def signal_after_calls(monkeypatch, calls: int, signals: list[int]):
         made.append(kwargs["steps"])
         if len(made) == calls:
             for signum in signals:
-                os.kill(os.getpid(), signum)
+                # To this (the main) thread, so each handler runs before the next signal:
+                # os.kill may land on one of XLA's threads, and two signals pending at once
+                # are one (a second Ctrl-C seen as the first, under load).
+                signal.raise_signal(signum)
         return out
 
     real = train.train_steps
