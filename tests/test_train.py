@@ -159,13 +159,19 @@ def test_signal_stops_at_the_step_with_a_checkpoint(tmp_path, pool, monkeypatch,
 
 
 def test_second_signal_acts_at_once(tmp_path, pool, monkeypatch):
-    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    made = signal_after_calls(monkeypatch, 9, [signal.SIGINT, signal.SIGINT])
-    with pytest.raises(KeyboardInterrupt):
-        train.fit(TOY, tmp_path, pool, progress=False, steps_per_dispatch=3)
-    assert len(made) == 9  # step 23
-    assert train.checkpoint_manager(tmp_path, TOY).all_steps() == [20]
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    # From Python's own Ctrl-C handler, whatever an earlier test's libraries left in place
+    # (in the whole suite a second SIGINT was once caught without raising).
+    suite_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        made = signal_after_calls(monkeypatch, 9, [signal.SIGINT, signal.SIGINT])
+        with pytest.raises(KeyboardInterrupt):
+            train.fit(TOY, tmp_path, pool, progress=False, steps_per_dispatch=3)
+        assert len(made) == 9  # step 23
+        assert train.checkpoint_manager(tmp_path, TOY).all_steps() == [20]
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    finally:
+        signal.signal(signal.SIGINT, suite_handler)
 
 
 PREEMPTED_RUN = """
