@@ -15,6 +15,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # Fields that may change between runs in one work directory (resuming with more steps, say).
 SCHEDULE_FIELDS = frozenset({"num_steps", "log_every", "checkpoint_every"})
+# Fields the jitted training and evaluation steps never read (the batch's size comes with
+# its shape): a TrainState keeps its config without them (`DIRNetConfig.network`).
+RUN_FIELDS = SCHEDULE_FIELDS | {"seed", "batch_size", "max_checkpoints", "num_val_pairs"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +110,12 @@ class DIRNetConfig:
     def grid_spacing(self) -> float:
         return float(self.downsampling_factor)
 
+    def network(self) -> DIRNetConfig:
+        """This config with RUN_FIELDS at their defaults: what the jitted steps see, so that
+        runs differing only in seed or schedule share one compiled program (a new seed
+        recompiled the 28² training step: 6.5 s against 0.3 s on the 2-core CPU)."""
+        return dataclasses.replace(self, **{f: DEFAULTS[f] for f in RUN_FIELDS})
+
     def replace(self, **overrides: Any) -> DIRNetConfig:
         return dataclasses.replace(self, **overrides)
 
@@ -149,3 +158,6 @@ def variant(name: str, base: DIRNetConfig | None = None, **overrides: Any) -> DI
         raise ValueError(f"unknown variant {name!r}; choose one of {list(PAPER_VARIANTS)}")
     base = base or DIRNetConfig()
     return base.replace(**PAPER_VARIANTS[name], **overrides)
+
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(DIRNetConfig)}

@@ -58,7 +58,8 @@ def adam(learning_rate: float) -> optax.GradientTransformation:
 
 
 def create_train_state(config: DIRNetConfig) -> TrainState:
-    """Fresh parameters and Adam state, from ``config.seed``."""
+    """Fresh parameters and Adam state, from ``config.seed``; the state keeps
+    ``config.network()``."""
     init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
     variables = init_variables(config, init_key)
     state = TrainState.create(
@@ -66,7 +67,7 @@ def create_train_state(config: DIRNetConfig) -> TrainState:
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         tx=adam(config.learning_rate),
-        config=config,
+        config=config.network(),
     )
     # An int32 array, as after every step: a Python 0 would make the first step trace twice.
     return state.replace(step=jnp.zeros((), jnp.int32))

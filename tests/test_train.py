@@ -268,9 +268,15 @@ def test_each_jitted_function_traces_once(tmp_path, pool):
     # Chunks of steps_per_dispatch up to each log step, single steps after: two traces.
     chunked = train.default_steps_per_dispatch() > 1
     assert after == (before[0] + 1 + chunked, before[1] + 1)
-    # Another run of the same config (say the next MNIST digit) reuses the trace.
+    # Another run of the same config (say the next MNIST digit) reuses the trace; so does
+    # one with another seed and schedule (`DIRNetConfig.network`: a sweep in one process).
     train.fit(config, tmp_path / "b", pool[::-1], pool, progress=False)
     assert traces() == after
+    other = config.replace(seed=5, num_steps=50, log_every=25, checkpoint_every=25,
+                           max_checkpoints=1)  # fmt: skip
+    train.fit(other, tmp_path / "c", pool, pool, progress=False)
+    assert traces() == after
+    assert train.create_train_state(other).config == config.network() != config
 
 
 def test_fused_steps_follow_the_single_step_loop(pool):
