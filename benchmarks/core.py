@@ -53,7 +53,6 @@ from flax import linen as nn
 from dirnet_jax import (
     PAPER_VARIANTS,
     DIRNetConfig,
-    first_layer,
     init_variables,
     machine,
     models,
@@ -242,19 +241,10 @@ def triton_pooled_conv(
 TRAIN_CANDIDATES = {"train_first_layer_conv": models.conv_taps_train}
 
 
-def dot_first_layer(x, kernel, bias, downsampling: str, dtype, form: str = "dot") -> jax.Array:
-    """`models.fused_first_layer` with the Triton kernel's `form` on CUDA ("dot": the 4×4
-    windows' matrix times the window weights, three TF32 products; "dot1": one), for
-    `swapped("fused_first_layer", dot_first_layer)`: what it would buy."""
-
-    def xla(x, kernel, bias):
-        return models.conv_elu_pool2(x, kernel, bias, downsampling).astype(dtype)
-
-    gpu = functools.partial(first_layer.conv_elu_pool2_gpu, downsampling=downsampling,
-                            out_dtype=dtype, num_warps=4, form=form)  # fmt: skip
-    taken = first_layer.applies(x.shape, kernel.shape[-1], downsampling)
-    taken = taken and first_layer.power_of_two(x.shape[-1])  # the window matrix's width
-    return cuda_or_xla(gpu, xla, x, kernel, bias, taken=taken)
+# `models.fused_first_layer` with the Triton kernel's "dot" form on CUDA (the 4×4 windows'
+# matrix times the window weights, three TF32 products; 4 warps, its lowest issue floor),
+# for `swapped("fused_first_layer", dot_first_layer)`: what it would buy.
+dot_first_layer = functools.partial(models.fused_first_layer, form="dot", num_warps=4)
 
 
 @contextlib.contextmanager

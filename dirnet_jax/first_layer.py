@@ -39,14 +39,19 @@ FORM, ROWS, WARPS, EXPM1 = "broadcast", 1, 8, "exp"
 
 
 def applies(
-    x_shape: tuple[int, ...], features: int, downsampling: str, rows_per_program: int = ROWS
+    x_shape: tuple[int, ...],
+    features: int,
+    downsampling: str,
+    rows_per_program: int = ROWS,
+    form: str = FORM,
 ) -> bool:
     """Whether `conv_elu_pool2_gpu` takes a first layer of this shape: 2-D images whose
     half width and feature count are powers of two (Triton's block shapes), avg or max
-    pooling. ``DIRNET_FIRST_LAYER=xla`` in the environment turns it off."""
+    pooling; the window-matrix forms (DOT_FORMS) also need a power of two of channels.
+    ``DIRNET_FIRST_LAYER=xla`` in the environment turns it off."""
     if os.environ.get("DIRNET_FIRST_LAYER", "") == "xla" or len(x_shape) != 4:
         return False
-    h, w = x_shape[1:3]
+    h, w, cin = x_shape[1:]
     return (
         downsampling in ("avg", "max")
         and h % 2 == 0
@@ -54,6 +59,7 @@ def applies(
         and power_of_two(w // 2, least=16)
         and power_of_two(features)
         and (h // 2) % rows_per_program == 0
+        and (form not in DOT_FORMS or power_of_two(cin))
     )
 
 
@@ -262,6 +268,8 @@ def kernel_call(
 ):  # fmt: skip
     """`conv_elu_pool2_gpu`, unjitted, its `form` (a key of FORMS) and ELU's `expm1`
     chosen by the caller (benchmarks/layers.py times them)."""
+    if form in DOT_FORMS and not power_of_two(x.shape[-1]):
+        raise ValueError(f"the {form} form takes a power of two of channels, not {x.shape[-1]}")
     if not applies(x.shape, kernel.shape[-1], downsampling, rows_per_program):
         raise ValueError(f"conv_elu_pool2_gpu does not take {x.shape} → {kernel.shape[-1]}")
     if form in ("unpadded", *DOT_FORMS) and rows_per_program != 1:
@@ -279,8 +287,6 @@ def kernel_call(
     )
     weights = (kernel.astype(jnp.float32),)
     if form in DOT_FORMS:
-        if not power_of_two(cin):
-            raise ValueError(f"the {form} form takes a power of two of channels, not {cin}")
         body = functools.partial(body, interpret=interpret)
         weights = tf32_split(window_weights(kernel.astype(jnp.float32)))
     return pl.pallas_call(

@@ -175,18 +175,24 @@ def conv_elu_pool2(
 
 
 def fused_first_layer(
-    x: jax.Array, kernel: jax.Array, bias: jax.Array, downsampling: str, dtype: Any
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    downsampling: str,
+    dtype: Any,
+    form: str = first_layer.FORM,
+    num_warps: int = first_layer.WARPS,
 ) -> jax.Array:
     """`conv_elu_pool2` in `dtype`: on CUDA GPUs the Triton kernel of
-    :mod:`dirnet_jax.first_layer` where it takes the shape, XLA's loop elsewhere."""
+    :mod:`dirnet_jax.first_layer` (its `form` and warps) where it takes the shape, XLA's
+    loop elsewhere."""
 
     def xla(x, kernel, bias):
         return conv_elu_pool2(x, kernel, bias, downsampling).astype(dtype)
 
-    gpu = functools.partial(
-        first_layer.conv_elu_pool2_gpu, downsampling=downsampling, out_dtype=dtype
-    )
-    taken = first_layer.applies(x.shape, kernel.shape[-1], downsampling)
+    gpu = functools.partial(first_layer.conv_elu_pool2_gpu, downsampling=downsampling,
+                            out_dtype=dtype, num_warps=num_warps, form=form)  # fmt: skip
+    taken = first_layer.applies(x.shape, kernel.shape[-1], downsampling, form=form)
     return cuda_or_xla(gpu, xla, x, kernel, bias, taken=taken)
 
 

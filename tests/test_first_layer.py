@@ -105,6 +105,11 @@ def test_applies_only_to_shapes_triton_takes(monkeypatch):
     assert not first_layer.applies((4, 64, 64, 2), 16, "strided")
     assert not first_layer.applies((4, 16, 16, 16, 2), 16, "avg")  # 3-D
     assert not first_layer.applies((4, 6, 64, 2), 16, "avg", rows_per_program=2)
+    assert first_layer.applies((4, 64, 64, 3), 16, "avg")  # any channels, but the window
+    assert not first_layer.applies((4, 64, 64, 3), 16, "avg", form="dot")  # matrix's 16·Cin
+    with pytest.raises(ValueError, match="power of two of channels, not 3"):
+        first_layer.conv_elu_pool2_gpu(jnp.ones((1, 8, 32, 3)), jnp.ones((3, 3, 3, 16)),
+                                       jnp.ones(16), "avg", interpret=True, form="dot")  # fmt: skip
     monkeypatch.setenv("DIRNET_FIRST_LAYER", "xla")
     assert not first_layer.applies((4, 256, 256, 2), 16, "avg")
     with pytest.raises(ValueError, match="does not take"):
