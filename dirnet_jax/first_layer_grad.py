@@ -162,6 +162,13 @@ def _kernel_grad_kernel(
     mul, shift = m_ref[0, :][None, :], m_ref[1, :][None, :]
     c0, c1 = m_ref[2, :][None, :], m_ref[3, :][None, :]
     steps_per_row = tw // block
+    f = m_ref.shape[-1]
+    if passes:
+        add, write = functools.partial(_window_grads, interpret=interpret), _write_window_grads
+        count, shape = 4, (16 * cin, f)
+    else:
+        add, write = functools.partial(_tap_grads, cin=cin), _write_tap_grads
+        count, shape = 9 * cin, (block, f)
 
     def step(i, acc):
         # lax's div and rem: jnp's // and % do not lower in a Triton loop
@@ -171,31 +178,37 @@ def _kernel_grad_kernel(
         g = g_ref[b, r, pl.ds(start, block), :].astype(jnp.float32)
         g_y = _grad_y(z, mul, shift, g, pool)
         g_z = [mul * gy + c0 + c1 * zk for gy, zk in zip(g_y, z, strict=True)]
-        if passes:
-            return _window_grads(acc, inputs, g_z, interpret)
-        out = []
-        for dy, dx, ch in _tap_channels(cin):
-            total = acc[len(out)]
-            for k, (a, bb) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
-                term = inputs[a + dy, bb + dx, ch][:, None] * g_z[k]
-                total = term if total is None else total + term
-            out.append(total)
-        return tuple(out)
+        return add(acc, inputs, g_z)
 
     trips = per * steps_per_row
-    f = m_ref.shape[-1]
-    sums = (block, f) if passes == 0 else (16 * cin, f)
-    count = 9 * cin if passes == 0 else 4
     if trips == 1:  # straight-line code
         sums = step(0, (None,) * count)
     else:
-        sums = jax.lax.fori_loop(0, trips, step, (jnp.zeros(sums, jnp.float32),) * count)
-    if passes:
-        for p_ in range(4):
-            o_ref[pid, p_, :, :] = sums[p_]
-        return
+        sums = jax.lax.fori_loop(0, trips, step, (jnp.zeros(shape, jnp.float32),) * count)
+    write(o_ref, pid, sums, cin)
+
+
+def _tap_grads(acc, values, g_z, cin):
+    """acc (9·Cin × [block, F] or Nones) plus x_shifted · g_z per tap and input channel,
+    over the four pooling positions; summed over the block's pixels at the end."""
+    out = []
+    for t, (dy, dx, ch) in enumerate(_tap_channels(cin)):
+        total = acc[t]
+        for k, (a, bb) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            term = values[a + dy, bb + dx, ch][:, None] * g_z[k]
+            total = term if total is None else total + term
+        out.append(total)
+    return tuple(out)
+
+
+def _write_tap_grads(o_ref, pid, sums, cin):
     for t, (dy, dx, ch) in enumerate(_tap_channels(cin)):
         o_ref[pid, 3 * dy + dx, ch, :] = jnp.sum(sums[t], axis=0)
+
+
+def _write_window_grads(o_ref, pid, sums, cin):
+    for position, total in enumerate(sums):
+        o_ref[pid, position, :, :] = total
 
 
 def _window_grads(acc, inputs, g_z, interpret):
