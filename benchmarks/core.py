@@ -15,7 +15,7 @@ given batch; pair sampling and step in one dispatch; and several steps per dispa
 time and memory per call. Each baseline is followed by the same network in PyTorch eager
 (benchmarks/torch_dirnet.py, if torch is installed), as ratios to DIRNet, and on a GPU by
 its A/B rows: registration with the later pooled layers as Triton kernels too (a
-candidate: every layer, or the 128² one), with the first layer on tensor cores (a
+candidate in two forms: every layer, or the 128² one), with the first layer on tensor cores (a
 candidate), as XLA's loop instead of the Triton kernel, and unfused (XLA's convolution,
 then ELU and pooling), with XLA:GPU's default CUDA-graph threshold (one pair), as plain
 layers (what folding BatchNorm and the fused first layer buy), with bfloat16
@@ -218,11 +218,12 @@ _pooled_conv = models.pooled_conv  # the original, whatever is swapped in later
 
 
 def triton_pooled_conv(
-    x, kernel, bias, downsampling: str, dtype, passes: int = 1, min_width: int = 0
-) -> jax.Array:
+    x, kernel, bias, downsampling: str, dtype, passes: int = 1, min_width: int = 0,
+    form: str = "taps",
+) -> jax.Array:  # fmt: skip
     """`models.pooled_conv` on CUDA by the Triton kernel of dirnet_jax.pooled_layers where
-    it applies (and the input is at least `min_width` wide), `passes` TF32 products per
-    tap (1: cuDNN's precision at XLA's default), for `swapped("pooled_conv",
+    it applies (and the input is at least `min_width` wide), its `form`, `passes` TF32
+    products (1: cuDNN's precision at XLA's default), for `swapped("pooled_conv",
     triton_pooled_conv)`: what it would buy."""
 
     def xla(x, kernel, bias):
@@ -230,12 +231,14 @@ def triton_pooled_conv(
 
     gpu = functools.partial(
         pooled_layers.conv_elu_pool2_dense, downsampling=downsampling, out_dtype=dtype,
-        passes=passes,
+        passes=passes, form=form,
     )  # fmt: skip
     applies = pooled_layers.applies(x.shape, kernel.shape[-1], downsampling)
     taken = applies and x.shape[2] >= min_width
     return cuda_or_xla(gpu, xla, x, kernel, bias, taken=taken)
 
+
+rows_pooled_conv = functools.partial(triton_pooled_conv, form="rows")
 
 # Training's candidate: the first layer at once (first_layer_grad's kernels on CUDA).
 TRAIN_CANDIDATES = {"train_first_layer_conv": models.conv_taps_train}
@@ -454,8 +457,12 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
     bf16 = base.replace(compute_dtype="bfloat16")
     return [
         # The later pooled layers as Triton kernels (not yet the default), one TF32 product
-        # per tap: every layer they take, then the 128² layer alone (the deeper ones were
-        # slower than cuDNN's).
+        # each: by the rows form (a product per input row of the window) on every layer it
+        # takes; by the taps form (a product per tap) on every layer, then on the 128²
+        # layer alone (the deeper ones were slower than cuDNN's in run 5).
+        ("baseline-tritonrows", lambda: in_swap(
+            {"pooled_conv": rows_pooled_conv}, bench_register,
+            table, "baseline-tritonrows", base.replace(seed=12), p, batches, r)),
         ("baseline-tritonpool", lambda: in_swap(
             {"pooled_conv": triton_pooled_conv}, bench_register,
             table, "baseline-tritonpool", base.replace(seed=5), p, batches, r)),

@@ -110,20 +110,36 @@ def first_layer_impls(on_gpu: bool) -> dict:
     return impls
 
 
+# (form, TF32 products, pooled rows and warps per program or None: the form's own) of
+# `pooled_layers`: the taps form (run 5: 0.91 ms with one product), then the rows form at
+# its own shape (two pooled rows at 128², 8 warps) and at one row and 4 warps (sm_90a
+# counts in benchmarks/NOTES.md; untimed).
+POOLED_SHAPES = [
+    ("taps", 3, None, None),
+    ("taps", 1, None, None),
+    ("rows", 3, None, None),
+    ("rows", 1, None, None),
+    ("rows", 1, 1, 4),
+]
+
+
+def pooled_kernel(form: str, passes: int, rows: int | None, warps: int | None, on_gpu: bool):
+    """(name, jitted fn(x, kernel, bias)): `pooled_layers`' kernel, interpreted off a GPU."""
+    name = f"triton {form}, {passes} TF32 product{'s' * (passes > 1)}"
+    name += f" rows={rows} warps={warps}" if rows else ""
+    options = dict(passes=passes, interpret=not on_gpu, form=form, rows_per_program=rows,
+                   num_warps=warps)  # fmt: skip
+    fn = jax.jit(lambda x, k, b: pooled_layers.conv_elu_pool2_dense(x, k, b, "avg", **options))
+    return name, fn
+
+
 def pooled_layer_impls(on_gpu: bool) -> dict:
     """{name: jitted fn(x, kernel, bias)} for a later layer; XLA's first."""
     return {
         "xla conv, elu, pool": jax.jit(
             lambda x, k, b: models.pooled_conv(x, k, b, "avg", jnp.float32)
         ),
-        **{
-            f"triton dense, {passes} TF32 product{'s' * (passes > 1)}": jax.jit(
-                lambda x, k, b, passes=passes: pooled_layers.conv_elu_pool2_dense(
-                    x, k, b, "avg", passes=passes, interpret=not on_gpu
-                )
-            )
-            for passes in (3, 1)
-        },
+        **dict(pooled_kernel(*shape, on_gpu) for shape in POOLED_SHAPES),
     }
 
 

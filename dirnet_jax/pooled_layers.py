@@ -26,6 +26,14 @@ with every product accumulated in place: 2,192 instead of 3,544 instructions per
 94 instead of 124 registers (sm_90a, `python -m benchmarks.sass`). ``passes=1`` is one
 TF32 product, the precision of XLA's own convolution on a GPU at default precision.
 Pallas' interpreter computes each product at full precision.
+
+A candidate form (``form="rows"``; untimed): the four input rows under each pooling row
+gathered as [W/2, 4·C] matrices, one per row, each of its rows the 4·C contiguous values of
+input columns 2c − 1 … 2c + 2 (`window_row`), times the kernel placed at each pooling
+position in the window (`first_layer.window_weights`, one [4·C, Cout] block per input
+row): 12 products of K = 4·C per pass instead of the taps form's 36 of K = C, from four
+gathers instead of sixteen. A program takes several pooled rows (`program_shape`: 128
+pooled pixels), stacked as the products' M, so the narrower layers fill Hopper's wgmma too.
 """
 
 from __future__ import annotations
@@ -39,11 +47,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dirnet_jax import first_layer
-from dirnet_jax.first_layer import pool_window, power_of_two
+from dirnet_jax.first_layer import pool_window, power_of_two, window_weights
 from dirnet_jax.tf32 import dot_precision, tf32_split, tf32_terms
 
 WARPS = 4
 PASSES = 3  # tensor-core products per tap: float32 to ~3e-6 (1: TF32, as XLA's conv)
+FORM = "taps"  # a key of FORMS
+# The rows form's program: pooled pixels (rows × every column) and warps. At 128 pixels
+# and 8 warps its sm_90a code is ~1,000 instructions and ~100 registers at every layer's
+# width (one product; benchmarks/NOTES.md); fewer pixels leave Hopper's wgmma unused.
+ROWS_PIXELS, ROWS_WARPS = 128, 8
 
 
 def applies(x_shape: tuple[int, ...], features: int, downsampling: str) -> bool:
@@ -91,6 +104,62 @@ def _kernel(x_ref, wb_ref, ws_ref, b_ref, o_ref, *, rows, width, pool, passes, i
     o_ref[b, r, :, :] = pool_window(window, pool, expm1).astype(o_ref.dtype)
 
 
+def _kernel_rows(
+    x_ref, wb_ref, ws_ref, b_ref, o_ref, *, rows, width, pool, passes, interpret, th=1
+):  # fmt: skip
+    """Pooled rows r0 … r0 + th − 1 of pair b, every column, as [th·W/2, Cout] (o_ref is
+    [B, H/2·W/2, Cout]), from the window's input rows."""
+    pid = pl.program_id(0)
+    b, r0 = pid // (rows // th), (pid % (rows // th)) * th
+    cin, tw = x_ref.shape[-1], width // 2
+    m = jax.lax.broadcasted_iota(jnp.int32, (th * tw, 1), 0)  # pooled row r0 + m // tw
+    r, c = r0 + jax.lax.div(m, tw), jax.lax.rem(m, tw)  # and column m % tw
+    precision = dot_precision(interpret)
+    acc = {}  # position 2a + b in the pooling window → conv output [th·W/2, Cout]
+    for u in range(4):  # input row 2r − 1 + u
+        taken = window_row(x_ref, b, 2 * r - 1 + u, c, 2 * rows, width, cin, interpret)
+        split = tf32_split(taken) if passes == 3 else None
+        for p in range(4):
+            if not 0 <= u - p // 2 < 3:  # the kernel at row a = p // 2 spans rows a … a + 2
+                continue
+            for lhs, rhs in tf32_terms(taken, split, wb_ref[p, u, :, :], ws_ref[p, u, :, :]):
+                term = jnp.dot(lhs, rhs, precision=precision,
+                               preferred_element_type=jnp.float32)  # fmt: skip
+                acc[p] = term if p not in acc else acc[p] + term
+    bias = b_ref[:][None, :]
+    expm1 = first_layer.EXPM1S[first_layer.EXPM1]
+    window = [acc[p] + bias for p in range(4)]
+    o_ref[b, pl.ds(r0 * tw, th * tw), :] = pool_window(window, pool, expm1).astype(o_ref.dtype)
+
+
+def window_row(x_ref, b, row, c, height, width, cin, interpret):
+    """Input rows `row` [M, 1] of image b of x_ref [B, H, W, C] under pooling columns `c`
+    [M, 1], zero outside the image, in float32: [M, 4·C], each row the 4·C contiguous values
+    of columns 2c − 1 … 2c + 2, all channels."""
+    k = jax.lax.broadcasted_iota(jnp.int32, (1, 4 * cin), 1)
+    cols, ch = 2 * c - 1 + jax.lax.div(k, cin), jax.lax.rem(k, cin)
+    inside = (cols >= 0) & (cols < width) & (row >= 0) & (row < height)
+    ref = x_ref.at[b, jnp.clip(row, 0, height - 1), jnp.clip(cols, 0, width - 1), ch]
+    if interpret:  # the interpreter takes no masked gather
+        return jnp.where(inside, ref[...], 0).astype(jnp.float32)
+    return plgpu.load(ref, mask=inside, other=0).astype(jnp.float32)
+
+
+FORMS = {"taps": _kernel, "rows": _kernel_rows}
+
+
+def program_shape(form: str, h: int, w: int) -> tuple[int, int]:
+    """(pooled rows, warps) per program of `form` for [H, W] inputs: the taps form one row
+    and WARPS; the rows form the most rows up to ROWS_PIXELS pooled pixels that divide H/2
+    (a power of two), and ROWS_WARPS."""
+    if form != "rows":
+        return 1, WARPS
+    th = 1
+    while 2 * th * (w // 2) <= ROWS_PIXELS and (h // 2) % (2 * th) == 0:
+        th *= 2
+    return th, ROWS_WARPS
+
+
 def gathered(x_ref, b, row, cols, height, width, edge_row, edge_col, interpret, channel=None):
     """Row `row`, columns `cols` [N] of image b of x_ref [B, H, W, C], zero outside the
     image, in float32: [N, C], or [N] of one `channel`. Masked loads only where the caller
@@ -106,7 +175,13 @@ def gathered(x_ref, b, row, cols, height, width, edge_row, edge_col, interpret, 
     return plgpu.load(ref, mask=inside, other=0).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("downsampling", "out_dtype", "passes", "interpret"))
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "downsampling", "out_dtype", "passes", "interpret", "form", "rows_per_program",
+        "num_warps",
+    ),
+)  # fmt: skip
 def conv_elu_pool2_dense(
     x: jax.Array,
     kernel: jax.Array,
@@ -115,6 +190,9 @@ def conv_elu_pool2_dense(
     out_dtype=jnp.float32,
     passes: int = PASSES,
     interpret: bool = False,
+    form: str = FORM,
+    rows_per_program: int | None = None,
+    num_warps: int | None = None,
 ) -> jax.Array:
     """``pool2(elu(conv(x, kernel, SAME) + bias))`` for 2-D activations (see `applies`).
 
@@ -124,24 +202,41 @@ def conv_elu_pool2_dense(
       passes: tensor-core products per tap: 3 (float32 to ~3e-6 of the largest value) or
         1 (one TF32 product).
       interpret: run Pallas' interpreter (any backend: the tests on a CPU).
+      form: "taps" (a product per tap) or "rows" (per input row of the window).
+      rows_per_program, num_warps: pooled rows and warps per Triton program, None for the
+        form's own (`program_shape`); more than one row in the rows form only.
 
     Returns:
       [B, H/2, W/2, Cout].
     """
+    if form not in FORMS:
+        raise ValueError(f"form is one of {', '.join(FORMS)}, not {form!r}")
     if not applies(x.shape, kernel.shape[-1], downsampling):
         raise ValueError(f"conv_elu_pool2_dense does not take {x.shape} → {kernel.shape[-1]}")
     if passes not in (1, 3):
         raise ValueError(f"passes is 1 or 3, not {passes}")
-    batch, h, w, _ = x.shape
-    cout = kernel.shape[-1]
-    big, small = tf32_split(kernel.astype(jnp.float32))
+    batch, h, w, cin = x.shape
+    cout, rows = kernel.shape[-1], h // 2
+    th, warps = program_shape(form, h, w)
+    th, warps = rows_per_program or th, num_warps or warps
+    if not (th == 1 or (form == "rows" and power_of_two(th) and rows % th == 0)):
+        raise ValueError(f"{th} pooled rows per program: the rows form takes a power of two "
+                         f"dividing {rows}")  # fmt: skip
+    weights = kernel.astype(jnp.float32)
+    out_shape = (batch, rows, w // 2, cout)
+    if form == "rows":  # [position, input row, 4·C, Cout]; the output's pixels flat
+        weights = window_weights(weights).reshape(4, 4, 4 * cin, cout)
+        out_shape = (batch, rows * w // 2, cout)
+    big, small = tf32_split(weights)
     body = functools.partial(
-        _kernel, rows=h // 2, width=w, pool=downsampling, passes=passes, interpret=interpret
+        FORMS[form], rows=rows, width=w, pool=downsampling, passes=passes, interpret=interpret
     )
+    if form == "rows":
+        body = functools.partial(body, th=th)
     return pl.pallas_call(
         body,
-        out_shape=jax.ShapeDtypeStruct((batch, h // 2, w // 2, cout), out_dtype),
-        grid=(batch * h // 2,),
-        compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1),
+        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        grid=(batch * rows // th,),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
-    )(x, big, small, bias.astype(jnp.float32))  # bf16 activations read as they are
+    )(x, big, small, bias.astype(jnp.float32)).reshape(batch, rows, w // 2, cout)  # bf16 read as is

@@ -169,7 +169,9 @@ def test_layers_benchmark_times_the_second_layer_kernel(tmp_path, capsys):
     layers.main(["--layer=2", "--size=64", "--batch=2", "--min_seconds=0.01", f"--out={out}"])
     record = json.loads(out.read_text())
     rows = {r["impl"]: r for r in record["rows"]}
-    kernels = {"triton dense, 3 TF32 products", "triton dense, 1 TF32 product"}
+    kernels = {f"triton {form}, {n}" for form in ("taps", "rows")
+               for n in ("3 TF32 products", "1 TF32 product")}  # fmt: skip
+    kernels.add("triton rows, 1 TF32 product rows=1 warps=4")
     assert record["layer"] == "2" and set(rows) == {"xla conv, elu, pool", "copy", *kernels}
     for name in kernels:  # the interpreter: full precision either way
         assert rows[name]["max_abs_diff"] < 1e-5
@@ -216,8 +218,8 @@ def test_the_gpu_rows_no_gpu_has_run_yet_run(monkeypatch):
     table = core.Table()
     base = core.base_config(28)
     blocks = dict(core.gpu_ab_blocks(table, base, core.timed_pairs(28, 32), (1,), 1))
-    new = ["tritonpool", "tritonpool2", "dotfirst", "fusedfirst", "fusedfirst3", "bf16triton",
-           "xlatrain"]  # fmt: skip
+    new = ["tritonrows", "tritonpool", "tritonpool2", "dotfirst", "fusedfirst", "fusedfirst3",
+           "bf16triton", "xlatrain"]  # fmt: skip
     assert list(blocks)[: len(new)] == [f"baseline-{name}" for name in new]
     for name in new:
         blocks[f"baseline-{name}"]()

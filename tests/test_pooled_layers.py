@@ -2,6 +2,8 @@
 on any backend, the compiled kernel on a GPU, against XLA's convolution at full precision,
 ELU and pooling; and the whole DIRNet with it swapped in."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,16 +16,18 @@ from tests.references import conv_elu_pool
 ON_GPU = jax.default_backend() == "gpu"  # else the kernel runs in Pallas' interpreter
 
 
+@pytest.mark.parametrize("form", pooled_layers.FORMS)
 @pytest.mark.parametrize(
-    "shape,cout,downsampling",
+    "shape,cout,downsampling",  # the rows form: 4, 1 and 2 pooled rows per program
     [((2, 8, 32, 16), 16, "avg"), ((1, 6, 64, 32), 16, "max"), ((3, 4, 32, 16), 32, "avg")],
 )
-def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling):
+def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling, form):
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 3, shape[-1], cout)) * 0.25, jnp.float32)
     bias = jnp.asarray(rng.normal(size=cout) * 0.3, jnp.float32)
     expected = conv_elu_pool(x, kernel, bias, downsampling)
-    got = pooled_layers.conv_elu_pool2_dense(x, kernel, bias, downsampling, interpret=not ON_GPU)
+    layer = functools.partial(pooled_layers.conv_elu_pool2_dense, interpret=not ON_GPU, form=form)
+    got = layer(x, kernel, bias, downsampling)
     assert got.shape == expected.shape and got.dtype == jnp.float32
     # Both signs of ELU, and large values along the zero-padded edges.
     assert float(jnp.abs(expected[:, :, 0]).max()) > 1 and float(expected.min()) < -0.2
@@ -31,24 +35,44 @@ def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling):
     scale = float(jnp.abs(expected).max()) if ON_GPU else 1.0
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
     # One TF32 product per tap: ~1e-3 relative on a GPU, exact in the interpreter.
-    got1 = pooled_layers.conv_elu_pool2_dense(
-        x, kernel, bias, downsampling, passes=1, interpret=not ON_GPU
-    )
+    got1 = layer(x, kernel, bias, downsampling, passes=1)
     np.testing.assert_allclose(
         got1, expected, rtol=1e-2 if ON_GPU else 1e-5, atol=1e-2 if ON_GPU else 1e-5
     )
-    got16 = pooled_layers.conv_elu_pool2_dense(
-        x, kernel, bias, downsampling, out_dtype=jnp.bfloat16, interpret=not ON_GPU
-    )
+    got16 = layer(x, kernel, bias, downsampling, out_dtype=jnp.bfloat16)
     assert got16.dtype == jnp.bfloat16
     # bf16 activations in (the bf16 network's), read as they are: the same layer of them.
     x16 = x.astype(jnp.bfloat16)
     np.testing.assert_allclose(
-        pooled_layers.conv_elu_pool2_dense(x16, kernel, bias, downsampling, interpret=not ON_GPU),
+        layer(x16, kernel, bias, downsampling),
         conv_elu_pool(x16.astype(jnp.float32), kernel, bias, downsampling), rtol=1e-5,
         atol=1e-5 * scale,
     )  # fmt: skip
     np.testing.assert_allclose(got16.astype(jnp.float32), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_the_rows_form_takes_the_pooled_rows_that_divide_the_image(rng):
+    assert pooled_layers.program_shape("rows", 128, 128) == (2, pooled_layers.ROWS_WARPS)
+    assert pooled_layers.program_shape("rows", 32, 32) == (8, pooled_layers.ROWS_WARPS)
+    assert pooled_layers.program_shape("rows", 12, 32) == (2, pooled_layers.ROWS_WARPS)
+    assert pooled_layers.program_shape("rows", 16, 512) == (1, pooled_layers.ROWS_WARPS)
+    assert pooled_layers.program_shape("taps", 32, 32) == (1, pooled_layers.WARPS)
+    x = jnp.asarray(rng.normal(size=(1, 8, 32, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 16, 16)) * 0.25, jnp.float32)
+    bias = jnp.zeros(16)
+    expected = conv_elu_pool(x, kernel, bias, "avg")
+    for th in (1, 2):  # fewer rows than its own (4)
+        got = pooled_layers.conv_elu_pool2_dense(
+            x, kernel, bias, "avg", form="rows", rows_per_program=th, interpret=True
+        )
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    for form, th in (("rows", 3), ("rows", 8), ("taps", 2)):
+        with pytest.raises(ValueError, match="pooled rows per program"):
+            pooled_layers.conv_elu_pool2_dense(
+                x, kernel, bias, "avg", form=form, rows_per_program=th, interpret=True
+            )
+    with pytest.raises(ValueError, match="form is one of taps, rows"):
+        pooled_layers.conv_elu_pool2_dense(x, kernel, bias, "avg", form="dot", interpret=True)
 
 
 def test_tf32_split_is_exact(rng):
@@ -111,11 +135,12 @@ def test_dirnet_with_the_kernel_registers_alike():
     np.testing.assert_allclose(kernel.warped, default.warped, rtol=1e-4, atol=1e-4)
 
 
-def test_the_swapped_in_dispatch_lowers_the_kernels_for_cuda_only():
+@pytest.mark.parametrize("dispatch", [core.triton_pooled_conv, core.rows_pooled_conv])
+def test_the_swapped_in_dispatch_lowers_the_kernels_for_cuda_only(dispatch):
     # 64² with two poolings: the first layer's kernel, then this one at 32² (half width 16).
     variables = init_variables(CONFIG, jax.random.key(0))
     pair = jnp.zeros((2, 64, 64, 1), jnp.float32)
-    with core.swapped("pooled_conv", core.triton_pooled_conv):
+    with core.swapped("pooled_conv", dispatch):
         traced = models.register.trace(CONFIG.replace(seed=8), variables, pair, pair)
         cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
         cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
