@@ -15,8 +15,8 @@ channel), a free reshape. Pooled pixel (r, c) reads the 4×4 input window at row
 pairs, with no edge to mask.
 
 A candidate form (`dot`, `dot1`; untimed) computes the conv on tensor cores: the 4×4
-window of every pooled column, 16·C values, gathered as one row of a [W/2, 16·C] matrix
-(`window_index`), times the kernel placed at each pooling position in the window
+window of every pooled column, 16·C values, gathered from the images unpadded (masked at
+the edges: no padding pass) as one row of a [W/2, 16·C] matrix (`window_gather`), times the kernel placed at each pooling position in the window
 (`window_weights`), by three TF32 products (float32's accuracy, ~3e-6 of the largest
 value) or one. `first_layer_grad` uses the same matrix in training.
 """
@@ -153,6 +153,24 @@ def window_index(r, tw, cin, start=0):
         jax.lax.rem(1 + v, 2), ch  # fmt: skip
 
 
+def window_gather(x_ref, b, row, c, n, interpret):
+    """Input rows row … row + n − 1 (`row` a scalar or [M, 1]) of image b of x_ref
+    [B, H, W, C] under pooling columns c [M, 1], zero outside the image, in float32:
+    [M, 4·n·C], column (4u + v)·C + ch holding row + u, column 2c − 1 + v, channel ch (in
+    each input row, 4·C contiguous values). With n = 4 and row 2r − 1, pooled row r's 4×4
+    windows as `window_index` takes them from the padded pairs; masked at the edges
+    instead, so no padding pass comes first."""
+    height, width, cin = x_ref.shape[1:]
+    k = jax.lax.broadcasted_iota(jnp.int32, (1, 4 * n * cin), 1)
+    u, v = jax.lax.div(k, 4 * cin), jax.lax.rem(jax.lax.div(k, cin), 4)
+    rows, cols, ch = row + u, 2 * c - 1 + v, jax.lax.rem(k, cin)
+    inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+    ref = x_ref.at[b, jnp.clip(rows, 0, height - 1), jnp.clip(cols, 0, width - 1), ch]
+    if interpret:  # the interpreter takes no masked gather
+        return jnp.where(inside, ref[...], 0).astype(jnp.float32)
+    return plgpu.load(ref, mask=inside, other=0).astype(jnp.float32)
+
+
 def window_weights(kernel: jax.Array) -> jax.Array:
     """kernel [3, 3, Cin, F] as the matrix [4, 16·Cin, F] that takes the 4×4 input window
     (`window_index`'s columns) to the conv at pooling position (a, b), at 2a + b: the
@@ -174,7 +192,8 @@ def _kernel_dot(
     pooling position's [16·Cin, Cout] weights (`window_weights`), `passes` TF32 products
     each (`tf32.tf32_terms`)."""
     b, r = _program(rows, 1)
-    window = x_ref[(b, *window_index(r, tw, cin))]
+    c = jax.lax.broadcasted_iota(jnp.int32, (tw, 1), 0)
+    window = window_gather(x_ref, b, 2 * r - 1, c, 4, interpret)
     split = tf32_split(window) if passes == 3 else None
     bias = b_ref[:][None, :]
     convs = [z + bias for z in window_convs(window, split, wb_ref, ws_ref, interpret)]
@@ -280,6 +299,8 @@ def kernel_call(
     x = x.astype(jnp.float32)
     if form == "unpadded":
         pairs = x.reshape(batch, rows, 2, tw, 2, cin)
+    elif form in DOT_FORMS:  # gathered from the images as they are (`window_gather`)
+        pairs = x
     else:
         pairs = padded_pairs(x)
     body = functools.partial(

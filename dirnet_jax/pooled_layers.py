@@ -29,7 +29,7 @@ Pallas' interpreter computes each product at full precision.
 
 A candidate form (``form="rows"``; untimed): the four input rows under each pooling row
 gathered as [W/2, 4·C] matrices, one per row, each of its rows the 4·C contiguous values of
-input columns 2c − 1 … 2c + 2 (`window_row`), times the kernel placed at each pooling
+input columns 2c − 1 … 2c + 2 (`first_layer.window_gather`), times the kernel placed at each pooling
 position in the window (`first_layer.window_weights`, one [4·C, Cout] block per input
 row): 12 products of K = 4·C per pass instead of the taps form's 36 of K = C, from four
 gathers instead of sixteen. A program takes several pooled rows (`program_shape`: 128
@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dirnet_jax import first_layer
-from dirnet_jax.first_layer import pool_window, power_of_two, window_weights
+from dirnet_jax.first_layer import pool_window, power_of_two, window_gather, window_weights
 from dirnet_jax.tf32 import dot_precision, tf32_split, tf32_terms
 
 WARPS = 4
@@ -111,13 +111,13 @@ def _kernel_rows(
     [B, H/2·W/2, Cout]), from the window's input rows."""
     pid = pl.program_id(0)
     b, r0 = pid // (rows // th), (pid % (rows // th)) * th
-    cin, tw = x_ref.shape[-1], width // 2
+    tw = width // 2
     m = jax.lax.broadcasted_iota(jnp.int32, (th * tw, 1), 0)  # pooled row r0 + m // tw
     r, c = r0 + jax.lax.div(m, tw), jax.lax.rem(m, tw)  # and column m % tw
     precision = dot_precision(interpret)
     acc = {}  # position 2a + b in the pooling window → conv output [th·W/2, Cout]
     for u in range(4):  # input row 2r − 1 + u
-        taken = window_row(x_ref, b, 2 * r - 1 + u, c, 2 * rows, width, cin, interpret)
+        taken = window_gather(x_ref, b, 2 * r - 1 + u, c, 1, interpret)  # [th·W/2, 4·C]
         split = tf32_split(taken) if passes == 3 else None
         for p in range(4):
             if not 0 <= u - p // 2 < 3:  # the kernel at row a = p // 2 spans rows a … a + 2
@@ -130,19 +130,6 @@ def _kernel_rows(
     expm1 = first_layer.EXPM1S[first_layer.EXPM1]
     window = [acc[p] + bias for p in range(4)]
     o_ref[b, pl.ds(r0 * tw, th * tw), :] = pool_window(window, pool, expm1).astype(o_ref.dtype)
-
-
-def window_row(x_ref, b, row, c, height, width, cin, interpret):
-    """Input rows `row` [M, 1] of image b of x_ref [B, H, W, C] under pooling columns `c`
-    [M, 1], zero outside the image, in float32: [M, 4·C], each row the 4·C contiguous values
-    of columns 2c − 1 … 2c + 2, all channels."""
-    k = jax.lax.broadcasted_iota(jnp.int32, (1, 4 * cin), 1)
-    cols, ch = 2 * c - 1 + jax.lax.div(k, cin), jax.lax.rem(k, cin)
-    inside = (cols >= 0) & (cols < width) & (row >= 0) & (row < height)
-    ref = x_ref.at[b, jnp.clip(row, 0, height - 1), jnp.clip(cols, 0, width - 1), ch]
-    if interpret:  # the interpreter takes no masked gather
-        return jnp.where(inside, ref[...], 0).astype(jnp.float32)
-    return plgpu.load(ref, mask=inside, other=0).astype(jnp.float32)
 
 
 FORMS = {"taps": _kernel, "rows": _kernel_rows}
