@@ -16,9 +16,10 @@ pairs, with no edge to mask.
 
 A candidate form (`dot`, `dot1`; untimed) computes the conv on tensor cores: the 4×4
 window of every pooled column, 16·C values, gathered from the images unpadded (masked at
-the edges: no padding pass) as one row of a [W/2, 16·C] matrix (`window_gather`), times the kernel placed at each pooling position in the window
-(`window_weights`), by three TF32 products (float32's accuracy, ~3e-6 of the largest
-value) or one. `first_layer_grad` uses the same matrix in training.
+the edges: no padding pass) as one row of a [W/2, 16·C] matrix (`window_gather`), times
+the kernel placed at each pooling position in the window (`window_weights`), by three
+TF32 products (float32's accuracy, ~3e-6 of the largest value) or one. `first_layer_grad`
+uses the same matrix in training, from the padded pairs (`window_index`).
 """
 
 from __future__ import annotations

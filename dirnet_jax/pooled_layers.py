@@ -29,9 +29,9 @@ Pallas' interpreter computes each product at full precision.
 
 A candidate form (``form="rows"``; untimed): the four input rows under each pooling row
 gathered as [W/2, 4·C] matrices, one per row, each of its rows the 4·C contiguous values of
-input columns 2c − 1 … 2c + 2 (`first_layer.window_gather`), times the kernel placed at each pooling
-position in the window (`first_layer.window_weights`, one [4·C, Cout] block per input
-row): 12 products of K = 4·C per pass instead of the taps form's 36 of K = C, from four
+input columns 2c − 1 … 2c + 2 (`first_layer.window_gather`), times the kernel placed at
+each pooling position in the window (`first_layer.window_weights`, one [4·C, Cout] block
+per input row): 12 products of K = 4·C per pass instead of the taps form's 36 of K = C, from four
 gathers instead of sixteen. A program takes several pooled rows (`program_shape`: 128
 pooled pixels), stacked as the products' M, so the narrower layers fill Hopper's wgmma too.
 """
