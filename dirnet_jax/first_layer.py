@@ -19,7 +19,7 @@ window of every pooled column, 16·C values, gathered from the images unpadded (
 the edges: no padding pass) as one row of a [W/2, 16·C] matrix (`window_gather`), times
 the kernel placed at each pooling position in the window (`window_weights`), by three
 TF32 products (float32's accuracy, ~3e-6 of the largest value) or one. `first_layer_grad`
-uses the same matrix in training, from the padded pairs (`window_index`).
+uses the same matrix in training.
 """
 
 from __future__ import annotations
@@ -142,25 +142,13 @@ def _kernel_unpadded(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, poo
     o_ref[b, pl.ds(r, 1), :, :] = _pooled(acc, b_ref, pool, expm1).astype(o_ref.dtype)
 
 
-def window_index(r, tw, cin, start=0):
-    """Where the 4×4 input window of each pooled column c = start … start + tw − 1 of pooled
-    row r lies in the padded pairs: (row pair, row parity, column pair, column parity,
-    channel), each broadcasting to [tw, 16·cin]; column k = (4u + v)·cin + ch of that matrix
-    is input row 2r − 1 + u, column 2c − 1 + v, channel ch."""
-    k = jax.lax.broadcasted_iota(jnp.int32, (1, 16 * cin), 1)
-    u, v, ch = jax.lax.div(k, 4 * cin), jax.lax.rem(jax.lax.div(k, cin), 4), jax.lax.rem(k, cin)
-    c = jax.lax.broadcasted_iota(jnp.int32, (tw, 1), 0) + start
-    return r + jax.lax.div(1 + u, 2), jax.lax.rem(1 + u, 2), c + jax.lax.div(1 + v, 2), \
-        jax.lax.rem(1 + v, 2), ch  # fmt: skip
-
-
 def window_gather(x_ref, b, row, c, n, interpret):
     """Input rows row … row + n − 1 (`row` a scalar or [M, 1]) of image b of x_ref
     [B, H, W, C] under pooling columns c [M, 1], zero outside the image, in float32:
     [M, 4·n·C], column (4u + v)·C + ch holding row + u, column 2c − 1 + v, channel ch (in
-    each input row, 4·C contiguous values). With n = 4 and row 2r − 1, pooled row r's 4×4
-    windows as `window_index` takes them from the padded pairs; masked at the edges
-    instead, so no padding pass comes first."""
+    each input row, 4·C contiguous values). With n = 4 and row 2r − 1, the 4×4 input
+    windows of pooled row r, one per row of the matrix; masked at the edges, so no padding
+    pass comes first."""
     height, width, cin = x_ref.shape[1:]
     k = jax.lax.broadcasted_iota(jnp.int32, (1, 4 * n * cin), 1)
     u, v = jax.lax.div(k, 4 * cin), jax.lax.rem(jax.lax.div(k, cin), 4)
@@ -174,7 +162,7 @@ def window_gather(x_ref, b, row, c, n, interpret):
 
 def window_weights(kernel: jax.Array) -> jax.Array:
     """kernel [3, 3, Cin, F] as the matrix [4, 16·Cin, F] that takes the 4×4 input window
-    (`window_index`'s columns) to the conv at pooling position (a, b), at 2a + b: the
+    (`window_gather`'s columns) to the conv at pooling position (a, b), at 2a + b: the
     kernel placed at (a, b) in the window, zeros where it does not reach."""
     placed = [
         jnp.pad(kernel, [(a, 1 - a), (bb, 1 - bb), (0, 0), (0, 0)])
@@ -203,7 +191,7 @@ def _kernel_dot(
 
 def window_convs(window, split, wb_ref, ws_ref, interpret):
     """The conv at the four pooling positions from the window matrix [tw, 16·Cin]
-    (`window_index`) and its TF32 split (three products) or None (one), times the window
+    (`window_gather`) and its TF32 split (three products) or None (one), times the window
     weights split (`window_weights`, `tf32.tf32_split`): 4 × [tw, F]."""
     convs = []
     for p in range(4):

@@ -9,9 +9,10 @@ passes reading them) took ~0.5 of the step's ~1.46 ms of kernels
 (benchmarks/measured/gpu-h200-profile-run5.txt), where its input is 17 MB and its pooled
 output and gradient 34 MB each.
 
-How: one program per pooled row of one image, as inference's kernel (`first_layer`; the
-images zero-padded and read as row and column pairs): the conv at the four positions of
-each pooling window is recomputed from the 4×4 input values feeding it, [W/2, F] each.
+How: one program per pooled row of one image, as inference's kernel (`first_layer`; with
+float32 sums the images zero-padded and read as row and column pairs): the conv at the
+four positions of each pooling window is recomputed from the 4×4 input values feeding it,
+[W/2, F] each.
 With BatchNorm's multiplier and shift (mul, shift = bias − mean·mul), y = z·mul + shift,
 and the pooled gradient g, each pass computes per window
 
@@ -45,15 +46,15 @@ WARPS = 8  # as inference's kernel, whose [W/2, F] window sums these repeat
 # `passes`, how each kernel computes the conv and the kernel gradient: 0, float32
 # multiply-adds over the 4×4 window's [W/2] vectors (as inference's default kernel); 1 or
 # 3, TF32 matrix products on tensor cores of the window as one [W/2, 16·Cin] matrix
-# (`first_layer.window_index`), three carrying float32's accuracy (`tf32`). sm_90a issue
+# (`first_layer.window_gather`), three carrying float32's accuracy (`tf32`). sm_90a issue
 # floors at 256², batch 32 (benchmarks/NOTES.md): stats 41 → 17 µs with three products,
 # backward sums 45 → 33, kernel gradient 117 → 48. Untimed:
 # `models.TRAIN_FIRST_LAYER_PASSES` chooses.
 # The kernel gradient's shape by passes: pooled rows per program, pooled columns per step
 # (0: all) and warps, the lowest sm_90a issue floor of those counted. Passes 0: one row,
 # every column, 8 warps (one trip, 18 sums across columns per program: 3,744
-# instructions, 211 registers); 3: 4 rows of 16 columns a step, one warp (48,917
-# instructions over 32 trips, 235 registers); 1: one row, 4 warps (2,792, 218).
+# instructions, 211 registers); 3: 4 rows of 16 columns a step, one warp (50,414
+# instructions over 32 trips, 241 registers); 1: one row, 4 warps (2,648, 217).
 # benchmarks/layers.py times others.
 GRAD_SHAPES = {0: (1, 0, 8), 1: (1, 0, 4), 3: (4, 16, 1)}
 CONTRACT_PIXELS = (((0,), (0,)), ((), ()))  # aᵀ · b over a block's pixels
@@ -104,7 +105,8 @@ def _conv_window(x_ref, w_refs, b, r, tw, cin, passes, interpret, start=0):
     if passes == 0:
         values = _values(x_ref, b, r, tw, cin, start)
         return _convs(values, w_refs[0], cin), values
-    window = x_ref[(b, *first_layer.window_index(r, tw, cin, start))]
+    c = jax.lax.broadcasted_iota(jnp.int32, (tw, 1), 0) + start
+    window = first_layer.window_gather(x_ref, b, 2 * r - 1, c, 4, interpret)
     split = tf32_split(window) if passes == 3 else None
     return first_layer.window_convs(window, split, *w_refs, interpret), (window, split)
 
@@ -236,9 +238,10 @@ def _call(
     body, x, kernel, out_rows: tuple[int, ...], *operands, interpret, passes,
     rows_per_program=1, warps=WARPS, **params,
 ):  # fmt: skip
-    """body over one program per `rows_per_program` pooled rows: the padded pairs of x, the
-    kernel (passes 0) or its window weights split for TF32 (`first_layer.window_weights`),
-    `operands`; its [programs, *out_rows] float32 sums, summed over programs."""
+    """body over one program per `rows_per_program` pooled rows: the padded pairs of x and
+    the kernel (passes 0) or x and its window weights split for TF32
+    (`first_layer.window_weights`), `operands`; its [programs, *out_rows] float32 sums,
+    summed over programs."""
     batch, h, w, cin = x.shape
     rows, tw = h // 2, w // 2
     body = functools.partial(
@@ -246,13 +249,15 @@ def _call(
     )
     kernel = kernel.astype(jnp.float32)
     weights = (kernel,) if passes == 0 else tf32_split(first_layer.window_weights(kernel))
+    images = x.astype(jnp.float32)  # the window matrix's gather masks the edges itself
+    images = first_layer.padded_pairs(images) if passes == 0 else images
     partial_sums = pl.pallas_call(
         body,
         out_shape=jax.ShapeDtypeStruct((batch * rows // rows_per_program, *out_rows), jnp.float32),
         grid=(batch * rows // rows_per_program,),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
-    )(first_layer.padded_pairs(x.astype(jnp.float32)), *weights, *operands)
+    )(images, *weights, *operands)
     return partial_sums.sum(axis=0)
 
 
