@@ -29,11 +29,12 @@ Pallas' interpreter computes each product at full precision.
 
 A candidate form (``form="rows"``; untimed): the four input rows under each pooling row
 gathered as [W/2, 4·C] matrices, one per row, each of its rows the 4·C contiguous values of
-input columns 2c − 1 … 2c + 2 (`first_layer.window_gather`), times the kernel placed at
-each pooling position in the window (`first_layer.window_weights`, one [4·C, Cout] block
-per input row): 12 products of K = 4·C per pass instead of the taps form's 36 of K = C, from four
-gathers instead of sixteen. A program takes several pooled rows (`program_shape`: 128
-pooled pixels), stacked as the products' M, so the narrower layers fill Hopper's wgmma too.
+input columns 2c − 1 … 2c + 2 (`first_layer.window_gather`), times that row's weights for
+all four pooling positions at once (`row_weights`, [4·C, 4·Cout]): 4 products per pass
+instead of the taps form's 36 of K = C, from four gathers instead of sixteen, then the
+positions' ELU and pooling as a reduction over a [M, 4, Cout] view. A program takes
+several pooled rows (`program_shape`: 128 pooled pixels), stacked as the products' M, so
+the narrower layers fill Hopper's wgmma too.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ WARPS = 4
 PASSES = 3  # tensor-core products per tap: float32 to ~3e-6 (1: TF32, as XLA's conv)
 FORM = "taps"  # a key of FORMS
 # The rows form's program: pooled pixels (rows × every column) and warps. At 128 pixels
-# and 8 warps its sm_90a code is ~1,000 instructions and ~100 registers at every layer's
-# width (one product; benchmarks/NOTES.md); fewer pixels leave Hopper's wgmma unused.
+# and 8 warps its sm_90a code is 912–976 instructions and 112–128 registers at every
+# layer's width (one product; benchmarks/NOTES.md); at 64 (one 128² row, 4 warps) 1,288.
 ROWS_PIXELS, ROWS_WARPS = 128, 8
 
 
@@ -108,28 +109,33 @@ def _kernel_rows(
     x_ref, wb_ref, ws_ref, b_ref, o_ref, *, rows, width, pool, passes, interpret, th=1
 ):  # fmt: skip
     """Pooled rows r0 … r0 + th − 1 of pair b, every column, as [th·W/2, Cout] (o_ref is
-    [B, H/2·W/2, Cout]), from the window's input rows."""
+    [B, H/2·W/2, Cout]): per input row of the window, one product by `row_weights`."""
     pid = pl.program_id(0)
     b, r0 = pid // (rows // th), (pid % (rows // th)) * th
-    tw = width // 2
+    tw, cout = width // 2, o_ref.shape[-1]
     m = jax.lax.broadcasted_iota(jnp.int32, (th * tw, 1), 0)  # pooled row r0 + m // tw
     r, c = r0 + jax.lax.div(m, tw), jax.lax.rem(m, tw)  # and column m % tw
-    precision = dot_precision(interpret)
-    acc = {}  # position 2a + b in the pooling window → conv output [th·W/2, Cout]
+    acc = None  # the conv at the four pooling positions, [th·W/2, 4·Cout]
     for u in range(4):  # input row 2r − 1 + u
         taken = window_gather(x_ref, b, 2 * r - 1 + u, c, 1, interpret)  # [th·W/2, 4·C]
         split = tf32_split(taken) if passes == 3 else None
-        for p in range(4):
-            if not 0 <= u - p // 2 < 3:  # the kernel at row a = p // 2 spans rows a … a + 2
-                continue
-            for lhs, rhs in tf32_terms(taken, split, wb_ref[p, u, :, :], ws_ref[p, u, :, :]):
-                term = jnp.dot(lhs, rhs, precision=precision,
-                               preferred_element_type=jnp.float32)  # fmt: skip
-                acc[p] = term if p not in acc else acc[p] + term
-    bias = b_ref[:][None, :]
-    expm1 = first_layer.EXPM1S[first_layer.EXPM1]
-    window = [acc[p] + bias for p in range(4)]
-    o_ref[b, pl.ds(r0 * tw, th * tw), :] = pool_window(window, pool, expm1).astype(o_ref.dtype)
+        for lhs, rhs in tf32_terms(taken, split, wb_ref[u, :, :], ws_ref[u, :, :]):
+            term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
+                           preferred_element_type=jnp.float32)  # fmt: skip
+            acc = term if acc is None else acc + term
+    y = acc.reshape(th * tw, 4, cout) + b_ref[:][None, None, :]
+    y = jnp.where(y > 0, y, first_layer.EXPM1S[first_layer.EXPM1](y))
+    pooled = jnp.sum(y, axis=1) / 4 if pool == "avg" else jnp.max(y, axis=1)
+    o_ref[b, pl.ds(r0 * tw, th * tw), :] = pooled.astype(o_ref.dtype)
+
+
+def row_weights(kernel: jax.Array) -> jax.Array:
+    """kernel [3, 3, Cin, F] as [4, 4·Cin, 4·F]: for input row u of the 4×4 window (its
+    `window_gather` columns), the kernel placed at pooling position p = 2a + b in the
+    window, in columns p·F … p·F + F − 1 (zeros where it does not reach)."""
+    cin, f = kernel.shape[2:]
+    placed = window_weights(kernel).reshape(4, 4, 4 * cin, f)  # [p, u, 4·Cin, F]
+    return placed.transpose(1, 2, 0, 3).reshape(4, 4 * cin, 4 * f)
 
 
 FORMS = {"taps": _kernel, "rows": _kernel_rows}
@@ -202,7 +208,7 @@ def conv_elu_pool2_dense(
         raise ValueError(f"conv_elu_pool2_dense does not take {x.shape} → {kernel.shape[-1]}")
     if passes not in (1, 3):
         raise ValueError(f"passes is 1 or 3, not {passes}")
-    batch, h, w, cin = x.shape
+    batch, h, w, _ = x.shape
     cout, rows = kernel.shape[-1], h // 2
     th, warps = program_shape(form, h, w)
     th, warps = rows_per_program or th, num_warps or warps
@@ -211,8 +217,8 @@ def conv_elu_pool2_dense(
                          f"dividing {rows}")  # fmt: skip
     weights = kernel.astype(jnp.float32)
     out_shape = (batch, rows, w // 2, cout)
-    if form == "rows":  # [position, input row, 4·C, Cout]; the output's pixels flat
-        weights = window_weights(weights).reshape(4, 4, 4 * cin, cout)
+    if form == "rows":  # the output's pixels flat
+        weights = row_weights(weights)
         out_shape = (batch, rows * w // 2, cout)
     big, small = tf32_split(weights)
     body = functools.partial(
