@@ -8,24 +8,24 @@
     python -m benchmarks.core --sizes=256     # one image size (default 256,28)
 
 Rows, all on this machine in one run: for each variant at 256×256 (four downsamplings, the
-cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registration
-pairs/s at batch 1 and 32 (and 512 on a GPU), training steps/s at batch 32 (a step on a
-given batch; pair sampling and step in one dispatch; and several steps per dispatch as
-`fit` runs them: 4 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call
-time and memory per call. Each baseline is followed by the same network in PyTorch eager
+cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registration pairs/s
+at batch 1 and 32 (and 512 on a GPU), training steps/s at batch 32 (a step on a given batch;
+pair sampling and step in one dispatch; and several steps per dispatch as `fit` runs them: 4
+straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and memory per
+call. Each baseline is followed by the same network in PyTorch eager
 (benchmarks/torch_dirnet.py, if torch is installed), as ratios to DIRNet, and on a GPU by
-its A/B rows: registration with the later pooled layers as Triton kernels too (a
-candidate in two forms: every layer, or the 128² one), with the first layer on tensor cores (a
-candidate), as XLA's loop instead of the Triton kernel, and unfused (XLA's convolution,
-then ELU and pooling), with XLA:GPU's default CUDA-graph threshold (one pair), as plain
-layers (what folding BatchNorm and the fused first layer buy), with bfloat16
-activations; training with the first layer at once (a candidate, `first_layer_grad`'s
-kernels, also by TF32 products), in bfloat16 with the training kernels, with the
-training kernels off (`DIRNET_TRAIN_CONV=xla`), and with every 3×3 conv by XLA's
-convolution (what `conv_taps` and the kernels buy together). Then the other variants, and
-SimpleElastix per 256×256 pair with the paper's settings. Every 256×256 row times the same
-synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after warm-up, device work
-synchronised. Writes the table and the machine description to
+its A/B rows: registration with the later pooled layers as Triton kernels too (a candidate
+in two forms: every layer, or the 128² one), with the first layer on tensor cores (a
+candidate), as XLA's loop instead of the Triton kernel, and unfused (XLA's convolution, then
+ELU and pooling), with XLA:GPU's default CUDA-graph threshold (one pair), as plain layers
+(what folding BatchNorm and the fused first layer buy), with bfloat16 activations; training
+with the first layer at once (a candidate, `first_layer_grad`'s kernels, also by TF32
+products), with the later convs in the pairs form (a candidate), in bfloat16 with the
+training kernels, with the training kernels off (`DIRNET_TRAIN_CONV=xla`), and with every
+3×3 conv by XLA's convolution (what `conv_taps` and the kernels buy together). Then the
+other variants, and SimpleElastix per 256×256 pair with the paper's settings. Every 256×256
+row times the same synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after warm-up,
+device work synchronised. Writes the table and the machine description to
 benchmarks/results/core-<host>.json after every variant (an interrupted run keeps its
 finished rows). Never fails on time: with `--seconds`, the blocks (a variant at one size)
 left when the budget is spent are listed as not run, and the table is printed.
@@ -484,6 +484,11 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
             {**TRAIN_CANDIDATES, "TRAIN_FIRST_LAYER_PASSES": 3,
              "fused_first_layer": dot_first_layer}, bench_train_dispatch,
             table, "baseline-fusedfirst3", base.replace(seed=11), p, r)),
+        # The later convs and their input gradients in the pairs form (a product per
+        # kernel row for two output columns; untimed), on top of the training kernels.
+        ("baseline-trainpairs", lambda: in_swap(
+            {"TRAIN_CONV_FORM": "pairs"}, bench_train_dispatch,
+            table, "baseline-trainpairs", base.replace(seed=13), p, r)),
         # bfloat16 training with the Triton kernels (their sums in float32) against cuDNN's.
         ("baseline-bf16triton", lambda: in_swap(
             {"TRAIN_CONV_DTYPES": ("float32", "bfloat16")}, bench_train_dispatch,

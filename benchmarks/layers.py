@@ -160,14 +160,16 @@ def train_conv_impls(on_gpu: bool) -> dict:
     layer's convolution in training; XLA's first."""
     grads = with_grads
 
-    def triton(passes, *grad_shape):
-        options = dict(interpret=not on_gpu, passes=passes, grad_shape=grad_shape)
+    def triton(passes, *grad_shape, form="taps"):
+        options = dict(interpret=not on_gpu, passes=passes, grad_shape=grad_shape, form=form)
         return grads(functools.partial(train_conv.conv3x3, **options))
 
     impls = {
         "xla conv and gradients": grads(train_conv.xla_conv),
         "triton conv and gradients, 1 TF32 product": triton(1),
         "triton conv and gradients, 3 TF32 products": triton(3),
+        # The conv and the input gradient in the pairs form (untimed).
+        "triton pairs conv and gradients, 1 TF32 product": triton(1, form="pairs"),
     }
     for shape in GRAD_SHAPES if on_gpu else []:  # the kernel gradient's other shapes
         name = "triton, 1 TF32 product, kernel grad rows={} block={} warps={}".format(*shape)

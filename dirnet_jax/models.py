@@ -411,6 +411,9 @@ conv_taps_train = train_conv.with_taps_grad(conv_taps)
 # before elsewhere). float32 was timed: 1.26× the steps/s of cuDNN's in a 256² step on an
 # H200 (benchmarks/NOTES.md). bfloat16 was not, so it trains with cuDNN's convolutions.
 TRAIN_CONV_DTYPES = ("float32",)
+# `train_conv.conv3x3`'s form for the convolution and the input gradient: "taps" (timed
+# above) or "pairs" (a candidate: a third of the products, untimed: `baseline-trainpairs`).
+TRAIN_CONV_FORM = "taps"
 
 
 class ConvKernel(nn.Module):
@@ -486,7 +489,8 @@ class Regressor(nn.Module):
                 return normalized(functools.partial(TapConv, cfg.features, conv=conv), "Conv", x)
             taken = kernels and train_conv.applies(x.shape, cfg.features)
             if taken and (kernel, strides) == (3, 1):
-                tap_conv = functools.partial(TapConv, cfg.features, conv=train_conv.conv3x3)
+                conv = functools.partial(train_conv.conv3x3, form=TRAIN_CONV_FORM)
+                tap_conv = functools.partial(TapConv, cfg.features, conv=conv)
                 return normalized(tap_conv, "Conv", x)
             conv = functools.partial(
                 conv_layer, cfg.features, (kernel,) * ndim, strides=strides, padding=padding

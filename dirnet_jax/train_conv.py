@@ -12,14 +12,18 @@ first conv's kernel gradient 0.41 against XLA's 0.74 ms, and a whole step 1.26×
 steps/s (benchmarks/NOTES.md).
 
 How: the convolution is 9 matrix products per output row, one per tap, of the input row
-shifted by the tap ([W, Cin], gathered with zeros outside the image) by the tap's
-[Cin, Cout] weights. The input gradient is the same convolution of the output gradient by
-the flipped, transposed kernel. The kernel gradient is, per tap, Σ over pixels of
-x_shiftedᵀ · g: each program sums ``ROWS`` rows of one image into 9 [Cin, Cout]
-matrices, and XLA adds the programs' sums. Products on tensor cores, one TF32 product each
-(``passes=1``, the precision of cuDNN's at XLA's default precision: ~3e-4 of the largest
-value on the H200) or three (``passes=3``, ~3e-6; see `pooled_layers`). Pallas'
-interpreter computes each product at full precision.
+shifted by the tap ([W, Cin], gathered with zeros outside the image) by the tap's [Cin,
+Cout] weights. The input gradient is the same convolution of the output gradient by the
+flipped, transposed kernel. A candidate form of both (``form="pairs"``; untimed) takes two
+output columns at once: per kernel row, the input columns 2c − 1 … 2c + 2 under output
+columns 2c and 2c + 1 gathered as a [W/2, 4·Cin] matrix (`first_layer.window_gather`), times
+the row's taps placed for both columns ([4·Cin, 2·Cout], `pair_weights`): 3 products an
+output row instead of 9, and their output is the row's memory as it lies. The kernel
+gradient is, per tap, Σ over pixels of x_shiftedᵀ · g: each program sums ``ROWS`` rows of
+one image into 9 [Cin, Cout] matrices, and XLA adds the programs' sums. Products on tensor
+cores, one TF32 product each (``passes=1``, the precision of cuDNN's at XLA's default
+precision: ~3e-4 of the largest value on the H200) or three (``passes=3``, ~3e-6; see
+`pooled_layers`). Pallas' interpreter computes each product at full precision.
 
 The first conv (two input channels, fixed and moving, at full resolution; `models.conv_taps`)
 gets its kernel gradient from `taps_kernel_grad_gpu` (`with_taps_grad`): the same sums as
@@ -40,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dirnet_jax.dispatch import cuda_or_xla
-from dirnet_jax.first_layer import power_of_two
+from dirnet_jax.first_layer import power_of_two, window_gather
 from dirnet_jax.pooled_layers import gathered
 from dirnet_jax.tf32 import dot_precision, tf32_split, tf32_terms
 
@@ -55,6 +59,14 @@ ROWS, BLOCK, GRAD_WARPS = 4, 32, 1
 # sums, 4 warps: 163 instructions a trip, 115 registers (1 warp: 700 and 255).
 TAPS_ROWS, TAPS_BLOCK, TAPS_WARPS = 4, 32, 4
 PASSES = 1  # tensor-core products per tap: TF32, as cuDNN's at default precision (3: float32)
+# The convolution's form: "taps" (a product per tap, one output row a program) or "pairs"
+# (a product per kernel row for two output columns at once; untimed), and the pairs form's
+# program: pairs of output columns (rows × every pair) and warps. At 64 and 4 warps its
+# sm_90a code is ~500 instructions with 7 barriers at 128², 64² and 32² (the taps form:
+# 464–528 with 19–37); at 128 and 8 warps about as much, but a 32² layer at batch 32 has
+# 128 programs, fewer than an H200's SMs (benchmarks/NOTES.md).
+CONV_FORM = "taps"
+PAIRS_PIXELS, PAIRS_WARPS = 64, 4
 TAPS = [(dy, dx) for dy in range(3) for dx in range(3)]
 
 
@@ -107,6 +119,47 @@ def _conv_kernel(x_ref, wb_ref, ws_ref, o_ref, *, height, width, passes, interpr
     o_ref[b, r, :, :] = acc.astype(o_ref.dtype)
 
 
+def _conv_kernel_pairs(x_ref, wb_ref, ws_ref, o_ref, *, height, width, passes, interpret, th):
+    """Output rows r0 … r0 + th − 1 of image b as [th·W/2, 2·Cout] (o_ref is
+    [B, H·W/2, 2·Cout]): per kernel row, the input columns 2c − 1 … 2c + 2 under each pair
+    of output columns 2c, 2c + 1, [th·W/2, 4·Cin], times `pair_weights`."""
+    pid = pl.program_id(0)
+    tw = width // 2
+    b, r0 = pid // (height // th), (pid % (height // th)) * th
+    m = jax.lax.broadcasted_iota(jnp.int32, (th * tw, 1), 0)  # output row r0 + m // tw
+    r, c = r0 + jax.lax.div(m, tw), jax.lax.rem(m, tw)  # and columns 2c, 2c + 1
+    acc = None
+    for dy in range(3):  # input row r + dy − 1
+        taken = window_gather(x_ref, b, r + dy - 1, c, 1, interpret)  # [th·W/2, 4·Cin]
+        split = tf32_split(taken) if passes == 3 else None
+        for lhs, rhs in tf32_terms(taken, split, wb_ref[dy, :, :], ws_ref[dy, :, :]):
+            term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
+                           preferred_element_type=jnp.float32)  # fmt: skip
+            acc = term if acc is None else acc + term
+    o_ref[b, pl.ds(r0 * tw, th * tw), :] = acc.astype(o_ref.dtype)
+
+
+def pair_weights(kernel: jax.Array) -> jax.Array:
+    """kernel [3, 3, Cin, F] as [3, 4·Cin, 2·F]: for kernel row dy, the input columns
+    2c − 1 … 2c + 2 (`window_gather`'s) to output columns 2c (first F) and 2c + 1 (last F):
+    the row's taps placed at column offset 0 and 1, zeros where they do not reach."""
+    cin, f = kernel.shape[2:]
+    placed = [jnp.pad(kernel, [(0, 0), (j, 1 - j), (0, 0), (0, 0)]) for j in range(2)]
+    return jnp.stack(placed, axis=3).reshape(3, 4 * cin, 2 * f)
+
+
+def pairs_shape(h: int, w: int) -> int | None:
+    """Output rows per program of the pairs form for [H, W] inputs: the most up to
+    PAIRS_PIXELS pairs of columns that divide H (a power of two); None where the form does
+    not take the width (fewer than 32 columns: a product of fewer than 16 rows)."""
+    if w < 32:
+        return None
+    th = 1
+    while 2 * th * (w // 2) <= PAIRS_PIXELS and h % (2 * th) == 0:
+        th *= 2
+    return th
+
+
 def _check(x_shape, features, passes):
     if not applies(x_shape, features):
         raise ValueError(f"train_conv's kernels do not take {x_shape} → {features} channels")
@@ -114,9 +167,13 @@ def _check(x_shape, features, passes):
         raise ValueError(f"passes is 1 or 3, not {passes}")
 
 
-@functools.partial(jax.jit, static_argnames=("passes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("passes", "interpret", "form"))
 def conv_gpu(
-    x: jax.Array, kernel: jax.Array, passes: int = PASSES, interpret: bool = False
+    x: jax.Array,
+    kernel: jax.Array,
+    passes: int = PASSES,
+    interpret: bool = False,
+    form: str = CONV_FORM,
 ) -> jax.Array:
     """``conv(x, kernel)``, SAME zero padding, stride 1, as one Triton kernel.
 
@@ -124,22 +181,32 @@ def conv_gpu(
       x: [B, H, W, Cin] (float32 or bfloat16); kernel: [3, 3, Cin, Cout].
       passes: 1 (one TF32 product per tap) or 3 (float32 to ~3e-6 of the largest value).
       interpret: run Pallas' interpreter (any backend: the tests on a CPU).
+      form: "taps" or "pairs" (see CONV_FORM; where it does not take the width, `taps`).
 
     Returns:
       [B, H, W, Cout] in the dtype of x and kernel (sums in float32).
     """
     _check(x.shape, kernel.shape[-1], passes)
+    if form not in ("taps", "pairs"):
+        raise ValueError(f"form is taps or pairs, not {form!r}")
     batch, h, w, _ = x.shape
-    big, small = tf32_split(kernel.astype(jnp.float32))
-    body = functools.partial(_conv_kernel, height=h, width=w, passes=passes, interpret=interpret)
-    dtype = jnp.result_type(x, kernel)
+    cout, dtype = kernel.shape[-1], jnp.result_type(x, kernel)
+    th = pairs_shape(h, w) if form == "pairs" else None
+    weights = kernel.astype(jnp.float32)
+    options = dict(height=h, width=w, passes=passes, interpret=interpret)
+    if th is None:
+        body, out_shape, grid, warps = _conv_kernel, (batch, h, w, cout), batch * h, WARPS
+    else:  # pixel pairs flat, [B, H·W/2, 2·Cout]: the same memory as [B, H, W, Cout]
+        body, out_shape = _conv_kernel_pairs, (batch, h * w // 2, 2 * cout)
+        grid, warps, options["th"] = batch * h // th, PAIRS_WARPS, th
+        weights = pair_weights(weights)
     return pl.pallas_call(
-        body,
-        out_shape=jax.ShapeDtypeStruct((batch, h, w, kernel.shape[-1]), dtype),
-        grid=(batch * h,),
-        compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1),
+        functools.partial(body, **options),
+        out_shape=jax.ShapeDtypeStruct(out_shape, dtype),
+        grid=(grid,),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
-    )(x, big, small)
+    )(x, *tf32_split(weights)).reshape(batch, h, w, cout)
 
 
 def _kernel_grad_kernel(x_ref, g_ref, o_ref, *, height, width, rows, block, passes, interpret):
@@ -326,8 +393,8 @@ def flipped(kernel: jax.Array) -> jax.Array:
     return jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
 
 
-def _gpu_grads(x, kernel, g, interpret=False, passes=PASSES, grad_shape=()):
-    dx = conv_gpu(g, flipped(kernel), passes, interpret).astype(x.dtype)
+def _gpu_grads(x, kernel, g, interpret=False, passes=PASSES, grad_shape=(), form=CONV_FORM):
+    dx = conv_gpu(g, flipped(kernel), passes, interpret, form).astype(x.dtype)
     dw = kernel_grad_gpu(x, g, passes, interpret, *grad_shape)
     return dx, dw.astype(kernel.dtype)
 
@@ -336,13 +403,14 @@ def _xla_grads(x, kernel, g):
     return jax.vjp(xla_conv, x, kernel)[1](g)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def conv3x3(
     x: jax.Array,
     kernel: jax.Array,
     interpret: bool = False,
     passes: int = PASSES,
     grad_shape: tuple[int, ...] = (),
+    form: str = CONV_FORM,
 ) -> jax.Array:
     """``conv(x, kernel)``, SAME zero padding, stride 1, and its gradients: on CUDA GPUs by
     this module's kernels where `applies` says they take the shape, by XLA elsewhere.
@@ -353,26 +421,29 @@ def conv3x3(
       passes: TF32 products per tap, as `conv_gpu`.
       grad_shape: (rows, block, warps) of `kernel_grad_gpu`, or a prefix of them (the
         rest its defaults).
+      form: the convolution's and the input gradient's, as `conv_gpu`.
 
     Returns:
       [B, H, W, Cout].
     """
-    return _conv3x3_forward(x, kernel, interpret, passes)
+    return _conv3x3_forward(x, kernel, interpret, passes, form)
 
 
-def _conv3x3_forward(x, kernel, interpret, passes):
-    gpu = functools.partial(conv_gpu, passes=passes, interpret=interpret)
+def _conv3x3_forward(x, kernel, interpret, passes, form):
+    gpu = functools.partial(conv_gpu, passes=passes, interpret=interpret, form=form)
     taken = applies(x.shape, kernel.shape[-1])
     return cuda_or_xla(gpu, xla_conv, x, kernel, taken=taken, interpret=interpret)
 
 
-def _conv3x3_fwd(x, kernel, interpret, passes, grad_shape):
-    return _conv3x3_forward(x, kernel, interpret, passes), (x, kernel)
+def _conv3x3_fwd(x, kernel, interpret, passes, grad_shape, form):
+    return _conv3x3_forward(x, kernel, interpret, passes, form), (x, kernel)
 
 
-def _conv3x3_bwd(interpret, passes, grad_shape, residuals, g):
+def _conv3x3_bwd(interpret, passes, grad_shape, form, residuals, g):
     x, kernel = residuals
-    gpu = functools.partial(_gpu_grads, interpret=interpret, passes=passes, grad_shape=grad_shape)
+    gpu = functools.partial(
+        _gpu_grads, interpret=interpret, passes=passes, grad_shape=grad_shape, form=form
+    )
     taken = applies(x.shape, kernel.shape[-1])
     return cuda_or_xla(gpu, _xla_grads, x, kernel, g, taken=taken, interpret=interpret)
 

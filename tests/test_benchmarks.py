@@ -186,6 +186,7 @@ def test_layers_benchmark_times_the_training_kernels(tmp_path, capsys):
     record = json.loads(out.read_text())
     rows = {r["impl"]: r for r in record["rows"]}
     kernels = {f"triton conv and gradients, {p}" for p in ("1 TF32 product", "3 TF32 products")}
+    kernels.add("triton pairs conv and gradients, 1 TF32 product")  # at 16²: the taps form
     assert record["batch"] == 2 and set(rows) == {"xla conv and gradients", "copy", *kernels}
     for name in kernels:  # the conv and both gradients, in the interpreter at full precision
         assert 0 < rows[name]["max_abs_diff"] < 1e-4
@@ -219,7 +220,7 @@ def test_the_gpu_rows_no_gpu_has_run_yet_run(monkeypatch):
     base = core.base_config(28)
     blocks = dict(core.gpu_ab_blocks(table, base, core.timed_pairs(28, 32), (1,), 1))
     new = ["tritonrows", "tritonpool", "tritonpool2", "dotfirst", "fusedfirst", "fusedfirst3",
-           "bf16triton", "xlatrain"]  # fmt: skip
+           "trainpairs", "bf16triton", "xlatrain"]  # fmt: skip
     assert list(blocks)[: len(new)] == [f"baseline-{name}" for name in new]
     for name in new:
         blocks[f"baseline-{name}"]()

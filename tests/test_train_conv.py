@@ -37,7 +37,7 @@ def arrays(rng, shape, cout):
 
 # Heights that are and are not a multiple of the kernel gradient's rows per program;
 # more output channels than input and fewer.
-SHAPES = [((2, 12, 32, 16), 32), ((1, 16, 16, 32), 16), ((3, 5, 16, 16), 16)]
+SHAPES = [((2, 12, 32, 16), 32), ((1, 16, 16, 32), 16), ((3, 5, 64, 16), 16)]
 
 
 @pytest.mark.parametrize("shape,cout", SHAPES)
@@ -48,11 +48,16 @@ def test_kernels_are_the_convolution_and_its_gradients(rng, shape, cout):
     # Values along the zero-padded edges differ from the inside: the masks are exercised.
     assert float(jnp.abs(expected[:, 0] - expected[:, 1]).max()) > 0.5
     for passes, rtol in ((1, TF32), (3, 1e-5)):
-        got = train_conv.conv_gpu(x, kernel, passes=passes, interpret=INTERPRET)
-        assert got.shape == expected.shape and got.dtype == jnp.float32
-        np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * scale_of(expected))
-        dx = train_conv.conv_gpu(g, train_conv.flipped(kernel), passes=passes, interpret=INTERPRET)
-        np.testing.assert_allclose(dx, expected_dx, rtol=rtol, atol=rtol * scale_of(expected_dx))
+        for form in ("taps", "pairs"):  # pairs: 4, none (width 16: taps) and 1 row a program
+            conv = functools.partial(
+                train_conv.conv_gpu, passes=passes, interpret=INTERPRET, form=form
+            )
+            got = conv(x, kernel)
+            assert got.shape == expected.shape and got.dtype == jnp.float32
+            np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * scale_of(expected))
+            dx = conv(g, train_conv.flipped(kernel))
+            atol = rtol * scale_of(expected_dx)
+            np.testing.assert_allclose(dx, expected_dx, rtol=rtol, atol=atol)
         # Rows per program (3: its gcd with H), columns per product (16: two per 32-pixel
         # row, one per 16), warps: the default and another.
         for grad_shape in [(), (3, 16, 2)]:
@@ -86,12 +91,13 @@ def test_flipped_kernel_convolves_by_the_transpose(rng):
 @pytest.mark.parametrize("shape,cout", [SHAPES[0], ((2, 6, 8, 16), 16)])  # taken, not taken
 def test_conv3x3_gradients_are_the_convolutions(rng, shape, cout):
     x, kernel, g = arrays(rng, shape, cout)
-    conv = functools.partial(train_conv.conv3x3, interpret=INTERPRET)
-    got, vjp = jax.vjp(conv, x, kernel)
     expected, expected_vjp = jax.vjp(conv_same, x, kernel)
-    np.testing.assert_allclose(got, expected, rtol=TF32, atol=TF32)
-    for a, b in zip(vjp(g), expected_vjp(g), strict=True):
-        np.testing.assert_allclose(a, b, rtol=TF32, atol=TF32 * float(jnp.abs(b).max()))
+    for form in ("taps", "pairs"):
+        conv = functools.partial(train_conv.conv3x3, interpret=INTERPRET, form=form)
+        got, vjp = jax.vjp(conv, x, kernel)
+        np.testing.assert_allclose(got, expected, rtol=TF32, atol=TF32)
+        for a, b in zip(vjp(g), expected_vjp(g), strict=True):
+            np.testing.assert_allclose(a, b, rtol=TF32, atol=TF32 * float(jnp.abs(b).max()))
 
 
 @pytest.mark.parametrize("shape", [(2, 12, 32, 2), (1, 5, 16, 3)])
@@ -125,6 +131,17 @@ def test_taps_kernel_gradient_leaves_no_convolution_on_cuda():
     cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
     assert cuda.count("xla.gpu.triton") == 1 and "stablehlo.convolution" not in cuda
     assert "stablehlo.convolution" in cpu and "xla.gpu.triton" not in cpu
+
+
+def test_the_pairs_form_takes_the_rows_that_divide_the_image():
+    assert train_conv.PAIRS_PIXELS == 64  # pairs of output columns a program, as below
+    assert train_conv.pairs_shape(128, 128) == 1
+    assert train_conv.pairs_shape(64, 64) == 2
+    assert train_conv.pairs_shape(12, 32) == 4
+    assert train_conv.pairs_shape(5, 64) == 1
+    assert train_conv.pairs_shape(16, 16) is None  # 8 pairs: the taps form
+    with pytest.raises(ValueError, match="form is taps or pairs"):
+        train_conv.conv_gpu(jnp.ones((1, 4, 32, 16)), jnp.ones((3, 3, 16, 16)), form="rows")
 
 
 def test_applies_only_to_shapes_triton_takes(monkeypatch):
@@ -208,6 +225,8 @@ KERNELS = {
     "fused": 4 + 3,
     # The same with TF32 products of the window matrix (`baseline-fusedfirst3`).
     "fused3": 4 + 3,
+    # float32 with the convolution and the input gradient in the pairs form.
+    "pairs": 1 + 3,
     # bfloat16 (not timed with the kernels: cuDNN's), and with the kernels turned off.
     "bfloat16": 0,
     "off": 0,
@@ -223,6 +242,7 @@ def test_training_lowers_the_kernels_for_cuda_only(case):
         "fused": core.TRAIN_CANDIDATES,
         "fused3": {**core.TRAIN_CANDIDATES, "TRAIN_FIRST_LAYER_PASSES": 3,
                    "fused_first_layer": core.dot_first_layer},
+        "pairs": {"TRAIN_CONV_FORM": "pairs"},
     }.get(case, {})  # fmt: skip
     train_conv_env = "xla" if case == "off" else ""
     with core.swapped_all(swaps), core.environment("DIRNET_TRAIN_CONV", train_conv_env):
