@@ -59,6 +59,9 @@ SHAPES = [
 # The kernel gradient's (rows, columns, warps) per program besides the default
 # (train_conv.ROWS, BLOCK, GRAD_WARPS), for the training layer.
 GRAD_SHAPES = [(8, 32, 1), (2, 32, 1), (4, 16, 2), (4, 64, 1), (8, 128, 4)]
+# The pairs form's kernel gradient besides its default (4 rows, 32 pairs, 4 warps): sm_90a
+# issue floors at 128² 6.9 and 11.7 µs against the default's 8.6 (benchmarks/NOTES.md).
+PAIRS_GRAD_SHAPES = [(4, 64, 4), (4, 32, 8)]
 # The same for the first conv's (train_conv.TAPS_ROWS, TAPS_BLOCK, TAPS_WARPS).
 TAPS_GRAD_SHAPES = [(4, 64, 8), (4, 32, 2), (8, 32, 4), (4, 128, 4)]
 # first_layer_grad's kernels on a GPU: the kernel gradient's (rows, block, warps) and the
@@ -174,6 +177,9 @@ def train_conv_impls(on_gpu: bool) -> dict:
     for shape in GRAD_SHAPES if on_gpu else []:  # the kernel gradient's other shapes
         name = "triton, 1 TF32 product, kernel grad rows={} block={} warps={}".format(*shape)
         impls[name] = triton(1, *shape)
+    for shape in PAIRS_GRAD_SHAPES if on_gpu else []:  # and the pairs form's
+        name = "triton pairs, 1 TF32 product, kernel grad rows={} block={} warps={}"
+        impls[name.format(*shape)] = triton(1, *shape, form="pairs")
     return impls
 
 

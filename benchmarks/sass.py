@@ -160,6 +160,11 @@ def main(argv: list[str]) -> None:
                          "kernel grad": trips}  # fmt: skip
             elif layer in ("train1", "train1bn"):  # the first conv's kernel gradient
                 parts = {"kernel grad": kernel_grad_trips(name, *shapes[0][1:3], taps)}
+            elif train and "pairs" in name:  # its loop over pairs of columns
+                h, w = shapes[0][1:3]
+                pairs = (train_conv.PAIRS_ROWS, train_conv.PAIRS_BLOCK)
+                trips = kernel_grad_trips(name, h, w // 2, pairs)
+                parts = {"conv": 1, "input grad": 1, "kernel grad": trips}
             elif train:
                 trips = kernel_grad_trips(name, *shapes[0][1:3])
                 parts = {"conv": 1, "input grad": 1, "kernel grad": trips}

@@ -411,8 +411,8 @@ conv_taps_train = train_conv.with_taps_grad(conv_taps)
 # before elsewhere). float32 was timed: 1.26× the steps/s of cuDNN's in a 256² step on an
 # H200 (benchmarks/NOTES.md). bfloat16 was not, so it trains with cuDNN's convolutions.
 TRAIN_CONV_DTYPES = ("float32",)
-# `train_conv.conv3x3`'s form for the convolution and the input gradient: "taps" (timed
-# above) or "pairs" (a candidate: a third of the products, untimed: `baseline-trainpairs`).
+# `train_conv.conv3x3`'s form for the convolution and its gradients: "taps" (timed above)
+# or "pairs" (a candidate: a third of the products, untimed: `baseline-trainpairs`).
 TRAIN_CONV_FORM = "taps"
 
 

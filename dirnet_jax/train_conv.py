@@ -14,16 +14,20 @@ steps/s (benchmarks/NOTES.md).
 How: the convolution is 9 matrix products per output row, one per tap, of the input row
 shifted by the tap ([W, Cin], gathered with zeros outside the image) by the tap's [Cin,
 Cout] weights. The input gradient is the same convolution of the output gradient by the
-flipped, transposed kernel. A candidate form of both (``form="pairs"``; untimed) takes two
-output columns at once: per kernel row, the input columns 2c − 1 … 2c + 2 under output
-columns 2c and 2c + 1 gathered as a [W/2, 4·Cin] matrix (`first_layer.window_gather`), times
-the row's taps placed for both columns ([4·Cin, 2·Cout], `pair_weights`): 3 products an
-output row instead of 9, and their output is the row's memory as it lies. The kernel
-gradient is, per tap, Σ over pixels of x_shiftedᵀ · g: each program sums ``ROWS`` rows of
-one image into 9 [Cin, Cout] matrices, and XLA adds the programs' sums. Products on tensor
-cores, one TF32 product each (``passes=1``, the precision of cuDNN's at XLA's default
-precision: ~3e-4 of the largest value on the H200) or three (``passes=3``, ~3e-6; see
-`pooled_layers`). Pallas' interpreter computes each product at full precision.
+flipped, transposed kernel. The kernel gradient is, per tap, Σ over pixels of x_shiftedᵀ ·
+g: each program sums ``ROWS`` rows of one image into 9 [Cin, Cout] matrices, and XLA adds
+the programs' sums. Products on tensor cores, one TF32 product each (``passes=1``, the
+precision of cuDNN's at XLA's default precision: ~3e-4 of the largest value on the H200) or
+three (``passes=3``, ~3e-6; see `pooled_layers`). Pallas' interpreter computes each product
+at full precision.
+
+A candidate form of all three (``form="pairs"``; untimed) takes two output columns at once:
+per kernel row, the input columns 2c − 1 … 2c + 2 under output columns 2c and 2c + 1
+gathered as a [W/2, 4·Cin] matrix (`first_layer.window_gather`), times the row's taps placed
+for both columns ([4·Cin, 2·Cout], `pair_weights`): 3 products an output row instead of 9,
+and their output is the row's memory as it lies. Its kernel gradient multiplies that window,
+transposed, by the output gradient of both columns: per kernel row one [4·Cin, 2·Cout]
+product a step instead of three [Cin, Cout].
 
 The first conv (two input channels, fixed and moving, at full resolution; `models.conv_taps`)
 gets its kernel gradient from `taps_kernel_grad_gpu` (`with_taps_grad`): the same sums as
@@ -67,6 +71,9 @@ PASSES = 1  # tensor-core products per tap: TF32, as cuDNN's at default precisio
 # 128 programs, fewer than an H200's SMs (benchmarks/NOTES.md).
 CONV_FORM = "taps"
 PAIRS_PIXELS, PAIRS_WARPS = 64, 4
+# The pairs form's kernel gradient: image rows per program, column pairs per product,
+# warps (a [4·Cin, 2·Cout] product per kernel row; benchmarks/NOTES.md).
+PAIRS_ROWS, PAIRS_BLOCK, PAIRS_GRAD_WARPS = 4, 32, 4
 TAPS = [(dy, dx) for dy in range(3) for dx in range(3)]
 
 
@@ -240,50 +247,96 @@ def _kernel_grad_kernel(x_ref, g_ref, o_ref, *, height, width, rows, block, pass
         o_ref[pl.program_id(0), t, :, :] = sums[t]
 
 
-@functools.partial(jax.jit, static_argnames=("passes", "interpret", "rows", "block", "warps"))
+def _kernel_grad_kernel_pairs(
+    x_ref, g_ref, o_ref, *, height, width, rows, block, passes, interpret
+):  # fmt: skip
+    """Program p: Σ over rows p·rows … p·rows + rows − 1 of image b, `block` pairs of
+    columns at a time, of x_windowᵀ · g_pair per kernel row: [3, 4·Cin, 2·Cout] (g_ref is
+    [B, H, W/2, 2·Cout]: output columns 2c and 2c + 1 side by side)."""
+    b, block_at = _block_of(height, width // 2, rows, block)
+    cin, f2 = x_ref.shape[-1], g_ref.shape[-1]
+    contract_pixels = (((0,), (0,)), ((), ()))
+
+    def step(i, acc):
+        r, start, c = block_at(i)
+        g = g_ref[b, r, pl.ds(start, block), :].astype(jnp.float32)  # [block, 2·Cout]
+        g_big, g_small = tf32_split(g)
+        sums = []
+        for dy in range(3):
+            taken = window_gather(x_ref, b, r + dy - 1, c[:, None], 1, interpret)
+            split = tf32_split(taken) if passes == 3 else None
+            total = acc[dy]
+            for lhs, rhs in tf32_terms(taken, split, g_big, g_small):
+                total = total + jax.lax.dot_general(
+                    lhs, rhs, contract_pixels, precision=dot_precision(interpret),
+                    preferred_element_type=jnp.float32,
+                )  # fmt: skip
+            sums.append(total)
+        return tuple(sums)
+
+    zero = tuple(jnp.zeros((4 * cin, f2), jnp.float32) for _ in range(3))
+    sums = jax.lax.fori_loop(0, rows * (width // 2 // block), step, zero)
+    for dy in range(3):
+        o_ref[pl.program_id(0), dy, :, :] = sums[dy]
+
+
+@functools.partial(
+    jax.jit, static_argnames=("passes", "interpret", "rows", "block", "warps", "form")
+)
 def kernel_grad_gpu(
     x: jax.Array,
     g: jax.Array,
     passes: int = PASSES,
     interpret: bool = False,
-    rows: int = ROWS,
-    block: int = BLOCK,
-    warps: int = GRAD_WARPS,
+    rows: int | None = None,
+    block: int | None = None,
+    warps: int | None = None,
+    form: str = CONV_FORM,
 ) -> jax.Array:
     """The gradient of Σ g · conv(x, kernel) with respect to the kernel, by Triton.
 
     Args:
       x: [B, H, W, Cin], the convolution's input; g: [B, H, W, Cout], the gradient of its
         output (float32 or bfloat16).
-      passes, interpret: as `conv_gpu`.
+      passes, interpret, form: as `conv_gpu`.
       rows, block, warps: image rows per program (their greatest common divisor with H),
-        columns per product (at most W), warps per program (benchmarks/layers.py times
-        other choices).
+        columns (the pairs form: pairs of columns) per product, warps per program; None:
+        the form's own (benchmarks/layers.py times other choices).
 
     Returns:
       [3, 3, Cin, Cout] float32: Σ over images and pixels p of x[p + tap − 1]ᵀ · g[p].
     """
     _check(x.shape, g.shape[-1], passes)
-    body = functools.partial(_kernel_grad_kernel, passes=passes)
-    return _summed_per_tap(body, x, g, rows, block, warps, interpret)
-
-
-def _summed_per_tap(body, x, g, rows, block, warps, interpret):
-    """Σ over programs of body's per-tap sums [9, Cin, Cout], each program `rows` rows of
-    one image (their gcd with H) `block` columns at a time: [3, 3, Cin, Cout] float32."""
     batch, h, w, cin = x.shape
+    f = g.shape[-1]
+    if form != "pairs" or pairs_shape(h, w) is None:
+        shape = (rows or ROWS, block or BLOCK, warps or GRAD_WARPS)
+        body = functools.partial(_kernel_grad_kernel, passes=passes)
+        return _summed(body, x, g, *shape, interpret, (9, cin, f)).reshape(3, 3, cin, f)
+    shape = (rows or PAIRS_ROWS, block or PAIRS_BLOCK, warps or PAIRS_GRAD_WARPS)
+    body = functools.partial(_kernel_grad_kernel_pairs, passes=passes)
+    pairs = g.reshape(batch, h, w // 2, 2 * f)
+    sums = _summed(body, x, pairs, *shape, interpret, (3, 4 * cin, 2 * f), w // 2)
+    sums = sums.reshape(3, 4, cin, 2, f)  # [dy, input column 2c − 1 + v, Cin, 2c + j, F]
+    return jnp.stack([sums[:, dx, :, 0] + sums[:, dx + 1, :, 1] for dx in range(3)], axis=1)
+
+
+def _summed(body, x, g, rows, block, warps, interpret, sums_shape, columns=None):
+    """Σ over programs of body's sums [*sums_shape], each program `rows` rows of one image
+    (their gcd with H) `block` of `columns` (default W) at a time, float32."""
+    batch, h, w, _ = x.shape
     rows = math.gcd(h, rows)
     programs = batch * h // rows
-    body = functools.partial(body, height=h, width=w, rows=rows, block=min(w, block),
-                             interpret=interpret)  # fmt: skip
+    body = functools.partial(body, height=h, width=w, rows=rows,
+                             block=min(columns or w, block), interpret=interpret)  # fmt: skip
     partial_sums = pl.pallas_call(
         body,
-        out_shape=jax.ShapeDtypeStruct((programs, len(TAPS), cin, g.shape[-1]), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((programs, *sums_shape), jnp.float32),
         grid=(programs,),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
     )(x, g)
-    return partial_sums.sum(axis=0).reshape(3, 3, cin, g.shape[-1])
+    return partial_sums.sum(axis=0)
 
 
 def _block_of(height, width, rows, block):
@@ -348,7 +401,9 @@ def taps_kernel_grad_gpu(
     """
     if not applies_few(x.shape, g.shape[-1]):
         raise ValueError(f"taps_kernel_grad_gpu does not take {x.shape} → {g.shape[-1]}")
-    return _summed_per_tap(_taps_grad_kernel, x, g, rows, block, warps, interpret)
+    cin, f = x.shape[-1], g.shape[-1]
+    sums = _summed(_taps_grad_kernel, x, g, rows, block, warps, interpret, (9, cin, f))
+    return sums.reshape(3, 3, cin, f)
 
 
 def with_taps_grad(forward, interpret: bool = False, grad_shape: tuple[int, ...] = ()):
@@ -395,7 +450,7 @@ def flipped(kernel: jax.Array) -> jax.Array:
 
 def _gpu_grads(x, kernel, g, interpret=False, passes=PASSES, grad_shape=(), form=CONV_FORM):
     dx = conv_gpu(g, flipped(kernel), passes, interpret, form).astype(x.dtype)
-    dw = kernel_grad_gpu(x, g, passes, interpret, *grad_shape)
+    dw = kernel_grad_gpu(x, g, passes, interpret, *grad_shape, form=form)
     return dx, dw.astype(kernel.dtype)
 
 

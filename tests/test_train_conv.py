@@ -5,6 +5,7 @@ convolution and its gradients at full precision; the whole DIRNet's training gra
 with the kernels (the default) and with the first layer at once; their lowering for CUDA."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +59,10 @@ def test_kernels_are_the_convolution_and_its_gradients(rng, shape, cout):
             dx = conv(g, train_conv.flipped(kernel))
             atol = rtol * scale_of(expected_dx)
             np.testing.assert_allclose(dx, expected_dx, rtol=rtol, atol=atol)
-        # Rows per program (3: its gcd with H), columns per product (16: two per 32-pixel
-        # row, one per 16), warps: the default and another.
-        for grad_shape in [(), (3, 16, 2)]:
-            dw = train_conv.kernel_grad_gpu(x, g, passes, INTERPRET, *grad_shape)
+        # Rows per program (3: its gcd with H), columns (pairs of columns) per product (16:
+        # two per 32-pixel row, one per 16), warps: the default and another; both forms.
+        for grad_shape, form in itertools.product([(), (3, 16, 2)], ("taps", "pairs")):
+            dw = train_conv.kernel_grad_gpu(x, g, passes, INTERPRET, *grad_shape, form=form)
             assert dw.shape == kernel.shape and dw.dtype == jnp.float32
             # Sums over every pixel of every image: absolute error grows with their number.
             scale = float(jnp.abs(expected_dw).max())
