@@ -240,14 +240,25 @@ def triton_pooled_conv(
 
 rows_pooled_conv = functools.partial(triton_pooled_conv, form="rows")
 
-# Training's candidate: the first layer at once (first_layer_grad's kernels on CUDA).
-TRAIN_CANDIDATES = {"train_first_layer_conv": models.conv_taps_train}
-
 
 # `models.fused_first_layer` with the Triton kernel's "dot" form on CUDA (the 4×4 windows'
 # matrix times the window weights, three TF32 products; 4 warps, its lowest issue floor),
 # for `swapped("fused_first_layer", dot_first_layer)`: what it would buy.
 dot_first_layer = functools.partial(models.fused_first_layer, form="dot", num_warps=4)
+
+# Training's candidate: the first layer at once (first_layer_grad's kernels on CUDA).
+TRAIN_CANDIDATES = {"train_first_layer_conv": models.conv_taps_train}
+# Every candidate not yet the default, as `swapped_all` takes them: registration's (the
+# later layers by the rows form, the first layer on tensor cores) and training's (the
+# first layer at once by three TF32 products, its forward on tensor cores, the later
+# convs by pairs).
+INFER_CANDIDATES = {"pooled_conv": rows_pooled_conv, "fused_first_layer": dot_first_layer}
+TRAIN_ALL_CANDIDATES = {
+    **TRAIN_CANDIDATES,
+    "TRAIN_FIRST_LAYER_PASSES": 3,
+    "fused_first_layer": dot_first_layer,
+    "TRAIN_CONV_FORM": "pairs",
+}
 
 
 @contextlib.contextmanager
@@ -456,19 +467,19 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
     first: each swaps one choice (a config of its own seed, so no trace is shared)."""
     bf16 = base.replace(compute_dtype="bfloat16")
     return [
-        # The later pooled layers as Triton kernels (not yet the default), one TF32 product
-        # each: by the rows form (a product per input row of the window) on every layer it
-        # takes; by the taps form (a product per tap) on every layer, then on the 128²
-        # layer alone (the deeper ones were slower than cuDNN's in run 5).
+        # Every candidate at once, registration and training: what adopting them all
+        # would give (then each alone, below).
+        ("baseline-candidates", lambda: in_swap(
+            INFER_CANDIDATES, bench_register,
+            table, "baseline-candidates", base.replace(seed=14), p, batches, r)),
+        ("baseline-traincandidates", lambda: in_swap(
+            TRAIN_ALL_CANDIDATES, bench_train_dispatch,
+            table, "baseline-traincandidates", base.replace(seed=15), p, r)),
+        # The later pooled layers by the rows form (a product per input row of the window,
+        # one TF32 product), on every layer it takes.
         ("baseline-tritonrows", lambda: in_swap(
             {"pooled_conv": rows_pooled_conv}, bench_register,
             table, "baseline-tritonrows", base.replace(seed=12), p, batches, r)),
-        ("baseline-tritonpool", lambda: in_swap(
-            {"pooled_conv": triton_pooled_conv}, bench_register,
-            table, "baseline-tritonpool", base.replace(seed=5), p, batches, r)),
-        ("baseline-tritonpool2", lambda: in_swap(
-            {"pooled_conv": functools.partial(triton_pooled_conv, min_width=128)},
-            bench_register, table, "baseline-tritonpool2", base.replace(seed=6), p, batches, r)),
         # Inference's first layer on tensor cores: the 4×4 windows' matrix times the
         # window weights, three TF32 products (float32's accuracy).
         ("baseline-dotfirst", lambda: in_swap(
@@ -484,11 +495,20 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
             {**TRAIN_CANDIDATES, "TRAIN_FIRST_LAYER_PASSES": 3,
              "fused_first_layer": dot_first_layer}, bench_train_dispatch,
             table, "baseline-fusedfirst3", base.replace(seed=11), p, r)),
-        # The later convs and their input gradients in the pairs form (a product per
-        # kernel row for two output columns; untimed), on top of the training kernels.
+        # The later convs and their gradients in the pairs form (a product per kernel row
+        # for two output columns), on top of the training kernels.
         ("baseline-trainpairs", lambda: in_swap(
             {"TRAIN_CONV_FORM": "pairs"}, bench_train_dispatch,
             table, "baseline-trainpairs", base.replace(seed=13), p, r)),
+        # The later pooled layers by the taps form (a product per tap, one TF32 product) on
+        # every layer, then on the 128² layer alone (the deeper ones were slower than
+        # cuDNN's in run 5, with three products).
+        ("baseline-tritonpool", lambda: in_swap(
+            {"pooled_conv": triton_pooled_conv}, bench_register,
+            table, "baseline-tritonpool", base.replace(seed=5), p, batches, r)),
+        ("baseline-tritonpool2", lambda: in_swap(
+            {"pooled_conv": functools.partial(triton_pooled_conv, min_width=128)},
+            bench_register, table, "baseline-tritonpool2", base.replace(seed=6), p, batches, r)),
         # bfloat16 training with the Triton kernels (their sums in float32) against cuDNN's.
         ("baseline-bf16triton", lambda: in_swap(
             {"TRAIN_CONV_DTYPES": ("float32", "bfloat16")}, bench_train_dispatch,

@@ -37,14 +37,8 @@ from dirnet_jax.workdir import atomic_write_text
 FLAGS = {"what": "register", "size": "256", "batch": "1", "variant": "baseline",
          "calls": "20", "top": "25", "hlo": "", "candidates": "false"}  # fmt: skip
 # --candidates: the Triton kernels not yet the default, swapped in as benchmarks.core's
-# A/B rows swap them (`baseline-tritonrows`, `-dotfirst`, `-fusedfirst3`, `-trainpairs`).
-CANDIDATES = {
-    "pooled_conv": core.rows_pooled_conv,
-    "fused_first_layer": core.dot_first_layer,
-    **core.TRAIN_CANDIDATES,
-    "TRAIN_FIRST_LAYER_PASSES": 3,
-    "TRAIN_CONV_FORM": "pairs",
-}
+# A/B rows swap them (`baseline-candidates`, `-traincandidates`).
+CANDIDATES = {**core.INFER_CANDIDATES, **core.TRAIN_ALL_CANDIDATES}
 
 
 def parse(argv: list[str]) -> dict[str, str]:

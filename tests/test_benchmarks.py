@@ -219,8 +219,9 @@ def test_the_gpu_rows_no_gpu_has_run_yet_run(monkeypatch):
     table = core.Table()
     base = core.base_config(28)
     blocks = dict(core.gpu_ab_blocks(table, base, core.timed_pairs(28, 32), (1,), 1))
-    new = ["tritonrows", "tritonpool", "tritonpool2", "dotfirst", "fusedfirst", "fusedfirst3",
-           "trainpairs", "bf16triton", "xlatrain"]  # fmt: skip
+    new = ["candidates", "traincandidates", "tritonrows", "dotfirst", "fusedfirst",
+           "fusedfirst3", "trainpairs", "tritonpool", "tritonpool2", "bf16triton",
+           "xlatrain"]  # fmt: skip
     assert list(blocks)[: len(new)] == [f"baseline-{name}" for name in new]
     for name in new:
         blocks[f"baseline-{name}"]()
