@@ -220,31 +220,15 @@ def _kernel_grad_kernel(x_ref, g_ref, o_ref, *, height, width, rows, block, pass
     """Program p: Σ over rows p·rows … p·rows + rows − 1 of image b of x_shiftedᵀ · g, per
     tap, `block` columns at a time: [9, Cin, Cout]."""
     b, block_at = _block_of(height, width, rows, block)
-    cin, cout = x_ref.shape[-1], g_ref.shape[-1]
-    contract_pixels = (((0,), (0,)), ((), ()))  # xᵀ · g over the block's pixels
 
-    def step(i, acc):
-        r, start, cols = block_at(i)
-        g = g_ref[b, r, pl.ds(start, block), :].astype(jnp.float32)  # [block, Cout]
-        g_big, g_small = tf32_split(g)
-        sums = []
-        for t, (dy, dx) in enumerate(TAPS):
-            taken = gathered(x_ref, b, r + dy - 1, cols + dx - 1, height, width, dy != 1,
-                             dx != 1, interpret)  # fmt: skip
-            split = tf32_split(taken) if passes == 3 else None
-            total = acc[t]
-            for lhs, rhs in tf32_terms(taken, split, g_big, g_small):
-                total = total + jax.lax.dot_general(
-                    lhs, rhs, contract_pixels, precision=dot_precision(interpret),
-                    preferred_element_type=jnp.float32,
-                )  # fmt: skip
-            sums.append(total)
-        return tuple(sums)
+    def windows(r, cols):  # [block, Cin] per tap
+        for dy, dx in TAPS:
+            yield gathered(x_ref, b, r + dy - 1, cols + dx - 1, height, width, dy != 1,
+                           dx != 1, interpret)  # fmt: skip
 
-    zero = tuple(jnp.zeros((cin, cout), jnp.float32) for _ in TAPS)
-    sums = jax.lax.fori_loop(0, rows * (width // block), step, zero)
-    for t in range(len(TAPS)):
-        o_ref[pl.program_id(0), t, :, :] = sums[t]
+    sums = (len(TAPS), x_ref.shape[-1], g_ref.shape[-1])
+    steps = rows * (width // block)
+    _window_grads(g_ref, o_ref, b, block_at, steps, block, windows, sums, passes, interpret)
 
 
 def _kernel_grad_kernel_pairs(
@@ -254,30 +238,41 @@ def _kernel_grad_kernel_pairs(
     columns at a time, of x_windowᵀ · g_pair per kernel row: [3, 4·Cin, 2·Cout] (g_ref is
     [B, H, W/2, 2·Cout]: output columns 2c and 2c + 1 side by side)."""
     b, block_at = _block_of(height, width // 2, rows, block)
-    cin, f2 = x_ref.shape[-1], g_ref.shape[-1]
-    contract_pixels = (((0,), (0,)), ((), ()))
+
+    def windows(r, c):  # [block, 4·Cin] per kernel row: input columns 2c − 1 … 2c + 2
+        for dy in range(3):
+            yield window_gather(x_ref, b, r + dy - 1, c[:, None], 1, interpret)
+
+    sums = (3, 4 * x_ref.shape[-1], g_ref.shape[-1])
+    steps = rows * (width // 2 // block)
+    _window_grads(g_ref, o_ref, b, block_at, steps, block, windows, sums, passes, interpret)
+
+
+def _window_grads(g_ref, o_ref, b, block_at, steps, block, windows, sums, passes, interpret):
+    """The kernel-gradient loop: over `steps` (block_at: step → row, first column,
+    columns), Σ windowᵀ · g for each window that `windows(row, columns)` yields ([block, K]
+    each) and g the step's [block, N] rows of g_ref; written to o_ref[program] as `sums`
+    ([windows, K, N])."""
+    contract_pixels = (((0,), (0,)), ((), ()))  # windowᵀ · g over the block's pixels
 
     def step(i, acc):
-        r, start, c = block_at(i)
-        g = g_ref[b, r, pl.ds(start, block), :].astype(jnp.float32)  # [block, 2·Cout]
+        r, start, cols = block_at(i)
+        g = g_ref[b, r, pl.ds(start, block), :].astype(jnp.float32)
         g_big, g_small = tf32_split(g)
-        sums = []
-        for dy in range(3):
-            taken = window_gather(x_ref, b, r + dy - 1, c[:, None], 1, interpret)
+        out = []
+        for total, taken in zip(acc, windows(r, cols), strict=True):
             split = tf32_split(taken) if passes == 3 else None
-            total = acc[dy]
             for lhs, rhs in tf32_terms(taken, split, g_big, g_small):
                 total = total + jax.lax.dot_general(
                     lhs, rhs, contract_pixels, precision=dot_precision(interpret),
                     preferred_element_type=jnp.float32,
                 )  # fmt: skip
-            sums.append(total)
-        return tuple(sums)
+            out.append(total)
+        return tuple(out)
 
-    zero = tuple(jnp.zeros((4 * cin, f2), jnp.float32) for _ in range(3))
-    sums = jax.lax.fori_loop(0, rows * (width // 2 // block), step, zero)
-    for dy in range(3):
-        o_ref[pl.program_id(0), dy, :, :] = sums[dy]
+    zero = tuple(jnp.zeros(sums[1:], jnp.float32) for _ in range(sums[0]))
+    for k, total in enumerate(jax.lax.fori_loop(0, steps, step, zero)):
+        o_ref[pl.program_id(0), k, :, :] = total
 
 
 @functools.partial(
