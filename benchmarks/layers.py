@@ -47,7 +47,7 @@ LAYERS = ("1", "2", "train", "train1", "train1bn")
 # 1.235: broadcast expm1 1.648, 16 warps 1.393; unpadded exp 1.315, 4 warps 1.438; the
 # fastest scalar form (one output channel at a time; 2 rows, 8 warps, since removed) 1.824.
 # Then the window's matrix products on tensor cores (untimed; sm_90a issue floor at batch
-# 512 0.32 ms with three products and 4 warps, 0.30 with one, against the default's 0.55).
+# 512 0.29 ms with three products and 4 warps, 0.27 with one, against the default's 0.55).
 SHAPES = [
     (first_layer.FORM, first_layer.ROWS, first_layer.WARPS, first_layer.EXPM1),
     ("broadcast", 1, 8, "exp2"),

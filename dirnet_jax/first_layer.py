@@ -17,9 +17,9 @@ pairs, with no edge to mask.
 A candidate form (`dot`, `dot1`; untimed) computes the conv on tensor cores: the 4×4
 window of every pooled column, 16·C values, gathered from the images unpadded (masked at
 the edges: no padding pass) as one row of a [W/2, 16·C] matrix (`window_gather`), times
-the kernel placed at each pooling position in the window (`window_weights`), by three
-TF32 products (float32's accuracy, ~3e-6 of the largest value) or one. `first_layer_grad`
-uses the same matrix in training.
+the kernel placed at each pooling position in the window, the four side by side
+(`wide_weights`), by three TF32 products (float32's accuracy, ~3e-6 of the largest value)
+or one. `first_layer_grad` uses the same matrix in training.
 """
 
 from __future__ import annotations
@@ -177,16 +177,36 @@ def _kernel_dot(
     interpret,
 ):  # fmt: skip
     """One pooled row per program, its convs as matrix products on tensor cores: the 4×4
-    input window of every pooled column gathered as one [tw, 16·Cin] matrix, times each
-    pooling position's [16·Cin, Cout] weights (`window_weights`), `passes` TF32 products
-    each (`tf32.tf32_terms`)."""
+    input window of every pooled column gathered as one [tw, 16·Cin] matrix, times the four
+    pooling positions' weights side by side ([16·Cin, 4·Cout], `wide_weights`), `passes`
+    TF32 products (`tf32.tf32_terms`)."""
     b, r = _program(rows, 1)
     c = jax.lax.broadcasted_iota(jnp.int32, (tw, 1), 0)
     window = window_gather(x_ref, b, 2 * r - 1, c, 4, interpret)
     split = tf32_split(window) if passes == 3 else None
-    bias = b_ref[:][None, :]
-    convs = [z + bias for z in window_convs(window, split, wb_ref, ws_ref, interpret)]
-    o_ref[b, r, :, :] = pool_window(convs, pool, expm1).astype(o_ref.dtype)
+    convs = None  # [tw, 4·Cout]: the four pooling positions side by side
+    for lhs, rhs in tf32_terms(window, split, wb_ref[...], ws_ref[...]):
+        term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
+                       preferred_element_type=jnp.float32)  # fmt: skip
+        convs = term if convs is None else convs + term
+    o_ref[b, r, :, :] = pool_wide(convs, b_ref[:], pool, expm1).astype(o_ref.dtype)
+
+
+def wide_weights(kernel: jax.Array) -> jax.Array:
+    """kernel [3, 3, Cin, F] as [16·Cin, 4·F]: `window_weights` side by side, pooling
+    position p in columns p·F … p·F + F − 1, so that one product of the window matrix gives
+    the conv at all four (its rows in input-row blocks of 4·Cin: `pooled_layers`' rows)."""
+    cin, f = kernel.shape[2:]
+    return window_weights(kernel).transpose(1, 0, 2).reshape(16 * cin, 4 * f)
+
+
+def pool_wide(convs, bias, pool, expm1):
+    """The conv at the four pooling positions side by side, [M, 4·F] (`wide_weights`), plus
+    bias [F], ELU, then their mean or max: [M, F] (by a [M, 4, F] view and a reduction over
+    its middle axis, which Pallas lowers where a slice of columns it does not)."""
+    y = convs.reshape(convs.shape[0], 4, bias.shape[-1]) + bias[None, None, :]
+    y = jnp.where(y > 0, y, expm1(y))
+    return jnp.sum(y, axis=1) / 4 if pool == "avg" else jnp.max(y, axis=1)
 
 
 def window_convs(window, split, wb_ref, ws_ref, interpret):
@@ -298,7 +318,7 @@ def kernel_call(
     weights = (kernel.astype(jnp.float32),)
     if form in DOT_FORMS:
         body = functools.partial(body, interpret=interpret)
-        weights = tf32_split(window_weights(kernel.astype(jnp.float32)))
+        weights = tf32_split(wide_weights(kernel.astype(jnp.float32)))
     return pl.pallas_call(
         body,
         out_shape=jax.ShapeDtypeStruct((batch, rows, tw, cout), out_dtype),

@@ -48,7 +48,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dirnet_jax import first_layer
-from dirnet_jax.first_layer import pool_window, power_of_two, window_gather, window_weights
+from dirnet_jax.first_layer import (
+    pool_wide,
+    pool_window,
+    power_of_two,
+    wide_weights,
+    window_gather,
+)
 from dirnet_jax.tf32 import dot_precision, tf32_split, tf32_terms
 
 WARPS = 4
@@ -112,7 +118,7 @@ def _kernel_rows(
     [B, H/2·W/2, Cout]): per input row of the window, one product by `row_weights`."""
     pid = pl.program_id(0)
     b, r0 = pid // (rows // th), (pid % (rows // th)) * th
-    tw, cout = width // 2, o_ref.shape[-1]
+    tw = width // 2
     m = jax.lax.broadcasted_iota(jnp.int32, (th * tw, 1), 0)  # pooled row r0 + m // tw
     r, c = r0 + jax.lax.div(m, tw), jax.lax.rem(m, tw)  # and column m % tw
     acc = None  # the conv at the four pooling positions, [th·W/2, 4·Cout]
@@ -123,19 +129,17 @@ def _kernel_rows(
             term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
                            preferred_element_type=jnp.float32)  # fmt: skip
             acc = term if acc is None else acc + term
-    y = acc.reshape(th * tw, 4, cout) + b_ref[:][None, None, :]
-    y = jnp.where(y > 0, y, first_layer.EXPM1S[first_layer.EXPM1](y))
-    pooled = jnp.sum(y, axis=1) / 4 if pool == "avg" else jnp.max(y, axis=1)
+    pooled = pool_wide(acc, b_ref[:], pool, first_layer.EXPM1S[first_layer.EXPM1])
     o_ref[b, pl.ds(r0 * tw, th * tw), :] = pooled.astype(o_ref.dtype)
 
 
 def row_weights(kernel: jax.Array) -> jax.Array:
     """kernel [3, 3, Cin, F] as [4, 4·Cin, 4·F]: for input row u of the 4×4 window (its
     `window_gather` columns), the kernel placed at pooling position p = 2a + b in the
-    window, in columns p·F … p·F + F − 1 (zeros where it does not reach)."""
+    window, in columns p·F … p·F + F − 1 (zeros where it does not reach): the rows of
+    `first_layer.wide_weights` in blocks of 4·Cin."""
     cin, f = kernel.shape[2:]
-    placed = window_weights(kernel).reshape(4, 4, 4 * cin, f)  # [p, u, 4·Cin, F]
-    return placed.transpose(1, 2, 0, 3).reshape(4, 4 * cin, 4 * f)
+    return wide_weights(kernel).reshape(4, 4 * cin, 4 * f)
 
 
 FORMS = {"taps": _kernel, "rows": _kernel_rows}
