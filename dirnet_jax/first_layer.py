@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dirnet_jax.tf32 import dot_precision, tf32_split, tf32_terms
+from dirnet_jax.tf32 import tf32_dot, tf32_split
 
 # The kernel's form (`FORMS`), pooled rows and warps per Triton program, and ELU's expm1
 # (`EXPM1S`): the fastest of those benchmarks/layers.py timed on an H200.
@@ -89,6 +89,25 @@ def _program(rows, th):
     """(pair, first pooled row) of this program."""
     pid = pl.program_id(0)
     return pid // (rows // th), (pid % (rows // th)) * th
+
+
+def program_pixels(rows, th, tw):
+    """This program's image b and first row r0 of `rows`, `th` rows a program, and its
+    th·tw pixels as row r and column c, [th·tw, 1] each (pixel m: row r0 + m // tw, column
+    m % tw)."""
+    b, r0 = _program(rows, th)
+    m = jax.lax.broadcasted_iota(jnp.int32, (th * tw, 1), 0)
+    return b, r0, r0 + jax.lax.div(m, tw), jax.lax.rem(m, tw)
+
+
+def fitting_rows(rows: int, per_row: int, pixels: int) -> int:
+    """The most rows, a power of two dividing `rows`, whose `per_row` pixels each come to at
+    most `pixels` (at least one row): a program's rows where its products' M is
+    rows × per_row."""
+    th = 1
+    while 2 * th * per_row <= pixels and rows % (2 * th) == 0:
+        th *= 2
+    return th
 
 
 def _kernel_broadcast(x_ref, w_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, pool, expm1):
@@ -179,16 +198,12 @@ def _kernel_dot(
     """One pooled row per program, its convs as matrix products on tensor cores: the 4×4
     input window of every pooled column gathered as one [tw, 16·Cin] matrix, times the four
     pooling positions' weights side by side ([16·Cin, 4·Cout], `wide_weights`), `passes`
-    TF32 products (`tf32.tf32_terms`)."""
+    TF32 products (`tf32.tf32_dot`)."""
     b, r = _program(rows, 1)
     c = jax.lax.broadcasted_iota(jnp.int32, (tw, 1), 0)
     window = window_gather(x_ref, b, 2 * r - 1, c, 4, interpret)
     split = tf32_split(window) if passes == 3 else None
-    convs = None  # [tw, 4·Cout]: the four pooling positions side by side
-    for lhs, rhs in tf32_terms(window, split, wb_ref[...], ws_ref[...]):
-        term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
-                       preferred_element_type=jnp.float32)  # fmt: skip
-        convs = term if convs is None else convs + term
+    convs = tf32_dot(window, split, wb_ref[...], ws_ref[...], interpret)  # [tw, 4·Cout]
     o_ref[b, r, :, :] = pool_wide(convs, b_ref[:], pool, expm1).astype(o_ref.dtype)
 
 
@@ -213,15 +228,7 @@ def window_convs(window, split, wb_ref, ws_ref, interpret):
     """The conv at the four pooling positions from the window matrix [tw, 16·Cin]
     (`window_gather`) and its TF32 split (three products) or None (one), times the window
     weights split (`window_weights`, `tf32.tf32_split`): 4 × [tw, F]."""
-    convs = []
-    for p in range(4):
-        acc = None
-        for lhs, rhs in tf32_terms(window, split, wb_ref[p, :, :], ws_ref[p, :, :]):
-            term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
-                           preferred_element_type=jnp.float32)  # fmt: skip
-            acc = term if acc is None else acc + term
-        convs.append(acc)
-    return convs
+    return [tf32_dot(window, split, wb_ref[p, :, :], ws_ref[p, :, :], interpret) for p in range(4)]
 
 
 def padded_pairs(x: jax.Array) -> jax.Array:

@@ -49,13 +49,15 @@ from jax.experimental.pallas import triton as plgpu
 
 from dirnet_jax import first_layer
 from dirnet_jax.first_layer import (
+    fitting_rows,
     pool_wide,
     pool_window,
     power_of_two,
+    program_pixels,
     wide_weights,
     window_gather,
 )
-from dirnet_jax.tf32 import dot_precision, tf32_split, tf32_terms
+from dirnet_jax.tf32 import tf32_dot, tf32_split
 
 WARPS = 4
 PASSES = 3  # tensor-core products per tap: float32 to ~3e-6 (1: TF32, as XLA's conv)
@@ -87,7 +89,6 @@ def _kernel(x_ref, wb_ref, ws_ref, b_ref, o_ref, *, rows, width, pool, passes, i
     pid = pl.program_id(0)
     b, r = pid // rows, pid % rows
     col = 2 * jax.lax.broadcasted_iota(jnp.int32, (width // 2,), 0) - 1
-    precision = dot_precision(interpret)
     acc = {}  # (a, b) position in the pooling window → conv output [W/2, Cout]
     for u in range(4):  # input row 2r − 1 + u
         row = 2 * r - 1 + u
@@ -100,11 +101,8 @@ def _kernel(x_ref, wb_ref, ws_ref, b_ref, o_ref, *, rows, width, pool, passes, i
                     dy, dx = u - a, v - bb
                     if not (0 <= dy < 3 and 0 <= dx < 3):
                         continue
-                    products = tf32_terms(taken, split, wb_ref[dy, dx, :, :], ws_ref[dy, dx, :, :])
-                    for lhs, rhs in products:  # acc + dot: Triton accumulates in place
-                        term = jnp.dot(lhs, rhs, precision=precision,
-                                       preferred_element_type=jnp.float32)  # fmt: skip
-                        acc[a, bb] = term if (a, bb) not in acc else acc[a, bb] + term
+                    w = wb_ref[dy, dx, :, :], ws_ref[dy, dx, :, :]
+                    acc[a, bb] = tf32_dot(taken, split, *w, interpret, acc.get((a, bb)))
     bias = b_ref[:][None, :]
     window = [acc[a, bb] + bias for a in range(2) for bb in range(2)]
     expm1 = first_layer.EXPM1S[first_layer.EXPM1]  # as the first layer's kernel
@@ -116,19 +114,13 @@ def _kernel_rows(
 ):  # fmt: skip
     """Pooled rows r0 … r0 + th − 1 of pair b, every column, as [th·W/2, Cout] (o_ref is
     [B, H/2·W/2, Cout]): per input row of the window, one product by `row_weights`."""
-    pid = pl.program_id(0)
-    b, r0 = pid // (rows // th), (pid % (rows // th)) * th
     tw = width // 2
-    m = jax.lax.broadcasted_iota(jnp.int32, (th * tw, 1), 0)  # pooled row r0 + m // tw
-    r, c = r0 + jax.lax.div(m, tw), jax.lax.rem(m, tw)  # and column m % tw
+    b, r0, r, c = program_pixels(rows, th, tw)  # pooled rows r, columns c: [th·W/2, 1]
     acc = None  # the conv at the four pooling positions, [th·W/2, 4·Cout]
     for u in range(4):  # input row 2r − 1 + u
         taken = window_gather(x_ref, b, 2 * r - 1 + u, c, 1, interpret)  # [th·W/2, 4·C]
         split = tf32_split(taken) if passes == 3 else None
-        for lhs, rhs in tf32_terms(taken, split, wb_ref[u, :, :], ws_ref[u, :, :]):
-            term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
-                           preferred_element_type=jnp.float32)  # fmt: skip
-            acc = term if acc is None else acc + term
+        acc = tf32_dot(taken, split, wb_ref[u, :, :], ws_ref[u, :, :], interpret, acc)
     pooled = pool_wide(acc, b_ref[:], pool, first_layer.EXPM1S[first_layer.EXPM1])
     o_ref[b, pl.ds(r0 * tw, th * tw), :] = pooled.astype(o_ref.dtype)
 
@@ -151,10 +143,7 @@ def program_shape(form: str, h: int, w: int) -> tuple[int, int]:
     (a power of two), and ROWS_WARPS."""
     if form != "rows":
         return 1, WARPS
-    th = 1
-    while 2 * th * (w // 2) <= ROWS_PIXELS and (h // 2) % (2 * th) == 0:
-        th *= 2
-    return th, ROWS_WARPS
+    return fitting_rows(h // 2, w // 2, ROWS_PIXELS), ROWS_WARPS
 
 
 def gathered(x_ref, b, row, cols, height, width, edge_row, edge_col, interpret, channel=None):

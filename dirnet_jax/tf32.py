@@ -28,6 +28,17 @@ def tf32_terms(x, x_split, w_big, w_small):
     return ((small, w_big), (big, w_small), (big, w_big))
 
 
+def tf32_dot(x, x_split, w_big, w_small, interpret, acc=None):
+    """acc + x·w for w = w_big + w_small: `tf32_terms`' products on tensor cores, each added
+    in turn (Triton folds acc + dot into the product's accumulator); with acc None, their
+    sum alone. x [M, K], x_split its `tf32_split` or None, w_big, w_small [K, N]."""
+    for lhs, rhs in tf32_terms(x, x_split, w_big, w_small):
+        term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
+                       preferred_element_type=jnp.float32)  # fmt: skip
+        acc = term if acc is None else acc + term
+    return acc
+
+
 def dot_precision(interpret: bool):
     """Each product on tensor cores as TF32; in Pallas' interpreter at full precision."""
     return jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32

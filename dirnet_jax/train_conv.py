@@ -48,9 +48,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dirnet_jax.dispatch import cuda_or_xla
-from dirnet_jax.first_layer import power_of_two, window_gather
+from dirnet_jax.first_layer import fitting_rows, power_of_two, program_pixels, window_gather
 from dirnet_jax.pooled_layers import gathered
-from dirnet_jax.tf32 import dot_precision, tf32_split, tf32_terms
+from dirnet_jax.tf32 import dot_precision, tf32_dot, tf32_split, tf32_terms
 
 WARPS = 4  # the convolution's: 528 instructions, 62 registers (1 warp: 1,600 and 176)
 # The kernel gradient: image rows per program (fewer where the height is not a multiple),
@@ -119,10 +119,7 @@ def _conv_kernel(x_ref, wb_ref, ws_ref, o_ref, *, height, width, passes, interpr
         taken = gathered(x_ref, b, r + dy - 1, cols + dx - 1, height, width, dy != 1, dx != 1,
                          interpret)  # fmt: skip
         split = tf32_split(taken) if passes == 3 else None
-        for lhs, rhs in tf32_terms(taken, split, wb_ref[dy, dx, :, :], ws_ref[dy, dx, :, :]):
-            term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
-                           preferred_element_type=jnp.float32)  # fmt: skip
-            acc = term if acc is None else acc + term
+        acc = tf32_dot(taken, split, wb_ref[dy, dx, :, :], ws_ref[dy, dx, :, :], interpret, acc)
     o_ref[b, r, :, :] = acc.astype(o_ref.dtype)
 
 
@@ -130,19 +127,13 @@ def _conv_kernel_pairs(x_ref, wb_ref, ws_ref, o_ref, *, height, width, passes, i
     """Output rows r0 … r0 + th − 1 of image b as [th·W/2, 2·Cout] (o_ref is
     [B, H·W/2, 2·Cout]): per kernel row, the input columns 2c − 1 … 2c + 2 under each pair
     of output columns 2c, 2c + 1, [th·W/2, 4·Cin], times `pair_weights`."""
-    pid = pl.program_id(0)
     tw = width // 2
-    b, r0 = pid // (height // th), (pid % (height // th)) * th
-    m = jax.lax.broadcasted_iota(jnp.int32, (th * tw, 1), 0)  # output row r0 + m // tw
-    r, c = r0 + jax.lax.div(m, tw), jax.lax.rem(m, tw)  # and columns 2c, 2c + 1
+    b, r0, r, c = program_pixels(height, th, tw)  # output rows r, columns 2c, 2c + 1
     acc = None
     for dy in range(3):  # input row r + dy − 1
         taken = window_gather(x_ref, b, r + dy - 1, c, 1, interpret)  # [th·W/2, 4·Cin]
         split = tf32_split(taken) if passes == 3 else None
-        for lhs, rhs in tf32_terms(taken, split, wb_ref[dy, :, :], ws_ref[dy, :, :]):
-            term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
-                           preferred_element_type=jnp.float32)  # fmt: skip
-            acc = term if acc is None else acc + term
+        acc = tf32_dot(taken, split, wb_ref[dy, :, :], ws_ref[dy, :, :], interpret, acc)
     o_ref[b, pl.ds(r0 * tw, th * tw), :] = acc.astype(o_ref.dtype)
 
 
@@ -159,12 +150,7 @@ def pairs_shape(h: int, w: int) -> int | None:
     """Output rows per program of the pairs form for [H, W] inputs: the most up to
     PAIRS_PIXELS pairs of columns that divide H (a power of two); None where the form does
     not take the width (fewer than 32 columns: a product of fewer than 16 rows)."""
-    if w < 32:
-        return None
-    th = 1
-    while 2 * th * (w // 2) <= PAIRS_PIXELS and h % (2 * th) == 0:
-        th *= 2
-    return th
+    return fitting_rows(h, w // 2, PAIRS_PIXELS) if w >= 32 else None
 
 
 def _check(x_shape, features, passes):
