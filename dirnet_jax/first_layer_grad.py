@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dirnet_jax import first_layer
-from dirnet_jax.tf32 import dot_precision, tf32_split, tf32_terms
+from dirnet_jax.tf32 import tf32_dot, tf32_split
 
 WARPS = 8  # as inference's kernel, whose [W/2, F] window sums these repeat
 # `passes`, how each kernel computes the conv and the kernel gradient: 0, float32
@@ -57,7 +57,6 @@ WARPS = 8  # as inference's kernel, whose [W/2, F] window sums these repeat
 # instructions over 32 trips, 241 registers); 1: one row, 4 warps (2,648, 217).
 # benchmarks/layers.py times others.
 GRAD_SHAPES = {0: (1, 0, 8), 1: (1, 0, 4), 3: (4, 16, 1)}
-CONTRACT_PIXELS = (((0,), (0,)), ((), ()))  # aᵀ · b over a block's pixels
 
 
 def applies(x_shape: tuple[int, ...], features: int, downsampling: str, passes: int = 0) -> bool:
@@ -219,13 +218,7 @@ def _window_grads(acc, inputs, g_z, interpret):
     window, split = inputs
     out = []
     for p, g in enumerate(g_z):
-        g_big, g_small = tf32_split(g)
-        total = acc[p]
-        for lhs, rhs in tf32_terms(window, split, g_big, g_small):
-            term = jax.lax.dot_general(lhs, rhs, CONTRACT_PIXELS, precision=dot_precision(
-                interpret), preferred_element_type=jnp.float32)  # fmt: skip
-            total = term if total is None else total + term
-        out.append(total)
+        out.append(tf32_dot(window, split, *tf32_split(g), interpret, acc[p], transpose_x=True))
     return tuple(out)
 
 

@@ -28,13 +28,20 @@ def tf32_terms(x, x_split, w_big, w_small):
     return ((small, w_big), (big, w_small), (big, w_big))
 
 
-def tf32_dot(x, x_split, w_big, w_small, interpret, acc=None):
-    """acc + x·w for w = w_big + w_small: `tf32_terms`' products on tensor cores, each added
-    in turn (Triton folds acc + dot into the product's accumulator); with acc None, their
-    sum alone. x [M, K], x_split its `tf32_split` or None, w_big, w_small [K, N]."""
+CONTRACT_ROWS = (((0,), (0,)), ((), ()))  # xᵀ · w: summed over their rows (pixels)
+
+
+def tf32_dot(x, x_split, w_big, w_small, interpret, acc=None, transpose_x=False):
+    """acc + x·w (xᵀ·w with `transpose_x`) for w = w_big + w_small: `tf32_terms`' products
+    on tensor cores, each added in turn (Triton folds acc + dot into the product's
+    accumulator); with acc None, their sum alone. x [M, K] ([K, M] transposed), x_split its
+    `tf32_split` or None, w_big, w_small [K, N]."""
     for lhs, rhs in tf32_terms(x, x_split, w_big, w_small):
-        term = jnp.dot(lhs, rhs, precision=dot_precision(interpret),
-                       preferred_element_type=jnp.float32)  # fmt: skip
+        options = dict(precision=dot_precision(interpret), preferred_element_type=jnp.float32)
+        if transpose_x:
+            term = jax.lax.dot_general(lhs, rhs, CONTRACT_ROWS, **options)
+        else:
+            term = jnp.dot(lhs, rhs, **options)
         acc = term if acc is None else acc + term
     return acc
 

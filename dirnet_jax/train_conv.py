@@ -50,7 +50,7 @@ from jax.experimental.pallas import triton as plgpu
 from dirnet_jax.dispatch import cuda_or_xla
 from dirnet_jax.first_layer import fitting_rows, power_of_two, program_pixels, window_gather
 from dirnet_jax.pooled_layers import gathered
-from dirnet_jax.tf32 import dot_precision, tf32_dot, tf32_split, tf32_terms
+from dirnet_jax.tf32 import tf32_dot, tf32_split
 
 WARPS = 4  # the convolution's: 528 instructions, 62 registers (1 warp: 1,600 and 176)
 # The kernel gradient: image rows per program (fewer where the height is not a multiple),
@@ -239,7 +239,6 @@ def _window_grads(g_ref, o_ref, b, block_at, steps, block, windows, sums, passes
     columns), Σ windowᵀ · g for each window that `windows(row, columns)` yields ([block, K]
     each) and g the step's [block, N] rows of g_ref; written to o_ref[program] as `sums`
     ([windows, K, N])."""
-    contract_pixels = (((0,), (0,)), ((), ()))  # windowᵀ · g over the block's pixels
 
     def step(i, acc):
         r, start, cols = block_at(i)
@@ -248,11 +247,7 @@ def _window_grads(g_ref, o_ref, b, block_at, steps, block, windows, sums, passes
         out = []
         for total, taken in zip(acc, windows(r, cols), strict=True):
             split = tf32_split(taken) if passes == 3 else None
-            for lhs, rhs in tf32_terms(taken, split, g_big, g_small):
-                total = total + jax.lax.dot_general(
-                    lhs, rhs, contract_pixels, precision=dot_precision(interpret),
-                    preferred_element_type=jnp.float32,
-                )  # fmt: skip
+            total = tf32_dot(taken, split, g_big, g_small, interpret, total, transpose_x=True)
             out.append(total)
         return tuple(out)
 
