@@ -214,7 +214,7 @@ def _kernel_grad_kernel(x_ref, g_ref, o_ref, *, height, width, rows, block, pass
 
     sums = (len(TAPS), x_ref.shape[-1], g_ref.shape[-1])
     steps = rows * (width // block)
-    _window_grads(g_ref, o_ref, b, block_at, steps, block, windows, sums, passes, interpret)
+    _kernel_grad_loop(g_ref, o_ref, b, block_at, steps, block, windows, sums, passes, interpret)
 
 
 def _kernel_grad_kernel_pairs(
@@ -231,10 +231,10 @@ def _kernel_grad_kernel_pairs(
 
     sums = (3, 4 * x_ref.shape[-1], g_ref.shape[-1])
     steps = rows * (width // 2 // block)
-    _window_grads(g_ref, o_ref, b, block_at, steps, block, windows, sums, passes, interpret)
+    _kernel_grad_loop(g_ref, o_ref, b, block_at, steps, block, windows, sums, passes, interpret)
 
 
-def _window_grads(g_ref, o_ref, b, block_at, steps, block, windows, sums, passes, interpret):
+def _kernel_grad_loop(g_ref, o_ref, b, block_at, steps, block, windows, sums, passes, interpret):
     """The kernel-gradient loop: over `steps` (block_at: step → row, first column,
     columns), Σ windowᵀ · g for each window that `windows(row, columns)` yields ([block, K]
     each) and g the step's [block, N] rows of g_ref; written to o_ref[program] as `sums`
