@@ -181,13 +181,17 @@ def bench_register(table, name, config, pairs, batches, repeats, fn=register) ->
 def swapped(name: str, value):
     """`dirnet_jax.models.<name>` replaced by `value` while the context lasts: the other
     side of a comparison on a GPU. Give the config a field of its own (a seed, say), so
-    that jit traces again instead of reusing a trace made without the swap."""
+    that jit traces again instead of reusing a trace made without the swap; jit's caches
+    are also cleared on the way in and out, since a trace need not see the config's seed
+    (a TrainState keeps `config.network()`)."""
     original = getattr(models, name)
     setattr(models, name, value)
+    jax.clear_caches()
     try:
         yield
     finally:
         setattr(models, name, original)
+        jax.clear_caches()
 
 
 def xla_conv(features: int, conv=None, **kwargs) -> nn.Module:
@@ -263,9 +267,11 @@ TRAIN_ALL_CANDIDATES = {
 
 @contextlib.contextmanager
 def environment(name: str, value: str):
-    """os.environ[name] = value while the context lasts (read when jit traces)."""
+    """os.environ[name] = value while the context lasts (read when jit traces, so jit's
+    caches are cleared on the way in and out)."""
     original = os.environ.get(name)
     os.environ[name] = value
+    jax.clear_caches()
     try:
         yield
     finally:
@@ -273,6 +279,7 @@ def environment(name: str, value: str):
             del os.environ[name]
         else:
             os.environ[name] = original
+        jax.clear_caches()
 
 
 # `register` with XLA:GPU's default CUDA-graph threshold: what INFER_COMPILER_OPTIONS buys.
@@ -435,8 +442,11 @@ def parse_options(argv: list[str], defaults: dict[str, str]) -> dict[str, str]:
 
 def parse(argv: list[str]) -> tuple[bool, dict[str, str]]:
     """(--quick given, {'out': path or '', 'seconds': budget, 'min_seconds': per measure,
-    'variants': comma-separated names or '', 'sizes': comma-separated 256 and/or 28})."""
-    opts = {"out": "", "seconds": "inf", "min_seconds": "", "variants": "", "sizes": "256,28"}
+    'variants': comma-separated names or '', 'sizes': comma-separated 256 and/or 28,
+    'ab': comma-separated A/B row names (GPU only: the baseline and these rows alone) or ''})."""
+    opts = {
+        "out": "", "seconds": "inf", "min_seconds": "", "variants": "", "sizes": "256,28", "ab": ""
+    }  # fmt: skip
     quick = False
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
@@ -561,6 +571,16 @@ def main(argv: list[str]) -> None:
     def repeats(size):
         return 30 if on_gpu else (20 if size == 28 else 5) // (2 if quick else 1)
 
+    if opts["ab"]:
+        if not on_gpu:
+            sys.exit("error: --ab: the A/B rows run on a GPU only")
+        some_base = next(iter(bases.values()))
+        known = {label for label, _ in gpu_ab_blocks(Table(), some_base, None, batches, 0)}
+        unknown = set(opts["ab"].split(",")) - known
+        if unknown:
+            sys.exit(f"error: --ab: no row {', '.join(sorted(unknown))}; "
+                     f"known: {','.join(sorted(known))}")  # fmt: skip
+        names = ["baseline"]
     pairs = {size: timed_pairs(size, max(batches)) for size in bases}
 
     def baseline_blocks(size: int) -> list[tuple[str, Callable[[], None]]]:
@@ -577,6 +597,9 @@ def main(argv: list[str]) -> None:
     # The baselines, their PyTorch twins and A/B rows first, so that a run cut short by a
     # time limit still has every comparison; then the other variants.
     blocks = [block for size in bases if "baseline" in names for block in baseline_blocks(size)]
+    if opts["ab"]:  # the baseline and the A/B rows named, nothing else
+        keep = set(opts["ab"].split(",")) | {"baseline"}
+        blocks = [(label, run) for label, run in blocks if label.rsplit(" ", 1)[0] in keep]
     for name in [n for n in names if n != "baseline"]:
         for size, base in bases.items():
             config = variant(name, base)

@@ -1,6 +1,7 @@
 """The profiling tool: a real trace of a small call, parsed into per-operation times."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from benchmarks import core, flags, layers, one_pair, profile
 from dirnet_jax import DIRNetConfig, init_variables, variant
 from dirnet_jax.models import Regressor, register
+from dirnet_jax.train import create_train_state, data_key, train_steps
 
 
 @pytest.mark.parametrize("what", ["register", "train"])
@@ -130,6 +132,35 @@ def test_swapped_xla_conv_replaces_conv_taps_by_a_convolution_while_it_lasts():
     with core.swapped("TapConv", core.xla_conv):
         assert convolutions() == taps + 1
     assert convolutions() == taps
+
+
+def test_a_swap_traces_training_again_though_its_state_keeps_no_seed():
+    # The A/B rows give each swap a config of its own seed, but a TrainState keeps
+    # config.network(): without clearing jit's caches, train_steps reused the trace made
+    # before the swap, and every training A/B row timed the baseline.
+    config = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2, features=4)
+    pool = jax.numpy.zeros((4, 28, 28, 1))
+
+    def steps(seed):
+        state = create_train_state(config.replace(seed=seed))
+        return train_steps(state, pool, data_key(config), steps=1, batch_size=2, grouped=False)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("traced with the swap")
+
+    steps(0)
+    with core.swapped("TapConv", refuse), pytest.raises(RuntimeError, match="with the swap"):
+        steps(1)
+    steps(2)  # the original again
+
+
+def test_an_environment_variable_is_read_by_a_new_trace(monkeypatch):
+    monkeypatch.delenv("DIRNET_BENCH_TEST", raising=False)
+    f = jax.jit(lambda x: x + len(os.environ.get("DIRNET_BENCH_TEST", "")))
+    assert f(0) == 0
+    with core.environment("DIRNET_BENCH_TEST", "abc"):
+        assert f(0) == 3
+    assert f(0) == 0
 
 
 def test_core_keeps_to_its_time_budget_and_prints_the_table(tmp_path, capsys):
