@@ -6,6 +6,7 @@
     python -m benchmarks.core --seconds=280   # start no variant after 280 s; print the table
     python -m benchmarks.core --variants=B2,C1  # these only (no baseline rows, no ratios)
     python -m benchmarks.core --sizes=256     # one image size (default 256,28)
+    python -m benchmarks.core --ab=baseline-taps  # GPU: the baseline and these A/B rows
 
 Rows, all on this machine in one run: for each variant at 256×256 (four downsamplings, the
 cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registration pairs/s
@@ -14,15 +15,15 @@ pair sampling and step in one dispatch; and several steps per dispatch as `fit` 
 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and memory per
 call. Each baseline is followed by the same network in PyTorch eager
 (benchmarks/torch_dirnet.py, if torch is installed), as ratios to DIRNet, and on a GPU by
-its A/B rows: registration with the later pooled layers as Triton kernels too (a candidate
-in two forms: every layer, or the 128² one), with the first layer on tensor cores (a
-candidate), as XLA's loop instead of the Triton kernel, and unfused (XLA's convolution, then
-ELU and pooling), with XLA:GPU's default CUDA-graph threshold (one pair), as plain layers
-(what folding BatchNorm and the fused first layer buy), with bfloat16 activations; training
-with the first layer at once (a candidate, `first_layer_grad`'s kernels, also by TF32
-products), with the later convs in the pairs form (a candidate), in bfloat16 with the
-training kernels, with the training kernels off (`DIRNET_TRAIN_CONV=xla`), and with every
-3×3 conv by XLA's convolution (what `conv_taps` and the kernels buy together). Then the
+its A/B rows: registration with the first layer by one TF32 product (a candidate), with
+the 128² layer by cuDNN instead of the Triton kernel, the first layer as XLA's loop instead
+of the Triton kernel, and unfused (XLA's convolution, then ELU and pooling), with XLA:GPU's
+default CUDA-graph threshold (one pair), as plain layers (what folding BatchNorm and the
+fused first layer buy), with bfloat16 activations; training with the first layer layer by
+layer, with the later convs a product per tap (the taps form), with the training kernels
+off (`DIRNET_TRAIN_CONV=xla`), in bfloat16 with and without the later convs' kernels, and
+with every 3×3 conv by XLA's convolution (what `conv_taps` and the kernels buy together).
+`--ab=NAME,…` runs the baseline and those A/B rows alone. Then the
 other variants, and SimpleElastix per 256×256 pair with the paper's settings. Every 256×256
 row times the same synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after warm-up,
 device work synchronised. Writes the table and the machine description to
@@ -56,10 +57,8 @@ from dirnet_jax import (
     init_variables,
     machine,
     models,
-    pooled_layers,
     variant,
 )
-from dirnet_jax.dispatch import cuda_or_xla
 from dirnet_jax.models import Registration, Regressor, register, transform
 from dirnet_jax.preprocess import minmax
 from dirnet_jax.train import (
@@ -218,51 +217,11 @@ def unfused_first_layer(x, kernel, bias, downsampling: str, dtype) -> jax.Array:
     return models.pool2(y, jnp.mean if downsampling == "avg" else jnp.max).astype(dtype)
 
 
-_pooled_conv = models.pooled_conv  # the original, whatever is swapped in later
-
-
-def triton_pooled_conv(
-    x, kernel, bias, downsampling: str, dtype, passes: int = 1, min_width: int = 0,
-    form: str = "taps",
-) -> jax.Array:  # fmt: skip
-    """`models.pooled_conv` on CUDA by the Triton kernel of dirnet_jax.pooled_layers where
-    it applies (and the input is at least `min_width` wide), its `form`, `passes` TF32
-    products (1: cuDNN's precision at XLA's default), for `swapped("pooled_conv",
-    triton_pooled_conv)`: what it would buy."""
-
-    def xla(x, kernel, bias):
-        return _pooled_conv(x, kernel, bias, downsampling, dtype)
-
-    gpu = functools.partial(
-        pooled_layers.conv_elu_pool2_dense, downsampling=downsampling, out_dtype=dtype,
-        passes=passes, form=form,
-    )  # fmt: skip
-    applies = pooled_layers.applies(x.shape, kernel.shape[-1], downsampling)
-    taken = applies and x.shape[2] >= min_width
-    return cuda_or_xla(gpu, xla, x, kernel, bias, taken=taken)
-
-
-rows_pooled_conv = functools.partial(triton_pooled_conv, form="rows")
-
-
-# `models.fused_first_layer` with the Triton kernel's "dot" form on CUDA (the 4×4 windows'
-# matrix times the window weights, three TF32 products; 4 warps, its lowest issue floor),
-# for `swapped("fused_first_layer", dot_first_layer)`: what it would buy.
-dot_first_layer = functools.partial(models.fused_first_layer, form="dot", num_warps=4)
-
-# Training's candidate: the first layer at once (first_layer_grad's kernels on CUDA).
-TRAIN_CANDIDATES = {"train_first_layer_conv": models.conv_taps_train}
-# Every candidate not yet the default, as `swapped_all` takes them: registration's (the
-# later layers by the rows form, the first layer on tensor cores) and training's (the
-# first layer at once by three TF32 products, its forward on tensor cores, the later
-# convs by pairs).
-INFER_CANDIDATES = {"pooled_conv": rows_pooled_conv, "fused_first_layer": dot_first_layer}
-TRAIN_ALL_CANDIDATES = {
-    **TRAIN_CANDIDATES,
-    "TRAIN_FIRST_LAYER_PASSES": 3,
-    "fused_first_layer": dot_first_layer,
-    "TRAIN_CONV_FORM": "pairs",
-}
+# `models.fused_first_layer` with the Triton kernel's "dot1" form on CUDA (the 4×4 windows'
+# matrix times the window weights, one TF32 product: XLA's convolution's precision at
+# default precision, not float32's), for `swapped("fused_first_layer", dot1_first_layer)`:
+# a candidate (run 6: the layer alone 0.94 ms against the default's 1.32).
+dot1_first_layer = functools.partial(models.fused_first_layer, form="dot1", num_warps=4)
 
 
 @contextlib.contextmanager
@@ -477,57 +436,33 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
     first: each swaps one choice (a config of its own seed, so no trace is shared)."""
     bf16 = base.replace(compute_dtype="bfloat16")
     return [
-        # Every candidate at once, registration and training: what adopting them all
-        # would give (then each alone, below).
-        ("baseline-candidates", lambda: in_swap(
-            INFER_CANDIDATES, bench_register,
-            table, "baseline-candidates", base.replace(seed=14), p, batches, r)),
-        ("baseline-traincandidates", lambda: in_swap(
-            TRAIN_ALL_CANDIDATES, bench_train_dispatch,
-            table, "baseline-traincandidates", base.replace(seed=15), p, r)),
-        # The later pooled layers by the rows form (a product per input row of the window,
-        # one TF32 product), on every layer it takes.
-        ("baseline-tritonrows", lambda: in_swap(
-            {"pooled_conv": rows_pooled_conv}, bench_register,
-            table, "baseline-tritonrows", base.replace(seed=12), p, batches, r)),
-        # Inference's first layer on tensor cores: the 4×4 windows' matrix times the
-        # window weights, three TF32 products (float32's accuracy).
-        ("baseline-dotfirst", lambda: in_swap(
-            {"fused_first_layer": dot_first_layer}, bench_register,
-            table, "baseline-dotfirst", base.replace(seed=10), p, batches, r)),
-        # Training's first layer at once (`first_layer_train`: first_layer_grad's kernels)
-        # on top of the training kernels; then with their convs and kernel gradient by
-        # three TF32 products of the window matrix, and the forward as `-dotfirst`.
-        ("baseline-fusedfirst", lambda: in_swap(
-            TRAIN_CANDIDATES, bench_train_dispatch,
-            table, "baseline-fusedfirst", base.replace(seed=9), p, r)),
-        ("baseline-fusedfirst3", lambda: in_swap(
-            {**TRAIN_CANDIDATES, "TRAIN_FIRST_LAYER_PASSES": 3,
-             "fused_first_layer": dot_first_layer}, bench_train_dispatch,
-            table, "baseline-fusedfirst3", base.replace(seed=11), p, r)),
-        # The later convs and their gradients in the pairs form (a product per kernel row
-        # for two output columns), on top of the training kernels.
-        ("baseline-trainpairs", lambda: in_swap(
-            {"TRAIN_CONV_FORM": "pairs"}, bench_train_dispatch,
-            table, "baseline-trainpairs", base.replace(seed=13), p, r)),
-        # The later pooled layers by the taps form (a product per tap, one TF32 product) on
-        # every layer, then on the 128² layer alone (the deeper ones were slower than
-        # cuDNN's in run 5, with three products).
-        ("baseline-tritonpool", lambda: in_swap(
-            {"pooled_conv": triton_pooled_conv}, bench_register,
-            table, "baseline-tritonpool", base.replace(seed=5), p, batches, r)),
-        ("baseline-tritonpool2", lambda: in_swap(
-            {"pooled_conv": functools.partial(triton_pooled_conv, min_width=128)},
-            bench_register, table, "baseline-tritonpool2", base.replace(seed=6), p, batches, r)),
-        # bfloat16 training with the Triton kernels (their sums in float32) against cuDNN's.
-        ("baseline-bf16triton", lambda: in_swap(
-            {"TRAIN_CONV_DTYPES": ("float32", "bfloat16")}, bench_train_dispatch,
-            table, "baseline-bf16triton", bf16.replace(seed=7), p, r)),
-        # What the training kernels buy: XLA's convolutions (conv_taps kept).
+        # A candidate: inference's first layer by one TF32 product of the window matrix.
+        ("baseline-dot1first", lambda: in_swap(
+            {"fused_first_layer": dot1_first_layer}, bench_register,
+            table, "baseline-dot1first", base.replace(seed=10), p, batches, r)),
+        # What the 128² layer's kernel buys: cuDNN's convolution, ELU and pooling there.
+        ("baseline-xlapool", lambda: in_swap(
+            {"pooled_conv": models.xla_pooled_conv}, bench_register,
+            table, "baseline-xlapool", base.replace(seed=5), p, batches, r)),
+        # What training's first layer at once buys: layer by layer (the first conv by
+        # `conv_taps`, its kernel gradient by Triton).
+        ("baseline-layerfirst", lambda: in_swap(
+            {"train_first_layer_conv": None}, bench_train_dispatch,
+            table, "baseline-layerfirst", base.replace(seed=9), p, r)),
+        # What the pairs form buys: the later convs and their gradients a product per tap.
+        ("baseline-taps", lambda: in_swap(
+            {"TRAIN_CONV_FORM": "taps"}, bench_train_dispatch,
+            table, "baseline-taps", base.replace(seed=13), p, r)),
+        # What the training kernels buy: XLA's convolutions, the first layer apart.
         ("baseline-xlatrain", lambda: in_env(
             ("DIRNET_TRAIN_CONV", "xla"), bench_train_dispatch,
             table, "baseline-xlatrain", base.replace(seed=8), p, r)),
         ("baseline-bf16", lambda: bench_jax(table, "baseline-bf16", bf16, p, batches, r)),
+        # bfloat16 training with the later convs' kernels (their sums in float32) against
+        # cuDNN's, the first layer layer by layer.
+        ("baseline-bf16triton", lambda: in_swap(
+            {"TRAIN_CONV_DTYPES": ("float32", "bfloat16"), "train_first_layer_conv": None},
+            bench_train_dispatch, table, "baseline-bf16triton", bf16.replace(seed=7), p, r)),
         # The first layer as XLA's loop instead of the Triton kernel.
         ("baseline-xlaloop", lambda: in_swap(
             {"fused_first_layer": xla_first_layer}, bench_register,
@@ -542,9 +477,10 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
         # Plain layers: what folding BatchNorm and the fused first layer buy.
         ("baseline-unfolded", lambda: bench_register(
             table, "baseline-unfolded", base, p, batches, r, fn=register_unfolded)),
-        # What `conv_taps` and the training kernels buy: every 3×3 conv by XLA's.
+        # What `conv_taps`, the first layer at once and the training kernels buy: every
+        # 3×3 conv by XLA's convolution, layer by layer.
         ("baseline-xlaconv", lambda: in_swap(
-            {"TapConv": xla_conv}, bench_train,
+            {"TapConv": xla_conv, "train_first_layer_conv": None}, bench_train,
             table, "baseline-xlaconv", base.replace(seed=1), p, r)),
     ]  # fmt: skip
 

@@ -105,9 +105,7 @@ flags() {  # the tool keeps to its budget and prints its table; timeout is a bac
 profile() {
   local end=$((SECONDS + ${PROFILE_SECONDS:-60})) hlo=/tmp/hlo
   mkdir -p $hlo
-  # The defaults were profiled in earlier leases (measured/gpu-h200-profile*.txt): batch 512
-  # and training with the Triton candidates swapped in now.
-  for args in "--batch=1" "--batch=512 --candidates=true" "--what=train --batch=32 --candidates=true"; do
+  for args in "--batch=1" "--batch=512" "--what=train --batch=32"; do
     name=$(echo "$args" | tr -dc 'a-z0-9=' | tr '=' '_')
     # shellcheck disable=SC2086  # $args holds several flags
     timeout $((end - SECONDS > 10 ? end - SECONDS : 10)) $py -m benchmarks.profile $args \

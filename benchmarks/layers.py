@@ -9,13 +9,16 @@ the convolution and its gradients: our Triton kernels against what XLA does with
 
 Layer 1 (2 → 16 channels): dirnet_jax.first_layer in several forms against XLA's loop and
 XLA's unfused layer. Layer 2: dirnet_jax.pooled_layers against XLA's convolution, ELU and
-pooling (`models.pooled_conv`), with three TF32 products per tap (float32) and with one.
+pooling (`models.xla_pooled_conv`), with one TF32 product per tap (as registration runs it
+on CUDA) and with three (float32).
 Training (the second layer's convolution, its input gradient and its kernel gradient, as
 one `jax.vjp`; batch 32 unless `--batch` says otherwise): dirnet_jax.train_conv against
 XLA's convolution and gradients (cuDNN), with one TF32 product per tap and with three.
 `--layer=train1`, the first conv in training (`models.conv_taps` and its kernel gradient,
-at `--size`): XLA's kernel gradient (cuDNN's), what trains now, against
-`train_conv.taps_kernel_grad_gpu`.
+at `--size`; what trains when the first layer is layer by layer): XLA's kernel gradient
+(cuDNN's) against `train_conv.taps_kernel_grad_gpu`. `--layer=train1bn`, the first layer
+with its BatchNorm, ELU and pooling: layer by layer against at once
+(`models.first_layer_train`, as training runs it on CUDA) in several kernel shapes.
 `--size` is the image size (the second layer's input is half of it). Rows: each
 implementation's median time per call, the bandwidth that time implies for the bytes a
 perfect kernel moves (the input read once, the pooled output written once), and the
@@ -113,25 +116,15 @@ def first_layer_impls(on_gpu: bool) -> dict:
     return impls
 
 
-# (form, TF32 products, pooled rows and warps per program or None: the form's own) of
-# `pooled_layers`: the taps form (run 5: 0.91 ms with one product), then the rows form at
-# its own shape (two pooled rows at 128², 8 warps) and at one row and 4 warps (sm_90a
-# counts in benchmarks/NOTES.md; untimed).
-POOLED_SHAPES = [
-    ("taps", 3, None, None),
-    ("taps", 1, None, None),
-    ("rows", 3, None, None),
-    ("rows", 1, None, None),
-    ("rows", 1, 1, 4),
-]
+# (TF32 products, warps per program) of `pooled_layers`: as `models.pooled_conv` runs it
+# (run 6: 0.97 ms with one product, 1.47 with three), then 2 and 8 warps (untimed).
+POOLED_SHAPES = [(1, pooled_layers.WARPS), (3, pooled_layers.WARPS), (1, 2), (1, 8)]
 
 
-def pooled_kernel(form: str, passes: int, rows: int | None, warps: int | None, on_gpu: bool):
+def pooled_kernel(passes: int, warps: int, on_gpu: bool):
     """(name, jitted fn(x, kernel, bias)): `pooled_layers`' kernel, interpreted off a GPU."""
-    name = f"triton {form}, {passes} TF32 product{'s' * (passes > 1)}"
-    name += f" rows={rows} warps={warps}" if rows else ""
-    options = dict(passes=passes, interpret=not on_gpu, form=form, rows_per_program=rows,
-                   num_warps=warps)  # fmt: skip
+    name = f"triton, {passes} TF32 product{'s' * (passes > 1)}, warps={warps}"
+    options = dict(passes=passes, interpret=not on_gpu, num_warps=warps)
     fn = jax.jit(lambda x, k, b: pooled_layers.conv_elu_pool2_dense(x, k, b, "avg", **options))
     return name, fn
 
@@ -140,7 +133,7 @@ def pooled_layer_impls(on_gpu: bool) -> dict:
     """{name: jitted fn(x, kernel, bias)} for a later layer; XLA's first."""
     return {
         "xla conv, elu, pool": jax.jit(
-            lambda x, k, b: models.pooled_conv(x, k, b, "avg", jnp.float32)
+            lambda x, k, b: models.xla_pooled_conv(x, k, b, "avg", jnp.float32)
         ),
         **dict(pooled_kernel(*shape, on_gpu) for shape in POOLED_SHAPES),
     }
@@ -185,7 +178,7 @@ def train_conv_impls(on_gpu: bool) -> dict:
 
 def first_conv_train_impls(on_gpu: bool) -> dict:
     """{name: jitted fn(x, kernel, g) → (conv, kernel gradient)} for training's first conv
-    (its input gradient unused); what trains now first."""
+    (its input gradient unused); XLA's first."""
     grads = functools.partial(with_grads, input_grad=False)
 
     def triton(*grad_shape):
@@ -204,8 +197,9 @@ def first_conv_train_impls(on_gpu: bool) -> dict:
 def first_layer_train_impls(on_gpu: bool) -> dict:
     """{name: jitted fn(x, kernel, g) → (pooled, mean, var, and the gradients of kernel,
     scale and bias for the pooled gradient g)} for training's first layer with its
-    BatchNorm (batch statistics), ELU and average pooling: layer by layer as it trains
-    now, against at once (`models.first_layer_train`, first_layer_grad's kernels)."""
+    BatchNorm (batch statistics), ELU and average pooling: layer by layer (as it trains off
+    CUDA), against at once (`models.first_layer_train`, first_layer_grad's kernels, as it
+    trains on CUDA: three TF32 products, `first_layer_grad.GRAD_SHAPES[3]`)."""
     scale, bias = jnp.linspace(0.5, 1.5, 16), jnp.linspace(-0.2, 0.2, 16)
     options = dict(downsampling="avg", conv=models.conv_taps_train, dtype=jnp.float32)
 
@@ -218,9 +212,7 @@ def first_layer_train_impls(on_gpu: bool) -> dict:
 
     at_once = functools.partial(models.first_layer_train, **options, interpret=not on_gpu)
     impls = {
-        "layer by layer (what trains now)": grads(
-            functools.partial(models._first_layer_reference, **options)
-        ),
+        "layer by layer": grads(functools.partial(models._first_layer_reference, **options)),
         "at once (first_layer_grad's kernels)": grads(at_once),
     }
     for *shape, passes in FIRST_GRAD_SHAPES if on_gpu else [(1, 16, 4, 3)]:

@@ -4,7 +4,6 @@
     python -m benchmarks.profile --what=train --size=28 --batch=32
     python -m benchmarks.profile --variant=C1 --calls=50 --top=40
     python -m benchmarks.profile --hlo=register.hlo.txt       # and the compiled program
-    python -m benchmarks.profile --what=train --batch=32 --candidates=true  # Triton candidates
 
 Runs the call a few times to warm up, traces `--calls` more, and prints, for each process
 of the trace (the host; on a GPU also the device), the operations with the largest time
@@ -35,18 +34,13 @@ from dirnet_jax.train import create_train_state, data_key, train_steps
 from dirnet_jax.workdir import atomic_write_text
 
 FLAGS = {"what": "register", "size": "256", "batch": "1", "variant": "baseline",
-         "calls": "20", "top": "25", "hlo": "", "candidates": "false"}  # fmt: skip
-# --candidates: the Triton kernels not yet the default, swapped in as benchmarks.core's
-# A/B rows swap them (`baseline-candidates`, `-traincandidates`).
-CANDIDATES = {**core.INFER_CANDIDATES, **core.TRAIN_ALL_CANDIDATES}
+         "calls": "20", "top": "25", "hlo": ""}  # fmt: skip
 
 
 def parse(argv: list[str]) -> dict[str, str]:
     opts = core.parse_options(argv, FLAGS)
     if opts["what"] not in ("register", "train"):
         sys.exit(f"error: --what is register or train, not {opts['what']!r}")
-    if opts["candidates"] not in ("true", "false"):
-        sys.exit(f"error: --candidates is true or false, not {opts['candidates']!r}")
     return opts
 
 
@@ -91,21 +85,19 @@ def main(argv: list[str]) -> None:
     opts = parse(argv)
     size, batch, calls = int(opts["size"]), int(opts["batch"]), int(opts["calls"])
     base = base_config(size).replace(batch_size=batch)
-    with core.swapped_all(CANDIDATES if opts["candidates"] == "true" else {}):
-        run, program = workload(opts["what"], variant(opts["variant"], base), batch)
-        for _ in range(3):
+    run, program = workload(opts["what"], variant(opts["variant"], base), batch)
+    for _ in range(3):
+        run()
+    if opts["hlo"]:
+        atomic_write_text(Path(opts["hlo"]), program())
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        for _ in range(calls):
             run()
-        if opts["hlo"]:
-            atomic_write_text(Path(opts["hlo"]), program())
-        with tempfile.TemporaryDirectory() as tmp:
-            jax.profiler.start_trace(tmp, create_perfetto_trace=True)
-            for _ in range(calls):
-                run()
-            jax.profiler.stop_trace()
-            totals = op_times(Path(tmp))
+        jax.profiler.stop_trace()
+        totals = op_times(Path(tmp))
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
-    what = " with the Triton candidates" * (opts["candidates"] == "true")
-    print(f"{opts['what']} {opts['variant']}{what} {size}², batch {batch}, {calls} calls on "
+    print(f"{opts['what']} {opts['variant']} {size}², batch {batch}, {calls} calls on "
           f"{device}")  # fmt: skip
     for process, ops in sorted(totals.items(), key=lambda kv: -sum(kv[1].values())):
         print(f"\n{process}: µs per call")

@@ -21,12 +21,14 @@ The output layer starts at (nearly) zero, so an untrained DIRNet is (nearly) the
 Inference computes the same function faster: BatchNorm's running averages folded into the
 layers (`fold_batchnorm`), and the first conv, its ELU and the pooling after it as one
 elementwise loop (`conv_elu_pool2`; on CUDA GPUs a Triton kernel, `dirnet_jax.first_layer`).
-Training, and inference where no fused layer takes it (A2), compute the first conv (two
-input channels) as sums of products of shifted slices (`conv_taps`). Training in float32
-computes its 3×3 convs and their gradients by Triton kernels on CUDA GPUs where they take
-the shape (`dirnet_jax.train_conv`), by XLA elsewhere. Candidates, off by default:
-training's first layer at once (`first_layer_train`, by `train_first_layer_conv`) and a
-Triton kernel for the later layers at inference (`pooled_conv`).
+On CUDA GPUs the second layer (128² at 256²) is a Triton kernel too (`pooled_conv`,
+`dirnet_jax.pooled_layers`). Training, and inference where no fused layer takes it (A2),
+compute the first conv (two input channels) as sums of products of shifted slices
+(`conv_taps`). Training in float32 on CUDA GPUs computes its first layer at once, conv,
+BatchNorm, ELU and pooling without writing its full-resolution activations
+(`first_layer_train`, `dirnet_jax.first_layer_grad`), and its later 3×3 convs and their
+gradients by Triton kernels (`dirnet_jax.train_conv`) where they take the shape; XLA
+computes them elsewhere.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dirnet_jax import first_layer, first_layer_grad, train_conv
+from dirnet_jax import first_layer, first_layer_grad, pooled_layers, train_conv
 from dirnet_jax.batchnorm import BatchNorm, batch_stats
 from dirnet_jax.bspline import cubic_bspline_field, quadratic_bspline_field
 from dirnet_jax.config import DIRNetConfig
@@ -267,7 +269,9 @@ def _first_layer_train_fwd(
     mean, mean_sq = sums / x[..., 0].size
     var = jnp.maximum(0.0, mean_sq - jax.lax.square(mean))  # as `batch_stats`
     mul = jax.lax.rsqrt(var + BN_EPSILON) * scale
-    pooled = fused_first_layer(x, k32 * mul, bias - mean * mul, downsampling, dtype)
+    pooled = fused_first_layer(
+        x, k32 * mul, bias - mean * mul, downsampling, dtype, *TRAIN_FIRST_LAYER_FORWARD
+    )
     return (pooled, mean, var), (x, kernel, scale, bias, mean, mean_sq)
 
 
@@ -345,15 +349,47 @@ def _first_layer_of(x, scale, bias, *, kernel, downsampling, conv, dtype, passes
     return first_layer_train(x, kernel, scale, bias, downsampling, conv, dtype, False, (), passes)
 
 
-def pooled_conv(
+def xla_pooled_conv(
     x: jax.Array, kernel: jax.Array, bias: jax.Array, downsampling: str, dtype: Any
 ) -> jax.Array:
     """A later folded layer and its pooling: XLA's convolution (cuDNN on GPUs), ELU and
-    `pool2`, in `dtype`. [B, *spatial, C] → [B, *spatial / 2, Cout]. (A Triton kernel of
-    the same, `dirnet_jax.pooled_layers`, is a candidate: benchmarks.core's
-    `baseline-tritonpool` rows.)"""
+    `pool2`, in `dtype`. [B, *spatial, C] → [B, *spatial / 2, Cout]."""
     y = train_conv.xla_conv(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
     return pool2(elu_unguarded(y), jnp.mean if downsampling == "avg" else jnp.max)
+
+
+# Inputs at least this wide go to `pooled_layers` on CUDA GPUs (float32): the 128² layer
+# of a 256² pair. On an H200 at batch 512 that gave 168,700 pairs/s against 145,000 with
+# cuDNN's; the kernel on every layer 160,300 (the narrower layers were slower than
+# cuDNN's in run 5); benchmarks/NOTES.md, run 6.
+POOLED_KERNEL_MIN_WIDTH = 128
+
+
+def pooled_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    downsampling: str,
+    dtype: Any,
+    interpret: bool = False,
+) -> jax.Array:
+    """`xla_pooled_conv`, on CUDA GPUs by the Triton kernel of `dirnet_jax.pooled_layers`
+    where it takes the layer and the input is at least POOLED_KERNEL_MIN_WIDTH wide (one
+    TF32 product per tap: the precision of XLA's convolution at default precision).
+    `interpret`: the kernel on every backend, in Pallas' interpreter (the tests)."""
+
+    def xla(x, kernel, bias):
+        return xla_pooled_conv(x, kernel, bias, downsampling, dtype)
+
+    gpu = functools.partial(pooled_layers.conv_elu_pool2_dense, downsampling=downsampling,
+                            out_dtype=dtype, passes=1, interpret=interpret)  # fmt: skip
+    taken = (
+        pooled_layers.applies(x.shape, kernel.shape[-1], downsampling)
+        and x.shape[2] >= POOLED_KERNEL_MIN_WIDTH
+        and x.dtype == jnp.float32
+        and jnp.dtype(dtype) == jnp.float32
+    )
+    return cuda_or_xla(gpu, xla, x, kernel, bias, taken=taken, interpret=interpret)
 
 
 class ConvELUPool(nn.Module):
@@ -406,14 +442,15 @@ def conv_layer(features: int, kernel_size: tuple[int, ...], **kwargs: Any) -> nn
 # GPUs where it takes the shape (`train_conv.with_taps_grad`), conv_taps' own elsewhere.
 conv_taps_train = train_conv.with_taps_grad(conv_taps)
 
-# The compute dtypes whose training computes its 3×3 convs by `conv_taps_train` and
-# `train_conv.conv3x3` (Triton kernels on CUDA where they take the shape, the same as
-# before elsewhere). float32 was timed: 1.26× the steps/s of cuDNN's in a 256² step on an
-# H200 (benchmarks/NOTES.md). bfloat16 was not, so it trains with cuDNN's convolutions.
+# The compute dtypes whose training computes its 3×3 convs by Triton kernels on CUDA where
+# they take the shape (`conv_taps_train`, `train_conv.conv3x3`, and the first layer at
+# once below), XLA's elsewhere. float32 on an H200, 256² batch 32 (benchmarks/NOTES.md,
+# run 6): 881 steps/s against 551 with XLA's convolutions. bfloat16 has no timing of its
+# own without the kernels, so it trains with cuDNN's.
 TRAIN_CONV_DTYPES = ("float32",)
-# `train_conv.conv3x3`'s form for the convolution and its gradients: "taps" (timed above)
-# or "pairs" (a candidate: a third of the products, untimed: `baseline-trainpairs`).
-TRAIN_CONV_FORM = "taps"
+# `train_conv.conv3x3`'s form for the convolution and its gradients: "pairs" (a product per
+# kernel row for two output columns; run 6: 749 steps/s against the "taps" form's 701).
+TRAIN_CONV_FORM = "pairs"
 
 
 class ConvKernel(nn.Module):
@@ -429,16 +466,21 @@ class ConvKernel(nn.Module):
         return self.param("kernel", nn.initializers.lecun_normal(), shape)
 
 
-# A candidate: when a conv function (`conv_taps`, or `conv_taps_train`), training computes
-# the first layer with its BatchNorm, ELU and pooling by `first_layer_train` with that
-# conv; None: layer by layer. On the H200 alone (XLA's gradients) 0.98× the steps/s; with
-# the Triton kernels it was in the 1.26× (benchmarks/NOTES.md): the next lease times it
-# on top of them (`baseline-fusedfirst`).
-train_first_layer_conv: Callable[[jax.Array, jax.Array], jax.Array] | None = None
-# With it, how first_layer_grad's kernels compute the conv and the kernel gradient: 0,
-# float32 multiply-adds; 3, three TF32 products on tensor cores (a candidate: lower sm_90a
-# issue floors, untimed: `baseline-fusedfirst3`).
-TRAIN_FIRST_LAYER_PASSES = 0
+# Training's first conv, BatchNorm, ELU and pooling at once (`first_layer_train`), with
+# this conv for XLA's path (None: layer by layer), on the backends named (jax's
+# `default_backend()` when the step is traced) and in the TRAIN_CONV_DTYPES. On an H200
+# (run 6, with the forms below) 840 steps/s against 701 layer by layer; on a CPU it was
+# slower, so there it stays layer by layer.
+train_first_layer_conv: Callable[[jax.Array, jax.Array], jax.Array] | None = conv_taps_train
+TRAIN_FIRST_LAYER_BACKENDS = ("gpu",)
+# How first_layer_grad's kernels compute the conv and the kernel gradient: 3, three TF32
+# products on tensor cores (float32 to ~3e-6 of the largest value); 0, float32
+# multiply-adds (run 6: 743 steps/s against 840, with the forward below)...
+TRAIN_FIRST_LAYER_PASSES = 3
+# ...and the forward's (`fused_first_layer`'s form and warps): the 4×4 windows' matrix
+# times the window weights, three TF32 products (inference keeps its own form: at batch
+# 512 this one was no faster there).
+TRAIN_FIRST_LAYER_FORWARD = ("dot", 4)
 
 
 class Regressor(nn.Module):
@@ -508,9 +550,11 @@ class Regressor(nn.Module):
             # Training: the first conv, BatchNorm, ELU and pooling at once, if a candidate
             # conv is set (`first_layer_train`).
             if (
-                train
+                kernels
                 and i == 0
                 and train_first_layer_conv is not None
+                and jax.default_backend() in TRAIN_FIRST_LAYER_BACKENDS
+                and train_conv.enabled()
                 and cfg.downsampling in ("avg", "max")
                 and not (overlap and i == last_down)
             ):

@@ -86,9 +86,15 @@ def applies(x_shape: tuple[int, ...], features: int) -> bool:
     return all(power_of_two(n, least=16) for n in (x_shape[2], x_shape[3], features))
 
 
+def enabled() -> bool:
+    """Training's kernels not turned off (``DIRNET_TRAIN_CONV=xla`` in the environment;
+    `models` also keeps training's first layer apart then)."""
+    return os.environ.get("DIRNET_TRAIN_CONV", "") != "xla"
+
+
 def _enabled_for(x_shape: tuple[int, ...]) -> bool:
-    """2-D activations, and the kernels not turned off (``DIRNET_TRAIN_CONV=xla``)."""
-    return os.environ.get("DIRNET_TRAIN_CONV", "") != "xla" and len(x_shape) == 4
+    """2-D activations, and the kernels not turned off (`enabled`)."""
+    return enabled() and len(x_shape) == 4
 
 
 def applies_few(x_shape: tuple[int, ...], features: int) -> bool:

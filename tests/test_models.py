@@ -300,10 +300,11 @@ def test_training_computes_the_first_conv_by_taps(rng, name, monkeypatch):
     "name,passes", [("baseline", 0), ("A1", 0), ("C1", 0), ("A2", 0), ("baseline", 3)]
 )
 def test_first_layer_at_once_trains_alike(rng, name, passes, monkeypatch):
-    # `first_layer_train` (a candidate, swapped in by `train_first_layer_conv`): the same
-    # loss, gradients and batch statistics as layer by layer. A2 (strided conv) keeps the
-    # layers apart. `passes`: TRAIN_FIRST_LAYER_PASSES, how its kernels compute on CUDA,
-    # at 32² (their half width a power of two; off CUDA XLA's path takes no notice).
+    # `first_layer_train` (training's first layer on GPUs, `train_first_layer_conv`; here
+    # on the CPU too): the same loss, gradients and batch statistics as layer by layer. A2
+    # (strided conv) keeps the layers apart. `passes`: TRAIN_FIRST_LAYER_PASSES, how its
+    # kernels compute on CUDA, at 32² (their half width a power of two; off CUDA XLA's
+    # path takes no notice).
     side = 32 if passes else 28
     config = variant(name, MNIST.replace(features=8, image_shape=(side, side)))
     variables = perturbed(config)
@@ -318,7 +319,9 @@ def test_first_layer_at_once_trains_alike(rng, name, passes, monkeypatch):
     def run():
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
+    monkeypatch.setattr(models, "train_first_layer_conv", None)
     (expected, expected_stats), expected_grads = run()
+    monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_BACKENDS", (jax.default_backend(),))
     monkeypatch.setattr(models, "train_first_layer_conv", models.conv_taps)
     monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_PASSES", passes)
     (got, stats), grads = run()
@@ -329,6 +332,30 @@ def test_first_layer_at_once_trains_alike(rng, name, passes, monkeypatch):
     for a, b in zip(jax.tree.leaves((grads, stats)), want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()) + 1e-7)
     assert float(jnp.abs(grads["Conv_0"]["kernel"]).max()) > 0
+
+
+@pytest.mark.parametrize(
+    "backend,dtype,train_conv,at_once",
+    [("gpu", "float32", "", True), ("cpu", "float32", "", False),
+     ("gpu", "bfloat16", "", False), ("gpu", "float32", "xla", False)],
+)  # fmt: skip
+def test_training_takes_the_first_layer_at_once_on_gpus_in_float32(
+    monkeypatch, backend, dtype, train_conv, at_once
+):
+    # The first layer at once was timed on an H200 in float32 (faster) and on a CPU
+    # (slower): the step is traced for the backend jax runs on; DIRNET_TRAIN_CONV=xla turns
+    # it off with the other training kernels.
+    config = DIRNetConfig(image_shape=(32, 32), num_downsamplings=2, features=16,
+                          compute_dtype=dtype)  # fmt: skip
+    variables = init_variables(config, jax.random.key(0))
+    x = jnp.zeros((2, 32, 32, 1))
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setenv("DIRNET_TRAIN_CONV", train_conv)
+
+    def run(v):
+        return Regressor(config).apply(v, x, x, train=True, mutable=["batch_stats"])
+
+    assert ("first_layer_train" in str(jax.make_jaxpr(run)(variables))) == at_once
 
 
 @pytest.mark.parametrize("downsampling", ["avg", "max"])

@@ -16,17 +16,16 @@ from tests.references import conv_elu_pool
 ON_GPU = jax.default_backend() == "gpu"  # else the kernel runs in Pallas' interpreter
 
 
-@pytest.mark.parametrize("form", pooled_layers.FORMS)
 @pytest.mark.parametrize(
-    "shape,cout,downsampling",  # the rows form: 4, 1 and 2 pooled rows per program
+    "shape,cout,downsampling",
     [((2, 8, 32, 16), 16, "avg"), ((1, 6, 64, 32), 16, "max"), ((3, 4, 32, 16), 32, "avg")],
 )
-def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling, form):
+def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling):
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 3, shape[-1], cout)) * 0.25, jnp.float32)
     bias = jnp.asarray(rng.normal(size=cout) * 0.3, jnp.float32)
     expected = conv_elu_pool(x, kernel, bias, downsampling)
-    layer = functools.partial(pooled_layers.conv_elu_pool2_dense, interpret=not ON_GPU, form=form)
+    layer = functools.partial(pooled_layers.conv_elu_pool2_dense, interpret=not ON_GPU)
     got = layer(x, kernel, bias, downsampling)
     assert got.shape == expected.shape and got.dtype == jnp.float32
     # Both signs of ELU, and large values along the zero-padded edges.
@@ -49,30 +48,6 @@ def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling, form):
         atol=1e-5 * scale,
     )  # fmt: skip
     np.testing.assert_allclose(got16.astype(jnp.float32), expected, rtol=1e-2, atol=1e-2)
-
-
-def test_the_rows_form_takes_the_pooled_rows_that_divide_the_image(rng):
-    assert pooled_layers.program_shape("rows", 128, 128) == (2, pooled_layers.ROWS_WARPS)
-    assert pooled_layers.program_shape("rows", 32, 32) == (8, pooled_layers.ROWS_WARPS)
-    assert pooled_layers.program_shape("rows", 12, 32) == (2, pooled_layers.ROWS_WARPS)
-    assert pooled_layers.program_shape("rows", 16, 512) == (1, pooled_layers.ROWS_WARPS)
-    assert pooled_layers.program_shape("taps", 32, 32) == (1, pooled_layers.WARPS)
-    x = jnp.asarray(rng.normal(size=(1, 8, 32, 16)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(3, 3, 16, 16)) * 0.25, jnp.float32)
-    bias = jnp.zeros(16)
-    expected = conv_elu_pool(x, kernel, bias, "avg")
-    for th in (1, 2):  # fewer rows than its own (4)
-        got = pooled_layers.conv_elu_pool2_dense(
-            x, kernel, bias, "avg", form="rows", rows_per_program=th, interpret=True
-        )
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    for form, th in (("rows", 3), ("rows", 8), ("taps", 2)):
-        with pytest.raises(ValueError, match="pooled rows per program"):
-            pooled_layers.conv_elu_pool2_dense(
-                x, kernel, bias, "avg", form=form, rows_per_program=th, interpret=True
-            )
-    with pytest.raises(ValueError, match="form is one of taps, rows"):
-        pooled_layers.conv_elu_pool2_dense(x, kernel, bias, "avg", form="dot", interpret=True)
 
 
 def test_tf32_split_is_exact(rng):
@@ -110,16 +85,7 @@ def test_applies_only_to_shapes_triton_takes(monkeypatch):
 CONFIG = DIRNetConfig(image_shape=(64, 64), num_downsamplings=2)
 
 
-def interpreted_pooled_conv(x, kernel, bias, downsampling, dtype):
-    """`core.triton_pooled_conv`'s kernel branch on every backend, interpreted off a GPU."""
-    if not pooled_layers.applies(x.shape, kernel.shape[-1], downsampling):
-        return core._pooled_conv(x, kernel, bias, downsampling, dtype)
-    return pooled_layers.conv_elu_pool2_dense(
-        x, kernel, bias, downsampling, out_dtype=dtype, interpret=not ON_GPU
-    )
-
-
-def test_dirnet_with_the_kernel_registers_alike():
+def test_dirnet_with_the_kernel_registers_alike(monkeypatch):
     variables = init_variables(CONFIG, jax.random.key(0))
     params = dict(variables["params"])
     shape = params["output"]["kernel"].shape  # a non-trivial output layer: a real grid
@@ -127,21 +93,29 @@ def test_dirnet_with_the_kernel_registers_alike():
                         "bias": params["output"]["bias"]}  # fmt: skip
     variables = {"params": params, "batch_stats": variables["batch_stats"]}
     pairs = jax.random.uniform(jax.random.key(2), (2, 2, 64, 64, 1))
-    default = models.register(CONFIG, variables, *pairs)
-    with core.swapped("pooled_conv", interpreted_pooled_conv):
+    with core.swapped("pooled_conv", models.xla_pooled_conv):
+        default = models.register(CONFIG.replace(seed=6), variables, *pairs)
+    # `models.pooled_conv`'s kernel branch on every layer it takes (the 32² one here), on
+    # every backend, interpreted off a GPU.
+    monkeypatch.setattr(models, "POOLED_KERNEL_MIN_WIDTH", 0)
+    interpreted = functools.partial(models.pooled_conv, interpret=not ON_GPU)
+    with core.swapped("pooled_conv", interpreted):
         kernel = models.register(CONFIG.replace(seed=7), variables, *pairs)
     assert 0.5 < float(jnp.abs(default.grid).max()) < 30
     np.testing.assert_allclose(kernel.grid, default.grid, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(kernel.warped, default.warped, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dispatch", [core.triton_pooled_conv, core.rows_pooled_conv])
-def test_the_swapped_in_dispatch_lowers_the_kernels_for_cuda_only(dispatch):
-    # 64² with two poolings: the first layer's kernel, then this one at 32² (half width 16).
-    variables = init_variables(CONFIG, jax.random.key(0))
-    pair = jnp.zeros((2, 64, 64, 1), jnp.float32)
-    with core.swapped("pooled_conv", dispatch):
-        traced = models.register.trace(CONFIG.replace(seed=8), variables, pair, pair)
-        cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
-        cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
-    assert cuda.count("xla.gpu.triton") == 2 and "xla.gpu.triton" not in cpu
+@pytest.mark.parametrize("min_width,kernels", [(128, 1 + 1), (0, 1 + 3)])
+def test_registration_lowers_the_kernel_for_cuda_only(monkeypatch, min_width, kernels):
+    # 256² with four poolings: the first layer's kernel, then this one on the 128² layer
+    # (inputs at least POOLED_KERNEL_MIN_WIDTH wide), or on the 128², 64² and 32² ones
+    # (the 16² layer's half width, 8, is too narrow).
+    monkeypatch.setattr(models, "POOLED_KERNEL_MIN_WIDTH", min_width)
+    config = DIRNetConfig(image_shape=(256, 256), num_downsamplings=4, seed=9000 + min_width)
+    variables = init_variables(config, jax.random.key(0))
+    pair = jnp.zeros((1, 256, 256, 1), jnp.float32)
+    traced = models.register.trace(config, variables, pair, pair)
+    cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    assert cuda.count("xla.gpu.triton") == kernels and "xla.gpu.triton" not in cpu

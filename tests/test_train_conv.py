@@ -201,8 +201,10 @@ def test_dirnet_trains_alike_with_the_kernels(interpreted, monkeypatch, first_la
 
     with core.environment("DIRNET_TRAIN_CONV", "xla"):
         (loss, stats), grads = loss_and_grads()
-    if first_layer_at_once:
-        monkeypatch.setattr(models, "train_first_layer_conv", interpreted)
+    monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_BACKENDS", (jax.default_backend(),))
+    monkeypatch.setattr(
+        models, "train_first_layer_conv", interpreted if first_layer_at_once else None
+    )
     (kernel_loss, kernel_stats), kernel_grads = loss_and_grads()
     np.testing.assert_allclose(kernel_loss, loss, rtol=TF32)
     for layer in ("Conv_0", "Conv_1"):  # the layers the kernels took: their kernel gradients
@@ -215,19 +217,18 @@ def test_dirnet_trains_alike_with_the_kernels(interpreted, monkeypatch, first_la
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(jnp.abs(b).max()) + 1e-9)
 
 
-# The Triton kernels in a training step at 64², lowered for CUDA (none for the CPU):
+# The Triton kernels in a training step at 64², lowered for CUDA (none for the CPU), as
+# traced on a GPU (TRAIN_FIRST_LAYER_BACKENDS):
 KERNELS = {
-    # float32: the first conv's kernel gradient; the 32² layer's conv, input and kernel
-    # gradients.
-    "float32": 1 + 3,
-    # and the first layer at once: its statistics, its forward (inference's kernel,
+    # float32: the first layer at once, its statistics, its forward (inference's kernel,
     # BatchNorm folded in), its backward sums and kernel gradient (first_layer_grad); the
-    # 32² layer's three.
-    "fused": 4 + 3,
-    # The same with TF32 products of the window matrix (`baseline-fusedfirst3`).
-    "fused3": 4 + 3,
-    # float32 with the convolution and the input gradient in the pairs form.
-    "pairs": 1 + 3,
+    # 32² layer's conv, input and kernel gradients (pairs form).
+    "float32": 4 + 3,
+    # The same with float32 multiply-adds in the first layer, and with the taps form.
+    "passes0": 4 + 3,
+    "taps": 4 + 3,
+    # The first layer layer by layer: the first conv's kernel gradient.
+    "layerfirst": 1 + 3,
     # bfloat16 (not timed with the kernels: cuDNN's), and with the kernels turned off.
     "bfloat16": 0,
     "off": 0,
@@ -235,15 +236,15 @@ KERNELS = {
 
 
 @pytest.mark.parametrize("case", list(KERNELS))
-def test_training_lowers_the_kernels_for_cuda_only(case):
+def test_training_lowers_the_kernels_for_cuda_only(case, monkeypatch):
     pair = jnp.zeros((2, 64, 64, 1), jnp.float32)
     batch = {"fixed": pair, "moving": pair}
     dtype = "bfloat16" if case == "bfloat16" else "float32"
+    monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_BACKENDS", (jax.default_backend(),))
     swaps = {
-        "fused": core.TRAIN_CANDIDATES,
-        "fused3": {**core.TRAIN_CANDIDATES, "TRAIN_FIRST_LAYER_PASSES": 3,
-                   "fused_first_layer": core.dot_first_layer},
-        "pairs": {"TRAIN_CONV_FORM": "pairs"},
+        "passes0": {"TRAIN_FIRST_LAYER_PASSES": 0, "TRAIN_FIRST_LAYER_FORWARD": ()},
+        "taps": {"TRAIN_CONV_FORM": "taps"},
+        "layerfirst": {"train_first_layer_conv": None},
     }.get(case, {})  # fmt: skip
     train_conv_env = "xla" if case == "off" else ""
     with core.swapped_all(swaps), core.environment("DIRNET_TRAIN_CONV", train_conv_env):
