@@ -180,17 +180,14 @@ def bench_register(table, name, config, pairs, batches, repeats, fn=register) ->
 def swapped(name: str, value):
     """`dirnet_jax.models.<name>` replaced by `value` while the context lasts: the other
     side of a comparison on a GPU. Give the config a field of its own (a seed, say), so
-    that jit traces again instead of reusing a trace made without the swap; jit's caches
-    are also cleared on the way in and out, since a trace need not see the config's seed
-    (a TrainState keeps `config.network()`)."""
+    that jit traces again instead of reusing a trace made without the swap (training's
+    traces do not see the seed: use `fresh_traces`)."""
     original = getattr(models, name)
     setattr(models, name, value)
-    jax.clear_caches()
     try:
         yield
     finally:
         setattr(models, name, original)
-        jax.clear_caches()
 
 
 def xla_conv(features: int, conv=None, **kwargs) -> nn.Module:
@@ -226,11 +223,9 @@ dot1_first_layer = functools.partial(models.fused_first_layer, form="dot1", num_
 
 @contextlib.contextmanager
 def environment(name: str, value: str):
-    """os.environ[name] = value while the context lasts (read when jit traces, so jit's
-    caches are cleared on the way in and out)."""
+    """os.environ[name] = value while the context lasts (read when jit traces)."""
     original = os.environ.get(name)
     os.environ[name] = value
-    jax.clear_caches()
     try:
         yield
     finally:
@@ -238,7 +233,6 @@ def environment(name: str, value: str):
             del os.environ[name]
         else:
             os.environ[name] = original
-        jax.clear_caches()
 
 
 # `register` with XLA:GPU's default CUDA-graph threshold: what INFER_COMPILER_OPTIONS buys.
@@ -257,15 +251,30 @@ def swapped_all(swaps: dict):
         yield
 
 
+@contextlib.contextmanager
+def fresh_traces():
+    """jit's caches cleared on the way in and out, so that what runs inside traces anew and
+    what runs after does not reuse its traces. A config of its own seed is not enough: a
+    TrainState keeps `config.network()`, without the seed, and training's A/B rows once
+    all timed the baseline's trace."""
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        jax.clear_caches()
+
+
 def in_env(variable: tuple[str, str], bench, *args, **kwargs) -> None:
-    """bench(*args, **kwargs) with the environment variable (name, value) set."""
-    with environment(*variable):
+    """bench(*args, **kwargs) with the environment variable (name, value) set, traced
+    anew."""
+    with environment(*variable), fresh_traces():
         bench(*args, **kwargs)
 
 
 def in_swap(swaps: dict, bench, *args, **kwargs) -> None:
-    """bench(*args, **kwargs) with each `models.<name>` of `swaps` swapped for its value."""
-    with swapped_all(swaps):
+    """bench(*args, **kwargs) with each `models.<name>` of `swaps` swapped for its value,
+    traced anew."""
+    with swapped_all(swaps), fresh_traces():
         bench(*args, **kwargs)
 
 

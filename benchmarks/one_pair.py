@@ -1,6 +1,6 @@
 """One pair through `register` against its A/B twins, interleaved: what the Triton first
-layer, the CUDA-graph option and folding BatchNorm once (`registrar`) buy where
-single-process rows disagree.
+layer, the 128² layer's Triton kernel, the CUDA-graph option and folding BatchNorm once
+(`registrar`) buy where single-process rows disagree.
 
     python -m benchmarks.one_pair                   # 256², 20 rounds of 50 calls each
     python -m benchmarks.one_pair --size=28 --rounds=3 --calls=5 --out=FILE.json
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import core
-from dirnet_jax import init_variables, machine
+from dirnet_jax import init_variables, machine, models
 from dirnet_jax.models import register, registrar
 from dirnet_jax.workdir import atomic_write_text
 
@@ -46,22 +46,20 @@ def main(argv: list[str]) -> None:
     base = core.base_config(size)
     fixed, moving = (jnp.asarray(a[:1]) for a in core.timed_pairs(size, 1))
     variables = init_variables(base, jax.random.key(0))
-    # Each twin traces under its swap once (a config of its own, so no trace is shared);
-    # the compiled call then keeps what it traced.
+    # Each twin compiles under its swaps (`models.<name>` → value), traced anew; the
+    # compiled program then keeps what it traced.
     twins = {
-        "register": (base, register, None),
-        "XLA's first layer": (base.replace(seed=4), register, core.xla_first_layer),
-        "CUDA graphs from 5 kernels": (base, core.register_default_graphs, None),
+        "register": (register, {}),
+        "XLA's first layer": (register, {"fused_first_layer": core.xla_first_layer}),
+        "cuDNN's 128² layer": (register, {"pooled_conv": models.xla_pooled_conv}),
+        "CUDA graphs from 5 kernels": (core.register_default_graphs, {}),
     }
     fns = {}
-    for name, (config, fn, first_layer) in twins.items():
-        call = lambda config=config, fn=fn: fn(config, variables, fixed, moving)  # noqa: E731
-        if first_layer is None:
-            jax.block_until_ready(call())
-        else:
-            with core.swapped("fused_first_layer", first_layer):
-                jax.block_until_ready(call())
-        fns[name] = call
+    for name, (fn, swaps) in twins.items():
+        with core.swapped_all(swaps), core.fresh_traces():
+            compiled = fn.lower(base, variables, fixed, moving).compile()
+        jax.block_until_ready(compiled(variables, fixed, moving))
+        fns[name] = lambda compiled=compiled: compiled(variables, fixed, moving)
     bound = registrar(base, variables)  # BatchNorm folded once, not per call
     jax.block_until_ready(bound(fixed, moving))
     fns["registrar (folded once)"] = lambda: bound(fixed, moving)

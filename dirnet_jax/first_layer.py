@@ -14,12 +14,15 @@ channel), a free reshape. Pooled pixel (r, c) reads the 4×4 input window at row
 (1 + u) % 2 for u = 0 … 3, and likewise for columns: every load is a slice of whole
 pairs, with no edge to mask.
 
-A candidate form (`dot`, `dot1`; untimed) computes the conv on tensor cores: the 4×4
+Two more forms (`dot`, `dot1`) compute the conv on tensor cores: the 4×4
 window of every pooled column, 16·C values, gathered from the images unpadded (masked at
 the edges: no padding pass) as one row of a [W/2, 16·C] matrix (`window_gather`), times
 the kernel placed at each pooling position in the window, the four side by side
 (`wide_weights`), by three TF32 products (float32's accuracy, ~3e-6 of the largest value)
-or one. `first_layer_grad` uses the same matrix in training.
+or one. On the H200 `dot` was no faster than the default for inference (run 6: 1.23
+against 1.32 ms, the same end to end), so training's first layer alone runs its forward by
+it (`models.TRAIN_FIRST_LAYER_FORWARD`), and `first_layer_grad` uses the same matrix;
+`dot1` (0.94 ms, TF32) is a candidate, benchmarks.core's `baseline-dot1first`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Training's first layer, ``pool2(elu(BatchNorm(conv3×3(x))))`` with the batch's
 statistics, as GPU kernels (Pallas, Triton backend) that never write its full-resolution
-values: the statistics' sums, and the backward pass's sums and kernel gradient. A
-candidate: `models.first_layer_train` runs them on CUDA where they take the shape.
+values: the statistics' sums, and the backward pass's sums and kernel gradient.
+`models.first_layer_train` runs them on CUDA where they take the shape (float32 training's
+default there since run 6: 0.64 ms for the layer against 0.82 layer by layer).
 
 Why: in a 256² training step at batch 32 on an H200, the first layer's full-resolution
 arrays ([32, 256, 256, 16], 134 MB each: the conv z, the gradients of y and z, and the

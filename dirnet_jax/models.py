@@ -223,7 +223,7 @@ def first_layer_train(
     passes: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training's first layer, ``pool2(elu(BatchNorm(conv(x, kernel))))`` with the batch's
-    statistics, without writing its full-resolution activations (a candidate, see
+    statistics, without writing its full-resolution activations (float32 training on GPUs:
     `train_first_layer_conv`).
 
     The statistics are sums of the conv and its square (two input channels: a sum of
@@ -547,8 +547,8 @@ class Regressor(nn.Module):
         overlap = cfg.receptive_field == "overlap"
         last_down = cfg.num_downsamplings - 1
         for i in range(cfg.num_conv_layers):
-            # Training: the first conv, BatchNorm, ELU and pooling at once, if a candidate
-            # conv is set (`first_layer_train`).
+            # Training: the first conv, BatchNorm, ELU and pooling at once
+            # (`first_layer_train`; see `train_first_layer_conv`).
             if (
                 kernels
                 and i == 0

@@ -119,7 +119,7 @@ def test_swapped_xla_conv_replaces_conv_taps_by_a_convolution_while_it_lasts():
     assert convolutions() == taps
 
 
-def test_a_swap_traces_training_again_though_its_state_keeps_no_seed():
+def test_an_ab_row_traces_training_again_though_its_state_keeps_no_seed():
     # The A/B rows give each swap a config of its own seed, but a TrainState keeps
     # config.network(): without clearing jit's caches, train_steps reused the trace made
     # before the swap, and every training A/B row timed the baseline.
@@ -134,8 +134,8 @@ def test_a_swap_traces_training_again_though_its_state_keeps_no_seed():
         raise RuntimeError("traced with the swap")
 
     steps(0)
-    with core.swapped("TapConv", refuse), pytest.raises(RuntimeError, match="with the swap"):
-        steps(1)
+    with pytest.raises(RuntimeError, match="with the swap"):
+        core.in_swap({"TapConv": refuse}, steps, 1)
     steps(2)  # the original again
 
 
@@ -143,9 +143,9 @@ def test_an_environment_variable_is_read_by_a_new_trace(monkeypatch):
     monkeypatch.delenv("DIRNET_BENCH_TEST", raising=False)
     f = jax.jit(lambda x: x + len(os.environ.get("DIRNET_BENCH_TEST", "")))
     assert f(0) == 0
-    with core.environment("DIRNET_BENCH_TEST", "abc"):
-        assert f(0) == 3
-    assert f(0) == 0
+    seen = []
+    core.in_env(("DIRNET_BENCH_TEST", "abc"), lambda: seen.append(int(f(0))))
+    assert seen == [3] and f(0) == 0
 
 
 def test_core_keeps_to_its_time_budget_and_prints_the_table(tmp_path, capsys):
@@ -309,6 +309,7 @@ def test_one_pair_interleaves_register_and_its_twins(tmp_path, capsys):
     assert [r["impl"] for r in rows] == [
         "register",
         "XLA's first layer",
+        "cuDNN's 128² layer",
         "CUDA graphs from 5 kernels",
         "registrar (folded once)",
     ]
