@@ -442,7 +442,8 @@ def parse(argv: list[str]) -> tuple[bool, dict[str, str]]:
 
 def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple[str, Callable]]:
     """The baseline's A/B rows on a GPU, (label, run) each, the rows no GPU has measured yet
-    first: each swaps one choice (a config of its own seed, so no trace is shared)."""
+    first: each swaps one choice, traced anew (`in_swap`, `in_env`; and a config of its own
+    seed, so that no compiled program is shared)."""
     bf16 = base.replace(compute_dtype="bfloat16")
     return [
         # A candidate: inference's first layer by one TF32 product of the window matrix.

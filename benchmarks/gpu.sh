@@ -42,15 +42,19 @@ tests() {
   $py -c "import jax, flax, optax, orbax.checkpoint as ocp, torch
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__,
       'orbax', getattr(ocp, '__version__', '?'), 'torch', torch.__version__, jax.devices())"
-  # The numerics the GPU has not run yet first (the Triton kernel; then what the H200's
-  # 60 s did not reach). One line per test (-v), so a run cut short still says which
+  # The defaults adopted from run 6 first, as whole networks (training with the first
+  # layer at once and the pairs form; registration with the 128² layer's kernel), then the
+  # kernels one by one. One line per test (-v), so a run cut short still says which
   # passed; stopped by SIGINT, pytest still prints the tracebacks of what failed.
   # Full float32 convolutions and products, as on the CPU the tolerances were set on (the
   # GPU's default is TF32-like; the timings below use the default).
   local m=tests/test_models.py
   JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT -k 15 "${TESTS_SECONDS:-120}" \
-    $py -m pytest -v --tb=short -p no:cacheprovider tests/test_first_layer_grad.py \
-    tests/test_train_conv.py tests/test_pooled_layers.py tests/test_first_layer.py \
+    $py -m pytest -v --tb=short -p no:cacheprovider \
+    tests/test_train_conv.py::test_dirnet_trains_alike_with_the_kernels \
+    tests/test_pooled_layers.py::test_dirnet_with_the_kernel_registers_alike \
+    tests/test_first_layer_grad.py tests/test_train_conv.py tests/test_pooled_layers.py \
+    tests/test_first_layer.py \
     $m::test_first_layer_train_gradients_are_the_reference_layers \
     $m::test_folded_batchnorm_gives_the_same_grid \
     $m::test_fused_first_layer_is_conv_elu_pool $m::test_conv_taps_is_a_zero_padded_correlation \

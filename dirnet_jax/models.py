@@ -468,9 +468,10 @@ class ConvKernel(nn.Module):
 
 # Training's first conv, BatchNorm, ELU and pooling at once (`first_layer_train`), with
 # this conv for XLA's path (None: layer by layer), on the backends named (jax's
-# `default_backend()` when the step is traced) and in the TRAIN_CONV_DTYPES. On an H200
-# (run 6, with the forms below) 840 steps/s against 701 layer by layer; on a CPU it was
-# slower, so there it stays layer by layer.
+# `default_backend()` when the step is traced), in the TRAIN_CONV_DTYPES and where
+# first_layer_grad's kernels take the shape (256², not 28²). On an H200 (run 6, with the
+# forms below) 840 steps/s against 701 layer by layer; on a CPU, and on the H200 with
+# XLA's gradients (run 5), it was slower, so there it stays layer by layer.
 train_first_layer_conv: Callable[[jax.Array, jax.Array], jax.Array] | None = conv_taps_train
 TRAIN_FIRST_LAYER_BACKENDS = ("gpu",)
 # How first_layer_grad's kernels compute the conv and the kernel gradient: 3, three TF32
@@ -555,7 +556,9 @@ class Regressor(nn.Module):
                 and train_first_layer_conv is not None
                 and jax.default_backend() in TRAIN_FIRST_LAYER_BACKENDS
                 and train_conv.enabled()
-                and cfg.downsampling in ("avg", "max")
+                and first_layer_grad.applies(
+                    x.shape, cfg.features, cfg.downsampling, TRAIN_FIRST_LAYER_PASSES
+                )
                 and not (overlap and i == last_down)
             ):
                 kernel = ConvKernel(cfg.features, name=name("Conv"))(x)

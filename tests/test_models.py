@@ -303,9 +303,9 @@ def test_first_layer_at_once_trains_alike(rng, name, passes, monkeypatch):
     # `first_layer_train` (training's first layer on GPUs, `train_first_layer_conv`; here
     # on the CPU too): the same loss, gradients and batch statistics as layer by layer. A2
     # (strided conv) keeps the layers apart. `passes`: TRAIN_FIRST_LAYER_PASSES, how its
-    # kernels compute on CUDA, at 32² (their half width a power of two; off CUDA XLA's
-    # path takes no notice).
-    side = 32 if passes else 28
+    # kernels compute on CUDA (off CUDA XLA's path takes no notice). At 32²: the models
+    # take the layer at once where first_layer_grad's kernels take its shape.
+    side = 32
     config = variant(name, MNIST.replace(features=8, image_shape=(side, side)))
     variables = perturbed(config)
     fixed, moving = (jnp.asarray(rng.uniform(size=(4, side, side, 1)), jnp.float32) for _ in "ab")
@@ -335,20 +335,22 @@ def test_first_layer_at_once_trains_alike(rng, name, passes, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "backend,dtype,train_conv,at_once",
-    [("gpu", "float32", "", True), ("cpu", "float32", "", False),
-     ("gpu", "bfloat16", "", False), ("gpu", "float32", "xla", False)],
+    "backend,dtype,train_conv,side,at_once",
+    [("gpu", "float32", "", 32, True), ("cpu", "float32", "", 32, False),
+     ("gpu", "bfloat16", "", 32, False), ("gpu", "float32", "xla", 32, False),
+     ("gpu", "float32", "", 28, False)],
 )  # fmt: skip
 def test_training_takes_the_first_layer_at_once_on_gpus_in_float32(
-    monkeypatch, backend, dtype, train_conv, at_once
+    monkeypatch, backend, dtype, train_conv, side, at_once
 ):
-    # The first layer at once was timed on an H200 in float32 (faster) and on a CPU
-    # (slower): the step is traced for the backend jax runs on; DIRNET_TRAIN_CONV=xla turns
-    # it off with the other training kernels.
-    config = DIRNetConfig(image_shape=(32, 32), num_downsamplings=2, features=16,
+    # The first layer at once was timed on an H200 in float32 with its kernels (faster),
+    # and on a CPU and with XLA's gradients (slower): the step is traced for the backend
+    # jax runs on, at shapes the kernels take (not 28²: half width 14); DIRNET_TRAIN_CONV=xla
+    # turns it off with the other training kernels.
+    config = DIRNetConfig(image_shape=(side, side), num_downsamplings=2, features=16,
                           compute_dtype=dtype)  # fmt: skip
     variables = init_variables(config, jax.random.key(0))
-    x = jnp.zeros((2, 32, 32, 1))
+    x = jnp.zeros((2, side, side, 1))
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     monkeypatch.setenv("DIRNET_TRAIN_CONV", train_conv)
 
