@@ -10,6 +10,7 @@ checkpoint of the step it reached (`Interrupted`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -25,7 +26,7 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from dirnet_jax import hosts
+from dirnet_jax import dispatch, hosts
 from dirnet_jax import workdir as wd
 from dirnet_jax.config import DIRNetConfig
 from dirnet_jax.losses import get_loss, ncc
@@ -146,7 +147,9 @@ def train_steps(
     Step s (counting from 1 over the whole run) trains on
     ``sample_pairs(fold_in(key, s), pool, batch_size, grouped)``, exactly as a loop of
     `train_step` would, so chunks of any length give the same trajectory. `sharding`
-    places each batch (data parallelism: split over devices along the batch axis).
+    places each batch (data parallelism: split over devices along the batch axis); over
+    several devices the step is XLA's alone (`dispatch.xla_only`: XLA cannot split our
+    kernels' calls over devices).
     On accelerators the steps are a `lax.scan`; on XLA:CPU, which ran a scanned step 3×
     (28×28) to 10× (128×128) slower, they are unrolled into straight-line code.
 
@@ -160,13 +163,15 @@ def train_steps(
         state, metrics = _train_step(state, batch)
         return state, metrics["loss"]
 
-    if steps > 1 and jax.default_backend() != "cpu":
-        return jax.lax.scan(lambda state, _: body(state), state, length=steps)
-    losses = []
-    for _ in range(steps):
-        state, loss = body(state)
-        losses.append(loss)
-    return state, jnp.stack(losses)
+    split = sharding is not None and len(sharding.device_set) > 1
+    with dispatch.xla_only() if split else contextlib.nullcontext():
+        if steps > 1 and jax.default_backend() != "cpu":
+            return jax.lax.scan(lambda state, _: body(state), state, length=steps)
+        losses = []
+        for _ in range(steps):
+            state, loss = body(state)
+            losses.append(loss)
+        return state, jnp.stack(losses)
 
 
 @jax.jit

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dirnet_jax.dispatch import cuda_or_xla
+from dirnet_jax.dispatch import cuda_or_xla, kernels_allowed
 from dirnet_jax.first_layer import fitting_rows, power_of_two, program_pixels, window_gather
 from dirnet_jax.pooled_layers import gathered
 from dirnet_jax.tf32 import tf32_dot, tf32_split
@@ -89,9 +89,9 @@ def applies(x_shape: tuple[int, ...], features: int) -> bool:
 
 
 def enabled() -> bool:
-    """Training's kernels not turned off (``DIRNET_TRAIN_CONV=xla`` in the environment;
-    `models` also keeps training's first layer apart then)."""
-    return os.environ.get("DIRNET_TRAIN_CONV", "") != "xla"
+    """Training's kernels not turned off (``DIRNET_TRAIN_CONV=xla`` in the environment, or
+    `dispatch.xla_only`; `models` also keeps training's first layer apart then)."""
+    return os.environ.get("DIRNET_TRAIN_CONV", "") != "xla" and kernels_allowed()
 
 
 def _enabled_for(x_shape: tuple[int, ...]) -> bool:

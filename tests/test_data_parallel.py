@@ -30,9 +30,17 @@ hlo = train.train_steps.lower(state, pool, train.data_key(config), steps=1, batc
 # Each device draws its own slice of the batch's pairs from the pool: [2, 1, 28, 28, 1].
 gathered = [int(re.search(r"= f32\[(\d+),", line).group(1)) for line in hlo.splitlines()
             if " gather(" in line and "slice_sizes={1,28,28,1}" in line]
+# Our Triton kernels in a 64² step lowered for CUDA, on one device and split over four.
+big = config.replace(image_shape=(64, 64))
+big_state, big_pool = train.create_train_state(big), jax.numpy.zeros((4, 64, 64, 1))
+_, big_split = train.data_parallel(big)
+kernels = [train.train_steps.trace(big_state, big_pool, train.data_key(big), steps=1,
+                                   batch_size=8, grouped=False, sharding=sharding)
+           .lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton")
+           for sharding in (None, big_split)]
 print(json.dumps({"param_devices": len(kernel.sharding.device_set),
                   "all_reduce": "all-reduce" in hlo, "gathered": gathered,
-                  "kernel": kernel.ravel().tolist()}))
+                  "kernels": kernels, "kernel": kernel.ravel().tolist()}))
 try:
     train.data_parallel(config.replace(batch_size=6))
 except ValueError as err:
@@ -50,6 +58,10 @@ def test_four_devices_follow_one(tmp_path):
     assert report["param_devices"] == 4  # parameters replicated on every device
     assert report["all_reduce"]  # gradients and BatchNorm statistics are reduced across them
     assert report["gathered"] and set(report["gathered"]) == {8 // 4}  # fixed and moving
+    # XLA cannot split a kernel's custom call over devices (it would gather the whole
+    # batch onto each): split over four, the step is XLA's alone.
+    one_device, four_devices = report["kernels"]
+    assert one_device > 0 and four_devices == 0
     assert error == "batch_size 6 does not split over the 4 devices"
 
     config = DIRNetConfig(**CONFIG)
