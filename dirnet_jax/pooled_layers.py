@@ -1,9 +1,10 @@
 """The regressor's later conv layers at inference, ``pool2(elu(conv3×3(x) + bias))`` on
 many-channel activations, as one GPU kernel each (Pallas, Triton backend). On an H200 it
 took the 128² layer in 0.97 ms with one TF32 product (1.47 with three) against cuDNN's
-1.74, and lifted batch 512 from 145,000 to 168,700 pairs/s; on the narrower layers too it
-gave less (160,300; run 5 had them slower than cuDNN's; benchmarks/NOTES.md). So
-`models.pooled_conv` takes it on CUDA for the 128² layer, with one product.
+1.74, and lifted batch 512 from 145,000 to 168,700 pairs/s; on every layer it takes, 160,300
+(cuDNN is faster at 64² and 32², where one row of 32 or 16 pooled columns is a small
+product; benchmarks/NOTES.md). So `models.pooled_conv` takes it on CUDA for the 128² layer,
+with one product.
 
 Why: at 256², batch 512 on an H200, the second layer (16 → 16 channels at 128²) took 1.3
 of 3.9 ms in cuDNN: its convolution 0.76 ms, a conversion of its 537 MB input into a
