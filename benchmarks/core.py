@@ -179,9 +179,9 @@ def bench_register(table, name, config, pairs, batches, repeats, fn=register) ->
 @contextlib.contextmanager
 def swapped(name: str, value):
     """`dirnet_jax.models.<name>` replaced by `value` while the context lasts: the other
-    side of a comparison on a GPU. Give the config a field of its own (a seed, say), so
-    that jit traces again instead of reusing a trace made without the swap (training's
-    traces do not see the seed: use `fresh_traces`)."""
+    side of a comparison on a GPU. A compiled program made before the swap is reused
+    unless the call traces anew: `in_swap` (`fresh_traces`), or, in the tests, a config of
+    its own seed for `register` (training's traces do not see the seed)."""
     original = getattr(models, name)
     setattr(models, name, value)
     try:
@@ -442,48 +442,47 @@ def parse(argv: list[str]) -> tuple[bool, dict[str, str]]:
 
 def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple[str, Callable]]:
     """The baseline's A/B rows on a GPU, (label, run) each, the rows no GPU has measured yet
-    first: each swaps one choice, traced anew (`in_swap`, `in_env`; and a config of its own
-    seed, so that no compiled program is shared)."""
+    first: each swaps one choice, traced anew (`in_swap`, `in_env`)."""
     bf16 = base.replace(compute_dtype="bfloat16")
     return [
         # A candidate: inference's first layer by one TF32 product of the window matrix.
         ("baseline-dot1first", lambda: in_swap(
             {"fused_first_layer": dot1_first_layer}, bench_register,
-            table, "baseline-dot1first", base.replace(seed=10), p, batches, r)),
+            table, "baseline-dot1first", base, p, batches, r)),
         # What the 128² layer's kernel buys: cuDNN's convolution, ELU and pooling there.
         ("baseline-xlapool", lambda: in_swap(
             {"pooled_conv": models.xla_pooled_conv}, bench_register,
-            table, "baseline-xlapool", base.replace(seed=5), p, batches, r)),
+            table, "baseline-xlapool", base, p, batches, r)),
         # What training's first layer at once buys: layer by layer (the first conv by
         # `conv_taps`, its kernel gradient by Triton).
         ("baseline-layerfirst", lambda: in_swap(
             {"train_first_layer_conv": None}, bench_train_dispatch,
-            table, "baseline-layerfirst", base.replace(seed=9), p, r)),
+            table, "baseline-layerfirst", base, p, r)),
         # What the pairs form buys: the later convs and their gradients a product per tap.
         ("baseline-taps", lambda: in_swap(
             {"TRAIN_CONV_FORM": "taps"}, bench_train_dispatch,
-            table, "baseline-taps", base.replace(seed=13), p, r)),
+            table, "baseline-taps", base, p, r)),
         # What the training kernels buy: XLA's convolutions, the first layer apart.
         ("baseline-xlatrain", lambda: in_env(
             ("DIRNET_TRAIN_CONV", "xla"), bench_train_dispatch,
-            table, "baseline-xlatrain", base.replace(seed=8), p, r)),
+            table, "baseline-xlatrain", base, p, r)),
         ("baseline-bf16", lambda: bench_jax(table, "baseline-bf16", bf16, p, batches, r)),
         # bfloat16 training with the later convs' kernels (their sums in float32) against
         # cuDNN's, the first layer layer by layer.
         ("baseline-bf16triton", lambda: in_swap(
             {"TRAIN_CONV_DTYPES": ("float32", "bfloat16"), "train_first_layer_conv": None},
-            bench_train_dispatch, table, "baseline-bf16triton", bf16.replace(seed=7), p, r)),
+            bench_train_dispatch, table, "baseline-bf16triton", bf16, p, r)),
         # The first layer as XLA's loop instead of the Triton kernel.
         ("baseline-xlaloop", lambda: in_swap(
             {"fused_first_layer": xla_first_layer}, bench_register,
-            table, "baseline-xlaloop", base.replace(seed=4), p, batches, r)),
+            table, "baseline-xlaloop", base, p, batches, r)),
         # What INFER_COMPILER_OPTIONS buys.
         ("baseline-graphs5", lambda: bench_register(
             table, "baseline-graphs5", base, p, (1,), r, fn=register_default_graphs)),
         # The first layer unfused (BatchNorm still folded).
         ("baseline-xlafirst", lambda: in_swap(
             {"fused_first_layer": unfused_first_layer}, bench_register,
-            table, "baseline-xlafirst", base.replace(seed=2), p, batches, r)),
+            table, "baseline-xlafirst", base, p, batches, r)),
         # Plain layers: what folding BatchNorm and the fused first layer buy.
         ("baseline-unfolded", lambda: bench_register(
             table, "baseline-unfolded", base, p, batches, r, fn=register_unfolded)),
@@ -491,7 +490,7 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
         # 3×3 conv by XLA's convolution, layer by layer.
         ("baseline-xlaconv", lambda: in_swap(
             {"TapConv": xla_conv, "train_first_layer_conv": None}, bench_train,
-            table, "baseline-xlaconv", base.replace(seed=1), p, r)),
+            table, "baseline-xlaconv", base, p, r)),
     ]  # fmt: skip
 
 
