@@ -265,7 +265,7 @@ def _first_layer_train_fwd(
 
     gpu = functools.partial(first_layer_grad.stats_gpu, interpret=interpret, passes=passes)
     taken = first_layer_grad.applies(x.shape, kernel.shape[-1], downsampling, passes)
-    sums = cuda_or_xla(gpu, xla, x32, k32, taken=taken, interpret=interpret)
+    sums = cuda_or_xla(gpu, xla, x32, k32, taken=taken, interpret=interpret, summed=True)
     mean, mean_sq = sums / x[..., 0].size
     var = jnp.maximum(0.0, mean_sq - jax.lax.square(mean))  # as `batch_stats`
     mul = jax.lax.rsqrt(var + BN_EPSILON) * scale
@@ -312,7 +312,10 @@ def _first_layer_train_bwd(
         return jax.vjp(functools.partial(conv, x), kernel)[1](mul * g_y + c0 + c1 * z)[0]
 
     taken = first_layer_grad.applies(x.shape, kernel.shape[-1], downsampling, passes)
-    kernels = functools.partial(cuda_or_xla, taken=taken, interpret=interpret)
+    kernels = functools.partial(  # (x, kernel, coefficients, g) → sums over the batch
+        cuda_or_xla, taken=taken, interpret=interpret, batched=(True, False, False, True),
+        summed=True,
+    )  # fmt: skip
 
     def sums(*args):
         return first_layer_grad.backward_sums_gpu(*args, downsampling, interpret, passes)

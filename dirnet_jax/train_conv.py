@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dirnet_jax.dispatch import cuda_or_xla, kernels_allowed
+from dirnet_jax.dispatch import cuda_or_xla
 from dirnet_jax.first_layer import fitting_rows, power_of_two, program_pixels, window_gather
 from dirnet_jax.pooled_layers import gathered
 from dirnet_jax.tf32 import tf32_dot, tf32_split
@@ -89,9 +89,9 @@ def applies(x_shape: tuple[int, ...], features: int) -> bool:
 
 
 def enabled() -> bool:
-    """Training's kernels not turned off (``DIRNET_TRAIN_CONV=xla`` in the environment, or
-    `dispatch.xla_only`; `models` also keeps training's first layer apart then)."""
-    return os.environ.get("DIRNET_TRAIN_CONV", "") != "xla" and kernels_allowed()
+    """Training's kernels not turned off by ``DIRNET_TRAIN_CONV=xla`` in the environment
+    (`models` also keeps training's first layer apart then)."""
+    return os.environ.get("DIRNET_TRAIN_CONV", "") != "xla"
 
 
 def _enabled_for(x_shape: tuple[int, ...]) -> bool:
@@ -420,7 +420,8 @@ def with_taps_grad(forward, interpret: bool = False, grad_shape: tuple[int, ...]
         dx = jax.vjp(lambda x: forward(x, kernel), x)[1](g)[0]
         # The forward's kernel gradient inside its branch only: on CUDA nothing computes it.
         grads = (gpu_kernel_grad, forward_kernel_grad, x, kernel, g)
-        return dx, cuda_or_xla(*grads, interpret=interpret)
+        return dx, cuda_or_xla(*grads, interpret=interpret, batched=(True, False, True),
+                               summed=True)  # fmt: skip
 
     conv.defvjp(fwd, bwd)
     return conv
@@ -484,7 +485,8 @@ def _conv3x3_bwd(interpret, passes, grad_shape, form, residuals, g):
         _gpu_grads, interpret=interpret, passes=passes, grad_shape=grad_shape, form=form
     )
     taken = applies(x.shape, kernel.shape[-1])
-    return cuda_or_xla(gpu, _xla_grads, x, kernel, g, taken=taken, interpret=interpret)
+    return cuda_or_xla(gpu, _xla_grads, x, kernel, g, taken=taken, interpret=interpret,
+                       batched=(True, False, True), summed=(False, True))  # fmt: skip
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)

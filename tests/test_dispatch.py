@@ -2,8 +2,11 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
-from dirnet_jax.dispatch import cuda_or_xla, kernels_allowed, xla_only
+from dirnet_jax.dispatch import cuda_or_xla, per_device, split_over
 
 
 def gpu(x):
@@ -25,12 +28,27 @@ def test_each_platform_runs_its_own_and_the_tests_the_kernel():
     assert "sine" not in traced.lower(lowering_platforms=("cpu",)).as_text()
 
 
-def test_xla_only_traces_xla_for_cuda_too_but_not_for_the_tests():
-    x = jnp.float32(3.0)
-    assert kernels_allowed()
-    with xla_only():
-        assert not kernels_allowed()
-        traced = jax.jit(lambda x: cuda_or_xla(gpu, xla, x)).trace(x)
-        assert float(cuda_or_xla(gpu, xla, x, interpret=True)) == float(gpu(x))
-    assert kernels_allowed()
-    assert "sine" not in traced.lower(lowering_platforms=("cuda",)).as_text()
+def test_split_over_runs_the_kernel_per_device_and_sums_what_it_says():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    split = NamedSharding(mesh, PartitionSpec("data"))
+    x, w = jnp.arange(8.0).reshape(4, 2), jnp.float32(3.0)
+
+    def kernel(x, w):
+        return x * w, (x * w).sum(0)
+
+    def run(x, w):
+        return cuda_or_xla(kernel, None, x, w, interpret=True, batched=(True, False),
+                           summed=(False, True))  # fmt: skip
+
+    assert per_device(kernel, (True, False), (False, True)) is kernel  # outside: as it is
+    with split_over(split):
+        jaxpr = str(jax.make_jaxpr(run)(x, w))
+        got = jax.jit(run)(x, w)
+        with pytest.raises(ValueError, match="batched has 1 entries for 2 arguments"):
+            cuda_or_xla(kernel, None, x, w, interpret=True, batched=(True,))
+    assert "shard_map[" in jaxpr and "psum" in jaxpr
+    for a, b in zip(got, kernel(x, w), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="split along axis 0"):
+        with split_over(NamedSharding(mesh, PartitionSpec())):
+            pass
