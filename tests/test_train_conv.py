@@ -4,6 +4,7 @@ gradient, in Pallas' interpreter on any backend (compiled on a GPU) against XLA'
 convolution and its gradients at full precision; the whole DIRNet's training gradients
 with the kernels (the default) and with the first layer at once; their lowering for CUDA."""
 
+import contextlib
 import functools
 import itertools
 
@@ -11,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import core
-from dirnet_jax import DIRNetConfig, models, train_conv
+from dirnet_jax import DIRNetConfig, dispatch, models, train_conv
 from dirnet_jax.train import _loss, create_train_state
 from tests.references import conv_same
 
@@ -183,10 +185,12 @@ def interpreted(monkeypatch):
     return taps
 
 
-@pytest.mark.parametrize("first_layer_at_once", [False, True])
-def test_dirnet_trains_alike_with_the_kernels(interpreted, monkeypatch, first_layer_at_once):
+@pytest.mark.parametrize("first_layer_at_once,split", [(False, False), (True, False), (True, True)])
+def test_dirnet_trains_alike_with_the_kernels(interpreted, monkeypatch, first_layer_at_once, split):
     # Float32 training with the kernels (the default), and with the first layer at once
-    # (`baseline-fusedfirst`), against XLA's convolutions (DIRNET_TRAIN_CONV=xla).
+    # (`baseline-fusedfirst`), against XLA's convolutions (DIRNET_TRAIN_CONV=xla). `split`:
+    # every kernel inside a shard_map, as over several devices (`dispatch.split_over`;
+    # here over one, so that a GPU compiles and runs them so).
     pairs = jax.random.uniform(jax.random.key(2), (2, 4, 64, 64, 1))
     batch = {"fixed": pairs[0], "moving": pairs[1]}
 
@@ -205,7 +209,12 @@ def test_dirnet_trains_alike_with_the_kernels(interpreted, monkeypatch, first_la
     monkeypatch.setattr(
         models, "train_first_layer_conv", interpreted if first_layer_at_once else None
     )
-    (kernel_loss, kernel_stats), kernel_grads = loss_and_grads()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    over = NamedSharding(mesh, PartitionSpec("data"))
+    with dispatch.split_over(over) if split else contextlib.nullcontext():
+        (kernel_loss, kernel_stats), kernel_grads = loss_and_grads()
+        jaxpr = str(jax.make_jaxpr(jax.value_and_grad(_loss, has_aux=True))(params, state, batch))
+    assert ("shard_map[" in jaxpr) == split
     np.testing.assert_allclose(kernel_loss, loss, rtol=TF32)
     for layer in ("Conv_0", "Conv_1"):  # the layers the kernels took: their kernel gradients
         (g,) = [g for path, g in jax.tree_util.tree_leaves_with_path(grads)
