@@ -64,6 +64,7 @@ from dirnet_jax.preprocess import minmax
 from dirnet_jax.train import (
     create_train_state,
     data_key,
+    data_parallel,
     default_steps_per_dispatch,
     train_step,
     train_steps,
@@ -284,7 +285,8 @@ def bench_jax(table: Table, name: str, config: DIRNetConfig, pairs, batches, rep
 
 
 def bench_train(table: Table, name: str, config: DIRNetConfig, pairs, repeats: int) -> None:
-    """Rows 'train step, batch 32', 'train, sample+step' and 'train, N steps/dispatch'."""
+    """Rows 'train step, batch 32', 'train, sample+step' and 'train, N steps/dispatch'; with
+    several devices also 'train, D devices, batch 32·D'."""
     size = config.image_shape[0]
     fixed, moving = (jnp.asarray(a[:32]) for a in pairs)
     batch = {"fixed": fixed, "moving": moving}
@@ -300,6 +302,29 @@ def bench_train(table: Table, name: str, config: DIRNetConfig, pairs, repeats: i
 
     for steps in (1, default_steps_per_dispatch()):
         state[0] = bench_train_steps(table, name, config, fixed, steps, repeats, state[0])
+    if jax.device_count() > 1:
+        bench_train_devices(table, name, config, fixed, repeats)
+
+
+def bench_train_devices(table: Table, name: str, config: DIRNetConfig, pool, repeats: int):
+    """Row 'train, D devices, batch 32·D': `fit`'s data-parallel steps over every device
+    (`train.data_parallel`), 32 pairs each, in pairs/s: against the one-device rows' 32 ×
+    steps/s, the scaling."""
+    devices, steps = jax.device_count(), default_steps_per_dispatch()
+    batch = 32 * devices
+    replicated, split = data_parallel(config.replace(batch_size=batch))
+    state = [jax.device_put(create_train_state(config), replicated)]
+    pool, key = jax.device_put(pool, replicated), data_key(config)
+    options = dict(steps=steps, batch_size=batch, grouped=False, sharding=split)
+
+    def fused():
+        state[0], losses = train_steps(state[0], pool, key, **options)
+        return losses
+
+    first, sec = timed(fused, max(2, repeats // steps))
+    mb = compiled_mb(train_steps, state[0], pool, key, **options)
+    what = f"train, {devices} devices, batch {batch}"
+    table.add("jax", name, config.image_shape[0], what, first, sec, steps * batch, "pairs/s", mb)
 
 
 def bench_train_dispatch(table: Table, name: str, config: DIRNetConfig, pairs, repeats: int):

@@ -41,9 +41,15 @@ kernels = [[int(re.search(r": \(tensor<(\d+)x", line).group(1)) for line in
             .lower(lowering_platforms=("cuda",)).as_text().splitlines()
             if "xla.gpu.triton" in line]
            for sharding in (None, big_split)]
+# The benchmark's scaling row: fit's steps over the four devices, 32 pairs each.
+from benchmarks import core
+core.MIN_SECONDS, table = 0.0, core.Table()
+core.bench_train_devices(table, "baseline", config, pool, repeats=2)
+(row,) = table.rows
 print(json.dumps({"param_devices": len(kernel.sharding.device_set),
                   "all_reduce": "all-reduce" in hlo, "gathered": gathered,
-                  "kernels": kernels, "kernel": kernel.ravel().tolist()}))
+                  "kernels": kernels, "kernel": kernel.ravel().tolist(),
+                  "bench": [row["what"], row["unit"], row["per_sec"]]}))
 try:
     train.data_parallel(config.replace(batch_size=6))
 except ValueError as err:
@@ -66,6 +72,8 @@ def test_four_devices_follow_one(tmp_path):
     one_device, four_devices = report["kernels"]
     assert one_device and set(one_device) == {8} and four_devices == [2] * len(one_device)
     assert error == "batch_size 6 does not split over the 4 devices"
+    what, unit, rate = report["bench"]
+    assert (what, unit) == ("train, 4 devices, batch 128", "pairs/s") and rate > 0
 
     config = DIRNetConfig(**CONFIG)
     one = train.fit(config, tmp_path / "one", shifted_blobs(0, 16), progress=False)
