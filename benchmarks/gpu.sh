@@ -44,8 +44,9 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
       'orbax', getattr(ocp, '__version__', '?'), 'torch', torch.__version__, jax.devices())"
   # The defaults adopted from run 6 first, as whole networks (training with the first
   # layer at once and the pairs form, and inside shard_map as over several GPUs;
-  # registration with the 128² layer's kernel), then the kernels one by one. One line per test (-v), so a run cut short still says which
-  # passed; stopped by SIGINT, pytest still prints the tracebacks of what failed.
+  # registration with the 128² layer's kernel), then the kernels one by one. One line per
+  # test (-v), so a run cut short still says which passed; stopped by SIGINT, pytest still
+  # prints the tracebacks of what failed.
   # Full float32 convolutions and products, as on the CPU the tolerances were set on (the
   # GPU's default is TF32-like; the timings below use the default).
   local m=tests/test_models.py
