@@ -303,28 +303,8 @@ def bench_train(table: Table, name: str, config: DIRNetConfig, pairs, repeats: i
     for steps in (1, default_steps_per_dispatch()):
         state[0] = bench_train_steps(table, name, config, fixed, steps, repeats, state[0])
     if jax.device_count() > 1:
-        bench_train_devices(table, name, config, fixed, repeats)
-
-
-def bench_train_devices(table: Table, name: str, config: DIRNetConfig, pool, repeats: int):
-    """Row 'train, D devices, batch 32·D': `fit`'s data-parallel steps over every device
-    (`train.data_parallel`), 32 pairs each, in pairs/s: against the one-device rows' 32 ×
-    steps/s, the scaling."""
-    devices, steps = jax.device_count(), default_steps_per_dispatch()
-    batch = 32 * devices
-    replicated, split = data_parallel(config.replace(batch_size=batch))
-    state = [jax.device_put(create_train_state(config), replicated)]
-    pool, key = jax.device_put(pool, replicated), data_key(config)
-    options = dict(steps=steps, batch_size=batch, grouped=False, sharding=split)
-
-    def fused():
-        state[0], losses = train_steps(state[0], pool, key, **options)
-        return losses
-
-    first, sec = timed(fused, max(2, repeats // steps))
-    mb = compiled_mb(train_steps, state[0], pool, key, **options)
-    what = f"train, {devices} devices, batch {batch}"
-    table.add("jax", name, config.image_shape[0], what, first, sec, steps * batch, "pairs/s", mb)
+        bench_train_steps(table, name, config, fixed, default_steps_per_dispatch(), repeats,
+                          over_devices=True)  # fmt: skip
 
 
 def bench_train_dispatch(table: Table, name: str, config: DIRNetConfig, pairs, repeats: int):
@@ -333,22 +313,34 @@ def bench_train_dispatch(table: Table, name: str, config: DIRNetConfig, pairs, r
     bench_train_steps(table, name, config, pool, default_steps_per_dispatch(), repeats)
 
 
-def bench_train_steps(table, name, config, pool, steps, repeats, state=None):
+def bench_train_steps(table, name, config, pool, steps, repeats, state=None, over_devices=False):
     """Row 'train, sample+step' (steps=1) or 'train, N steps/dispatch': `train_steps`
-    drawing batches of 32 pairs from `pool` on the device. Returns the trained state."""
-    state = [create_train_state(config) if state is None else state]  # donated by each call
-    key = data_key(config)
+    drawing batches of 32 pairs from `pool` on the device. `over_devices`: row 'train, D
+    devices, batch 32·D' instead, `fit`'s data-parallel steps over every device
+    (`train.data_parallel`), 32 pairs each, in pairs/s (the scaling, against 32 × the
+    one-device steps/s). Returns the trained state."""
+    devices = jax.device_count() if over_devices else 1
+    batch, split = 32 * devices, None
+    state = create_train_state(config) if state is None else state
+    if over_devices:
+        replicated, split = data_parallel(config.replace(batch_size=batch))
+        state, pool = jax.device_put((state, pool), replicated)
+    state, key = [state], data_key(config)  # the state is donated by each call
+    options = dict(steps=steps, batch_size=batch, grouped=False, sharding=split)
 
     def fused():
-        state[0], losses = train_steps(
-            state[0], pool, key, steps=steps, batch_size=32, grouped=False
-        )
+        state[0], losses = train_steps(state[0], pool, key, **options)
         return losses
 
     first, sec = timed(fused, repeats if steps == 1 else max(2, repeats // steps))
-    mb = compiled_mb(train_steps, state[0], pool, key, steps=steps, batch_size=32, grouped=False)
-    what = "train, sample+step" if steps == 1 else f"train, {steps} steps/dispatch"
-    table.add("jax", name, config.image_shape[0], what, first, sec, steps, "steps/s", mb)
+    mb = compiled_mb(train_steps, state[0], pool, key, **options)
+    size = config.image_shape[0]
+    if over_devices:
+        what = f"train, {devices} devices, batch {batch}"
+        table.add("jax", name, size, what, first, sec, steps * batch, "pairs/s", mb)
+    else:
+        what = "train, sample+step" if steps == 1 else f"train, {steps} steps/dispatch"
+        table.add("jax", name, size, what, first, sec, steps, "steps/s", mb)
     return state[0]
 
 
