@@ -44,7 +44,7 @@ kernels = [[int(re.search(r": \(tensor<(\d+)x", line).group(1)) for line in
 # The benchmark's scaling row: fit's steps over the four devices, 32 pairs each.
 from benchmarks import core
 core.MIN_SECONDS, table = 0.0, core.Table()
-core.bench_train_steps(table, "baseline", config, pool, 2, 2, over_devices=True)
+core.bench_train_steps(table, "baseline", config, pool, 1, 2, over_devices=True)
 (row,) = table.rows
 print(json.dumps({"param_devices": len(kernel.sharding.device_set),
                   "all_reduce": "all-reduce" in hlo, "gathered": gathered,
