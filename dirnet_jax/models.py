@@ -209,7 +209,7 @@ def _first_layer_reference(x, kernel, scale, bias, downsampling, conv, dtype):
     return pool2(y, jnp.mean if downsampling == "avg" else jnp.max).astype(dtype), mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10))
 def first_layer_train(
     x: jax.Array,
     kernel: jax.Array,
@@ -221,6 +221,7 @@ def first_layer_train(
     interpret: bool = False,
     grad_shape: tuple[int, ...] = (),
     passes: int = 0,
+    one_pass: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training's first layer, ``pool2(elu(BatchNorm(conv(x, kernel))))`` with the batch's
     statistics, without writing its full-resolution activations (float32 training on GPUs:
@@ -242,20 +243,24 @@ def first_layer_train(
         in Pallas' interpreter on every backend (the tests); grad_shape: (rows, block,
         warps) of `first_layer_grad.kernel_grad_gpu`, or a prefix of them; passes: how
         first_layer_grad's kernels compute (0: float32 multiply-adds, 1 or 3: TF32
-        products).
+        products); one_pass: the backward's sums and the kernel's gradient by one kernel
+        (`first_layer_grad.backward_gpu`; passes 1 or 3), not two.
 
     Returns:
       (pooled [B, H/2, W/2, F] in dtype, batch mean [F], batch variance [F]).
     """
     out, _ = _first_layer_train_fwd(
-        x, kernel, scale, bias, downsampling, conv, dtype, interpret, grad_shape, passes
-    )
+        x, kernel, scale, bias, downsampling, conv, dtype, interpret, grad_shape, passes,
+        one_pass,
+    )  # fmt: skip
     return out
 
 
 def _first_layer_train_fwd(
-    x, kernel, scale, bias, downsampling, conv, dtype, interpret, _, passes
+    x, kernel, scale, bias, downsampling, conv, dtype, interpret, _, passes, one_pass
 ):  # fmt: skip
+    if one_pass and not passes:
+        raise ValueError("first_layer_train: one_pass takes passes 1 or 3 (TF32 products)")
     x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
 
     def xla(x, kernel):
@@ -276,14 +281,15 @@ def _first_layer_train_fwd(
 
 
 def _first_layer_train_bwd(
-    downsampling, conv, dtype, interpret, grad_shape, passes, residuals, cotangents
+    downsampling, conv, dtype, interpret, grad_shape, passes, one_pass, residuals, cotangents
 ):  # fmt: skip
     """The reference's gradients, written out so that no full-resolution value is stored:
     BatchNorm's backward needs only two sums per channel, Σ g_y and Σ z·g_y (y the
     normalized conv z, g_y its gradient), and the kernel's gradient is Σ x_shifted · g_z
     with g_z = mul·g_y + c0 + c1·z (c0, c1 from the statistics' own gradient). On CUDA
-    Triton kernels compute both from x and the pooled gradient; elsewhere XLA fuses each
-    full-resolution value into the reduction that reads it."""
+    Triton kernels compute both from x and the pooled gradient, in two passes or, with
+    `one_pass`, in one; elsewhere XLA fuses each full-resolution value into the reduction
+    that reads it."""
     x, kernel, scale, bias, mean, mean_sq = residuals
     g_pooled, g_mean, g_var = cotangents
     x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
@@ -301,41 +307,70 @@ def _first_layer_train_bwd(
         (g_y,) = jax.vjp(lambda y: pool2(elu(y), reduce).astype(dtype), y)[1](g)
         return z, g_y
 
-    def xla_sums(x, kernel, mul_shift, g):
-        z, g_y = xla_grad_y(x, kernel, *mul_shift, g)
+    def xla_sums(x, kernel, mul_shift_mean, g):  # Σ g_y, Σ (z − mean)·g_y
+        mul, shift, mean = mul_shift_mean
+        z, g_y = xla_grad_y(x, kernel, mul, shift, g)
         axes = tuple(range(z.ndim - 1))
-        return jnp.stack([g_y.sum(axes), (z * g_y).sum(axes)])
+        return jnp.stack([g_y.sum(axes), ((z - mean) * g_y).sum(axes)])
 
     def xla_kernel_grad(x, kernel, coefficients, g):
         mul, shift, c0, c1 = coefficients
         z, g_y = xla_grad_y(x, kernel, mul, shift, g)
         return jax.vjp(functools.partial(conv, x), kernel)[1](mul * g_y + c0 + c1 * z)[0]
 
+    n = x[..., 0].size
+
+    def coefficients_of(sum_g, centred):
+        """mul, shift, c0, c1 of g_z = mul·g_y + c0 + c1·z from Σ g_y and Σ (z − mean) g_y.
+        y = (z − mean)·r·scale + bias: the gradients of the statistics (mean = Σ z / N,
+        mean_sq = Σ z² / N) give c0 = g_m / N and c1 = 2·g_q / N."""
+        g_m, g_q = stats_vjp((g_mean - mul * sum_g, g_var - 0.5 * scale * r**3 * centred))
+        return jnp.stack([mul, shift, g_m / n, 2 * g_q / n])
+
     taken = first_layer_grad.applies(x.shape, kernel.shape[-1], downsampling, passes)
     kernels = functools.partial(  # (x, kernel, coefficients, g) → sums over the batch
         cuda_or_xla, taken=taken, interpret=interpret, batched=(True, False, False, True),
         summed=True,
     )  # fmt: skip
+    options = dict(zip(("rows", "block", "warps"), grad_shape, strict=False))
+    mul_shift_mean = jnp.stack([mul, shift, mean])
+    if one_pass:  # the sums and the kernel gradient's parts, combined once summed
 
-    def sums(*args):
-        return first_layer_grad.backward_sums_gpu(*args, downsampling, interpret, passes)
+        def backward(*args):
+            return first_layer_grad.backward_gpu(
+                *args, downsampling, interpret, passes=passes, **options
+            )
 
-    sum_g, sum_zg = kernels(sums, xla_sums, x32, k32, jnp.stack([mul, shift]), g_pooled)
-    centred = sum_zg - mean * sum_g  # Σ (z − mean) g_y
-    # y = (z − mean)·r·scale + bias: the gradients of scale, bias, and of the statistics
-    # (mean = Σ z / N, mean_sq = Σ z² / N): g_z = mul·g_y + g_m / N + 2·g_q·z / N.
-    g_scale, g_bias = r * centred, sum_g
-    g_m, g_q = stats_vjp((g_mean - mul * sum_g, g_var - 0.5 * scale * r**3 * centred))
-    n = x[..., 0].size
-    coefficients = jnp.stack([mul, shift, g_m / n, 2 * g_q / n])
+        def combined(out):
+            sums, parts = out
+            _, _, c0, c1 = coefficients_of(*sums)
+            return sums, first_layer_grad.combine(parts, k32, mul, c0 + c1 * mean, c1)
 
-    def grad(*args):
-        options = dict(zip(("rows", "block", "warps"), grad_shape, strict=False))
-        return first_layer_grad.kernel_grad_gpu(
-            *args, downsampling, interpret, passes=passes, **options
+        def xla_backward(x, kernel, mul_shift_mean, g):
+            sums = xla_sums(x, kernel, mul_shift_mean, g)
+            return sums, xla_kernel_grad(x, kernel, coefficients_of(*sums), g)
+
+        (sum_g, centred), g_kernel = kernels(
+            backward, xla_backward, x32, k32, mul_shift_mean, g_pooled, then=combined
         )
+        coefficients = coefficients_of(sum_g, centred)
+    else:
 
-    g_kernel = kernels(grad, xla_kernel_grad, x32, k32, coefficients, g_pooled)
+        def sums(x, kernel, mul_shift_mean, g):
+            sum_g, sum_zg = first_layer_grad.backward_sums_gpu(
+                x, kernel, mul_shift_mean[:2], g, downsampling, interpret, passes
+            )
+            return jnp.stack([sum_g, sum_zg - mul_shift_mean[2] * sum_g])
+
+        def grad(*args):
+            return first_layer_grad.kernel_grad_gpu(
+                *args, downsampling, interpret, passes=passes, **options
+            )
+
+        sum_g, centred = kernels(sums, xla_sums, x32, k32, mul_shift_mean, g_pooled)
+        coefficients = coefficients_of(sum_g, centred)
+        g_kernel = kernels(grad, xla_kernel_grad, x32, k32, coefficients, g_pooled)
+    g_scale, g_bias = r * centred, sum_g
     # The images' gradient (training never asks for it, so XLA drops it): XLA's.
     z, g_y = xla_grad_y(x32, k32, mul, shift, g_pooled)
     g_z = mul * g_y + coefficients[2] + coefficients[3] * z
@@ -346,10 +381,12 @@ def _first_layer_train_bwd(
 first_layer_train.defvjp(_first_layer_train_fwd, _first_layer_train_bwd)
 
 
-def _first_layer_of(x, scale, bias, *, kernel, downsampling, conv, dtype, passes):
+def _first_layer_of(x, scale, bias, *, kernel, downsampling, conv, dtype, passes, one_pass):
     """`first_layer_train` as `BatchNorm`'s `layer` function: (x, scale, bias) → (y, mean,
     var)."""
-    return first_layer_train(x, kernel, scale, bias, downsampling, conv, dtype, False, (), passes)
+    return first_layer_train(
+        x, kernel, scale, bias, downsampling, conv, dtype, False, (), passes, one_pass
+    )
 
 
 def xla_pooled_conv(
@@ -481,6 +518,9 @@ TRAIN_FIRST_LAYER_BACKENDS = ("gpu",)
 # products on tensor cores (float32 to ~3e-6 of the largest value); 0, float32
 # multiply-adds (run 6: 743 steps/s against 840, with the forward below)...
 TRAIN_FIRST_LAYER_PASSES = 3
+# Whether its backward's sums and kernel gradient are one kernel (`first_layer_grad.
+# backward_gpu`: x read once, not twice; twice the products) or two. A candidate, untimed.
+TRAIN_FIRST_LAYER_ONE_PASS = False
 # ...and the forward's (`fused_first_layer`'s form and warps): the 4×4 windows' matrix
 # times the window weights, three TF32 products (inference keeps its own form: at batch
 # 512 this one was no faster there).
@@ -568,7 +608,7 @@ class Regressor(nn.Module):
                 fused = functools.partial(
                     _first_layer_of, kernel=kernel, downsampling=cfg.downsampling,
                     conv=train_first_layer_conv, dtype=cfg.compute_dtype or jnp.float32,
-                    passes=TRAIN_FIRST_LAYER_PASSES,
+                    passes=TRAIN_FIRST_LAYER_PASSES, one_pass=TRAIN_FIRST_LAYER_ONE_PASS,
                 )  # fmt: skip
                 bn = BatchNorm(
                     use_running_average=False, momentum=cfg.bn_momentum, epsilon=BN_EPSILON,
