@@ -19,10 +19,12 @@ window of every pooled column, 16·C values, gathered from the images unpadded (
 the edges: no padding pass) as one row of a [W/2, 16·C] matrix (`window_gather`), times
 the kernel placed at each pooling position in the window, the four side by side
 (`wide_weights`), by three TF32 products (float32's accuracy, ~3e-6 of the largest value)
-or one. On the H200 `dot` was no faster than the default for inference (run 6: 1.23
-against 1.32 ms, the same end to end), so training's first layer alone runs its forward by
-it (`models.TRAIN_FIRST_LAYER_FORWARD`), and `first_layer_grad` uses the same matrix;
-`dot1` (0.94 ms, TF32) is a candidate, benchmarks.core's `baseline-dot1first`.
+or one. `dot1`, one TF32 product (the precision of XLA's own convolution on a GPU at
+default precision, ~3e-4 of the largest value), is inference's default on CUDA: on an
+H200 (run 7, batch 512) 0.87 ms against 1.31 for the broadcast form and 1.12 for `dot`,
+and `register` 189,700 pairs/s against 173,500. `dot`, three products (float32's
+accuracy), runs training's forward (`models.TRAIN_FIRST_LAYER_FORWARD`), and
+`first_layer_grad` uses the same matrix.
 """
 
 from __future__ import annotations
@@ -38,8 +40,19 @@ from jax.experimental.pallas import triton as plgpu
 from dirnet_jax.tf32 import tf32_dot, tf32_split
 
 # The kernel's form (`FORMS`), pooled rows and warps per Triton program, and ELU's expm1
-# (`EXPM1S`): the fastest of those benchmarks/layers.py timed on an H200.
-FORM, ROWS, WARPS, EXPM1 = "broadcast", 1, 8, "exp"
+# (`EXPM1S`): the fastest of those benchmarks/layers.py timed on an H200 (run 7).
+FORM, ROWS, WARPS, EXPM1 = "dot1", 1, 4, "exp"
+# The form and warps for inputs whose channels the window matrix does not take (not a
+# power of two): the default until run 7 (1.31 ms).
+OTHER_FORM, OTHER_WARPS = "broadcast", 8
+
+
+def default_form(channels: int) -> tuple[str, int]:
+    """(form, warps) of the kernel for inputs of this many channels: FORM's where it
+    takes them, else OTHER_FORM's."""
+    if FORM in DOT_FORMS and not power_of_two(channels):
+        return OTHER_FORM, OTHER_WARPS
+    return FORM, WARPS
 
 
 def applies(

@@ -68,9 +68,9 @@ GRAD_SHAPES = {0: (1, 0, 8), 1: (1, 0, 4), 3: (4, 16, 1)}
 
 def applies(x_shape: tuple[int, ...], features: int, downsampling: str, passes: int = 0) -> bool:
     """Whether the kernels take a first layer of this shape: `first_layer.applies` with one
-    pooled row per program, as its default form (passes 0) or its window-matrix form (TF32
-    products). ``DIRNET_FIRST_LAYER=xla`` turns them off."""
-    form = "dot" if passes else first_layer.FORM
+    pooled row per program, as its padded-pairs forms (passes 0) or its window-matrix form
+    (TF32 products). ``DIRNET_FIRST_LAYER=xla`` turns them off."""
+    form = "dot" if passes else "broadcast"
     return first_layer.applies(x_shape, features, downsampling, 1, form=form)
 
 

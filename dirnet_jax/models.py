@@ -182,12 +182,14 @@ def fused_first_layer(
     bias: jax.Array,
     downsampling: str,
     dtype: Any,
-    form: str = first_layer.FORM,
-    num_warps: int = first_layer.WARPS,
+    form: str | None = None,
+    num_warps: int | None = None,
 ) -> jax.Array:
     """`conv_elu_pool2` in `dtype`: on CUDA GPUs the Triton kernel of
-    :mod:`dirnet_jax.first_layer` (its `form` and warps) where it takes the shape, XLA's
-    loop elsewhere."""
+    :mod:`dirnet_jax.first_layer` (its `form` and warps; None: `first_layer.default_form`
+    for x's channels) where it takes the shape, XLA's loop elsewhere."""
+    if form is None:
+        form, num_warps = first_layer.default_form(x.shape[-1])
 
     def xla(x, kernel, bias):
         return conv_elu_pool2(x, kernel, bias, downsampling).astype(dtype)

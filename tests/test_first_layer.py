@@ -26,9 +26,10 @@ def random_layer(rng, shape, cout):
 def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling, rows):
     x, kernel, bias = random_layer(rng, shape, cout)
     expected = conv_elu_pool(x, kernel, bias, downsampling)
-    got = first_layer.conv_elu_pool2_gpu(
-        x, kernel, bias, downsampling, rows_per_program=rows, interpret=not ON_GPU
-    )
+    got = first_layer.conv_elu_pool2_gpu(  # the padded pairs' form: rows per program
+        x, kernel, bias, downsampling, rows_per_program=rows, interpret=not ON_GPU,
+        form="broadcast",
+    )  # fmt: skip
     assert got.shape == expected.shape and got.dtype == jnp.float32
     # The edges matter most (the padding): expect both signs of ELU and values > 1 there.
     assert float(jnp.abs(expected[:, 0]).max()) > 1 and float(expected.min()) < -0.2
@@ -105,8 +106,13 @@ def test_applies_only_to_shapes_triton_takes(monkeypatch):
     assert not first_layer.applies((4, 64, 64, 2), 16, "strided")
     assert not first_layer.applies((4, 16, 16, 16, 2), 16, "avg")  # 3-D
     assert not first_layer.applies((4, 6, 64, 2), 16, "avg", rows_per_program=2)
-    assert first_layer.applies((4, 64, 64, 3), 16, "avg")  # any channels, but the window
-    assert not first_layer.applies((4, 64, 64, 3), 16, "avg", form="dot")  # matrix's 16·Cin
+    assert first_layer.applies((4, 64, 64, 3), 16, "avg", form="broadcast")  # any channels,
+    assert not first_layer.applies((4, 64, 64, 3), 16, "avg", form="dot")  # not the window
+    assert not first_layer.applies((4, 64, 64, 3), 16, "avg", form="dot1")  # matrix's 16·Cin
+    # The default form takes a power of two of channels, the broadcast form the others.
+    assert first_layer.default_form(2) == (first_layer.FORM, first_layer.WARPS)
+    assert first_layer.default_form(6) == (first_layer.OTHER_FORM, first_layer.OTHER_WARPS)
+    assert first_layer.applies((4, 64, 64, 6), 16, "avg", form=first_layer.default_form(6)[0])
     with pytest.raises(ValueError, match="power of two of channels, not 3"):
         first_layer.conv_elu_pool2_gpu(jnp.ones((1, 8, 32, 3)), jnp.ones((3, 3, 3, 16)),
                                        jnp.ones(16), "avg", interpret=True, form="dot")  # fmt: skip
