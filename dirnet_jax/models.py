@@ -486,10 +486,10 @@ conv_taps_train = train_conv.with_taps_grad(conv_taps)
 
 # The compute dtypes whose training computes its 3×3 convs by Triton kernels on CUDA where
 # they take the shape (`conv_taps_train`, `train_conv.conv3x3`, and the first layer at
-# once below), XLA's elsewhere. float32 on an H200, 256² batch 32 (benchmarks/NOTES.md,
-# run 6): 881 steps/s against 551 with XLA's convolutions. bfloat16 has no timing of its
-# own without the kernels, so it trains with cuDNN's.
-TRAIN_CONV_DTYPES = ("float32",)
+# once below, float32 only), XLA's elsewhere. On an H200, 256² batch 32 (benchmarks/NOTES.md):
+# float32 881 steps/s against 551 with XLA's convolutions (run 6); bfloat16 (the kernels
+# read it, their sums in float32) 742 against 663 with cuDNN's (run 7).
+TRAIN_CONV_DTYPES = ("float32", "bfloat16")
 # `train_conv.conv3x3`'s form for the convolution and its gradients: "pairs" (a product per
 # kernel row for two output columns; run 6: 749 steps/s against the "taps" form's 701).
 TRAIN_CONV_FORM = "pairs"
@@ -510,8 +510,8 @@ class ConvKernel(nn.Module):
 
 # Training's first conv, BatchNorm, ELU and pooling at once (`first_layer_train`), with
 # this conv for XLA's path (None: layer by layer), on the backends named (jax's
-# `default_backend()` when the step is traced), in the TRAIN_CONV_DTYPES and where
-# first_layer_grad's kernels take the shape (256², not 28²). On an H200 (run 6, with the
+# `default_backend()` when the step is traced), in float32 with the training kernels on
+# and where first_layer_grad's kernels take the shape (256², not 28²). On an H200 (run 6, with the
 # forms below) 840 steps/s against 701 layer by layer; on a CPU, and on the H200 with
 # XLA's gradients (run 5), it was slower, so there it stays layer by layer.
 train_first_layer_conv: Callable[[jax.Array, jax.Array], jax.Array] | None = conv_taps_train
@@ -598,6 +598,7 @@ class Regressor(nn.Module):
             if (
                 kernels
                 and i == 0
+                and cfg.compute_dtype == "float32"  # bfloat16's is untimed
                 and train_first_layer_conv is not None
                 and jax.default_backend() in TRAIN_FIRST_LAYER_BACKENDS
                 and train_conv.enabled()
