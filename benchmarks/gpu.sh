@@ -14,8 +14,9 @@
 #                                    # the A/B rows) and PyTorch at both sizes first, then
 #                                    # the variants while the budget lasts (200); the rest
 #                                    # later by `python -m benchmarks.core --variants=…`
-#   bash benchmarks/gpu.sh profile   # top kernels: one 256² pair, batch 512, a train step,
-#                                    # and their compiled programs in hlo.tar.gz (60)
+#   bash benchmarks/gpu.sh profile   # top kernels: batch 512, a train step (and with the
+#                                    # first layer's backward in one pass), one 256² pair,
+#                                    # their compiled programs in hlo.tar.gz (80)
 #   bash benchmarks/gpu.sh flags     # one pair, batch 512 and training under XLA flag sets:
 #                                    # CUDA graphs off; no Triton GEMMs; cuDNN runtime fusion
 #                                    # (conv + bias + ELU); graphs around loops, from one op (120)
@@ -25,6 +26,7 @@
 #
 # Limits: TESTS_SECONDS, ONEPAIR_SECONDS, BENCH_SECONDS, PROFILE_SECONDS,
 # FLAGS_SECONDS, TRAIN_SECONDS. BENCH_ARGS: more arguments for benchmarks.core (--sizes=256, say).
+# KERNEL_LAYERS: the layers `kernel` times (default: train1bn 1 2 train train1).
 # Results go to $OUT (default benchmarks/results/gpu): the tests' log, one JSON per tool
 # (the layers' four in layers.tar.gz), every tool's printed table in gpu.log, compiled
 # programs as .tar.gz (at most 8 files, what a lease brings back). After `train`, unpack
@@ -37,6 +39,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 py=${PYTHON:-python3}
 
+run_pytest() {  # until SECONDS reaches $1, the tests named after it, at full precision
+  local end=$1
+  shift
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT -k 15 $((end - SECONDS > 5 ? end - SECONDS : 5)) \
+    $py -m pytest -v --tb=short -p no:cacheprovider "$@" >>"$OUT/gpu_tests.log" 2>&1
+}
+
 tests() {
   nvidia-smi -L
   $py -c "import jax, flax, optax, orbax.checkpoint as ocp, torch
@@ -44,26 +53,35 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
       'orbax', getattr(ocp, '__version__', '?'), 'torch', torch.__version__, jax.devices())"
   # The defaults adopted from run 6 first, as whole networks (training with the first
   # layer at once and the pairs form, and inside shard_map as over several GPUs;
-  # registration with the 128² layer's kernel), then the kernels one by one. One line per
-  # test (-v), so a run cut short still says which passed; stopped by SIGINT, pytest still
+  # registration with the 128² layer's kernel; bfloat16 training with the kernels), and
+  # the first layer's backward in one pass, then the kernels one by one. One line per test
+  # (-v), so a run cut short still says which passed; stopped by SIGINT, pytest still
   # prints the tracebacks of what failed.
   # Full float32 convolutions and products, as on the CPU the tolerances were set on (the
   # GPU's default is TF32-like; the timings below use the default).
-  local m=tests/test_models.py
-  JAX_DEFAULT_MATMUL_PRECISION=highest timeout -s INT -k 15 "${TESTS_SECONDS:-120}" \
-    $py -m pytest -v --tb=short -p no:cacheprovider \
-    tests/test_train_conv.py::test_dirnet_trains_alike_with_the_kernels \
-    tests/test_pooled_layers.py::test_dirnet_with_the_kernel_registers_alike \
-    tests/test_first_layer_grad.py tests/test_train_conv.py tests/test_pooled_layers.py \
-    tests/test_first_layer.py \
-    $m::test_first_layer_train_gradients_are_the_reference_layers \
-    $m::test_folded_batchnorm_gives_the_same_grid \
-    $m::test_fused_first_layer_is_conv_elu_pool $m::test_conv_taps_is_a_zero_padded_correlation \
-    $m::test_conv_taps_gradients_are_the_convolutions $m::test_training_computes_the_first_conv_by_taps \
-    $m::test_bfloat16_activations_register_within_bfloat16_precision tests/test_batchnorm.py \
-    tests/test_bspline.py tests/test_resample.py tests/test_tps.py tests/test_losses.py \
-    >"$OUT/gpu_tests.log" 2>&1
-  echo "tests: exit $?"
+  local m=tests/test_models.py end=$((SECONDS + ${TESTS_SECONDS:-120}))
+  local first=(
+    tests/test_train_conv.py::test_dirnet_trains_alike_with_the_kernels
+    tests/test_first_layer_grad.py::test_one_pass_backward_is_the_sums_and_the_kernel_gradient
+    tests/test_train_conv.py::test_bfloat16_training_with_the_kernels_is_as_close_to_float32_as_xlas
+    tests/test_pooled_layers.py::test_dirnet_with_the_kernel_registers_alike
+  )
+  local rest=(
+    tests/test_first_layer_grad.py tests/test_train_conv.py tests/test_pooled_layers.py
+    tests/test_first_layer.py
+    $m::test_first_layer_train_gradients_are_the_reference_layers
+    $m::test_folded_batchnorm_gives_the_same_grid
+    $m::test_fused_first_layer_is_conv_elu_pool $m::test_conv_taps_is_a_zero_padded_correlation
+    $m::test_conv_taps_gradients_are_the_convolutions $m::test_training_computes_the_first_conv_by_taps
+    $m::test_bfloat16_activations_register_within_bfloat16_precision tests/test_batchnorm.py
+    tests/test_bspline.py tests/test_resample.py tests/test_tps.py tests/test_losses.py
+  )
+  # Two runs: in one, pytest orders the tests by file, whatever the order given.
+  local deselect=() status=0
+  for t in "${first[@]}"; do deselect+=(--deselect "$t"); done
+  run_pytest "$end" "${first[@]}" || status=$?
+  run_pytest "$end" "${rest[@]}" "${deselect[@]}" || status=$?
+  echo "tests: exit $status"
   grep -c PASSED "$OUT/gpu_tests.log"
   grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -20
 }
@@ -82,7 +100,7 @@ kernel() {
   local -A limit=([1]=45 [2]=45 [train]=60 [train1]=30 [train1bn]=70)  # ~3/4 of it each
   local dir=/tmp/layers
   mkdir -p $dir
-  for layer in train1bn 1 2 train train1; do
+  for layer in ${KERNEL_LAYERS:-train1bn 1 2 train train1}; do
     timeout "${limit[$layer]}" $py -m benchmarks.layers --layer=$layer \
       --out="$dir/layer${layer}_gpu.json" 2>&1 | tee -a "$OUT/gpu.log"
   done
@@ -108,9 +126,10 @@ flags() {  # the tool keeps to its budget and prints its table; timeout is a bac
 }
 
 profile() {
-  local end=$((SECONDS + ${PROFILE_SECONDS:-60})) hlo=/tmp/hlo
+  local end=$((SECONDS + ${PROFILE_SECONDS:-80})) hlo=/tmp/hlo
   mkdir -p $hlo
-  for args in "--batch=1" "--batch=512" "--what=train --batch=32"; do
+  for args in "--batch=512" "--what=train --batch=32" \
+    "--what=train --batch=32 --swap=TRAIN_FIRST_LAYER_ONE_PASS=True" "--batch=1"; do
     name=$(echo "$args" | tr -dc 'a-z0-9=' | tr '=' '_')
     # shellcheck disable=SC2086  # $args holds several flags
     timeout $((end - SECONDS > 10 ? end - SECONDS : 10)) $py -m benchmarks.profile $args \

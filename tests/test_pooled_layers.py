@@ -101,9 +101,14 @@ def test_dirnet_with_the_kernel_registers_alike(monkeypatch):
     interpreted = functools.partial(models.pooled_conv, interpret=not ON_GPU)
     with core.swapped("pooled_conv", interpreted):
         kernel = models.register(CONFIG.replace(seed=7), variables, *pairs)
-    assert 0.5 < float(jnp.abs(default.grid).max()) < 30
-    np.testing.assert_allclose(kernel.grid, default.grid, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(kernel.warped, default.warped, rtol=1e-4, atol=1e-4)
+    largest = float(jnp.abs(default.grid).max())
+    assert 0.5 < largest < 30
+    # On a GPU the kernel's one TF32 product (~3e-4 of the largest value; cuDNN's at XLA's
+    # default precision, float32 under the tests' `highest`): run 7 saw 8.7e-4 of a
+    # largest 2.0 in the grid, through two more layers.
+    tol = 2e-3 if ON_GPU else 1e-4
+    np.testing.assert_allclose(kernel.grid, default.grid, rtol=tol, atol=tol * max(largest, 1))
+    np.testing.assert_allclose(kernel.warped, default.warped, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("min_width,kernels", [(128, 1 + 1), (0, 1 + 3)])
