@@ -215,11 +215,10 @@ def unfused_first_layer(x, kernel, bias, downsampling: str, dtype) -> jax.Array:
     return models.pool2(y, jnp.mean if downsampling == "avg" else jnp.max).astype(dtype)
 
 
-# `models.fused_first_layer` with the Triton kernel's "dot1" form on CUDA (the 4×4 windows'
-# matrix times the window weights, one TF32 product: XLA's convolution's precision at
-# default precision, not float32's), for `swapped("fused_first_layer", dot1_first_layer)`:
-# a candidate (run 6: the layer alone 0.94 ms against the default's 1.32).
-dot1_first_layer = functools.partial(models.fused_first_layer, form="dot1", num_warps=4)
+# `models.fused_first_layer` with the Triton kernel's "broadcast" form on CUDA (float32
+# multiply-adds, the default until run 7), for `swapped("fused_first_layer",
+# broadcast_first_layer)`: what the default "dot1" form (one TF32 product) buys.
+broadcast_first_layer = functools.partial(models.fused_first_layer, form="broadcast", num_warps=8)
 
 
 @contextlib.contextmanager
@@ -458,14 +457,27 @@ def parse(argv: list[str]) -> tuple[bool, dict[str, str]]:
 
 
 def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple[str, Callable]]:
-    """The baseline's A/B rows on a GPU, (label, run) each, the rows no GPU has measured yet
-    first: each swaps one choice, traced anew (`in_swap`, `in_env`)."""
+    """The baseline's A/B rows on a GPU, (label, run) each, the rows no GPU has measured
+    since they changed first (run 7 timed onepass, xlapool, layerfirst, bf16 and
+    bf16triton): each swaps one choice, traced anew (`in_swap`, `in_env`)."""
     bf16 = base.replace(compute_dtype="bfloat16")
     return [
-        # A candidate: inference's first layer by one TF32 product of the window matrix.
-        ("baseline-dot1first", lambda: in_swap(
-            {"fused_first_layer": dot1_first_layer}, bench_register,
-            table, "baseline-dot1first", base, p, batches, r)),
+        # A candidate: training's first layer backward in one pass, not two.
+        ("baseline-onepass", lambda: in_swap(
+            {"TRAIN_FIRST_LAYER_ONE_PASS": True}, bench_train_dispatch,
+            table, "baseline-onepass", base, p, r)),
+        # What the first layer by one TF32 product buys: float32 multiply-adds.
+        ("baseline-broadcastfirst", lambda: in_swap(
+            {"fused_first_layer": broadcast_first_layer}, bench_register,
+            table, "baseline-broadcastfirst", base, p, batches, r)),
+        # What the pairs form buys: the later convs and their gradients a product per tap.
+        ("baseline-taps", lambda: in_swap(
+            {"TRAIN_CONV_FORM": "taps"}, bench_train_dispatch,
+            table, "baseline-taps", base, p, r)),
+        # What the training kernels buy: XLA's convolutions, the first layer apart.
+        ("baseline-xlatrain", lambda: in_env(
+            ("DIRNET_TRAIN_CONV", "xla"), bench_train_dispatch,
+            table, "baseline-xlatrain", base, p, r)),
         # What the 128² layer's kernel buys: cuDNN's convolution, ELU and pooling there.
         ("baseline-xlapool", lambda: in_swap(
             {"pooled_conv": models.xla_pooled_conv}, bench_register,
@@ -475,14 +487,6 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
         ("baseline-layerfirst", lambda: in_swap(
             {"train_first_layer_conv": None}, bench_train_dispatch,
             table, "baseline-layerfirst", base, p, r)),
-        # What the pairs form buys: the later convs and their gradients a product per tap.
-        ("baseline-taps", lambda: in_swap(
-            {"TRAIN_CONV_FORM": "taps"}, bench_train_dispatch,
-            table, "baseline-taps", base, p, r)),
-        # What the training kernels buy: XLA's convolutions, the first layer apart.
-        ("baseline-xlatrain", lambda: in_env(
-            ("DIRNET_TRAIN_CONV", "xla"), bench_train_dispatch,
-            table, "baseline-xlatrain", base, p, r)),
         ("baseline-bf16", lambda: bench_jax(table, "baseline-bf16", bf16, p, batches, r)),
         # bfloat16 training with the later convs' kernels (their sums in float32) against
         # cuDNN's, the first layer layer by layer.

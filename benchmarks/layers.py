@@ -40,24 +40,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import core
-from dirnet_jax import first_layer, machine, models, pooled_layers, train_conv
+from dirnet_jax import first_layer, first_layer_grad, machine, models, pooled_layers, train_conv
 from dirnet_jax.workdir import atomic_write_text
 
 FLAGS = {"size": "256", "batch": "", "layer": "1", "min_seconds": "", "out": ""}
 LAYERS = ("1", "2", "train", "train1", "train1bn")
-# (form, rows, warps, expm1) of the Triton kernel: the default first, then the two within
-# 3 % of it in run 5 (benchmarks/NOTES.md). Slower there, in ms against the default's
-# 1.235: broadcast expm1 1.648, 16 warps 1.393; unpadded exp 1.315, 4 warps 1.438; the
-# fastest scalar form (one output channel at a time; 2 rows, 8 warps, since removed) 1.824.
-# Then the window's matrix products on tensor cores (untimed; sm_90a issue floor at batch
-# 512 0.29 ms with three products and 4 warps, 0.27 with one, against the default's 0.55).
+# (form, rows, warps, expm1) of the Triton kernel: the default first (run 7, batch 512:
+# `dot1` at 4 warps 0.87 ms), then the default until then (broadcast, 8 warps: 1.31),
+# `dot` (three products, training's forward: 1.12), and `dot1` at warps no lease has
+# timed. Slower in run 7: broadcast or unpadded by exp2 1.28 and 1.20, `dot` at 8 warps
+# 1.29; in run 5 (benchmarks/NOTES.md) broadcast expm1 1.648, 16 warps 1.393, unpadded
+# exp 1.315, 4 warps 1.438, a scalar form (since removed) 1.824.
 SHAPES = [
     (first_layer.FORM, first_layer.ROWS, first_layer.WARPS, first_layer.EXPM1),
-    ("broadcast", 1, 8, "exp2"),
-    ("unpadded", 1, 8, "exp2"),
+    ("broadcast", 1, 8, "exp"),
     ("dot", 1, 4, "exp"),
-    ("dot", 1, 8, "exp"),
-    ("dot1", 1, 4, "exp"),
+    ("dot1", 1, 2, "exp"),
+    ("dot1", 1, 8, "exp"),
 ]
 # The kernel gradient's (rows, columns, warps) per program besides the default
 # (train_conv.ROWS, BLOCK, GRAD_WARPS), for the training layer.
@@ -67,14 +66,13 @@ GRAD_SHAPES = [(8, 32, 1), (2, 32, 1), (4, 16, 2), (4, 64, 1), (8, 128, 4)]
 PAIRS_GRAD_SHAPES = [(4, 64, 4), (4, 32, 8)]
 # The same for the first conv's (train_conv.TAPS_ROWS, TAPS_BLOCK, TAPS_WARPS).
 TAPS_GRAD_SHAPES = [(4, 64, 8), (4, 32, 2), (8, 32, 4), (4, 128, 4)]
-# first_layer_grad's kernels on a GPU: the kernel gradient's (rows, block, warps) and the
-# kernels' passes besides the default (one row, every column, 8 warps; float32
-# multiply-adds): loops with 18 [block, F] sums in registers; then TF32 products of the
-# window matrix, three (sm_90a issue floors of the kernel gradient 48–65 µs against 117)
-# or one.
+# first_layer_grad's kernels on a GPU besides the shape training runs (three TF32 products,
+# `GRAD_SHAPES[3]`): (rows, block, warps, passes, one pass) of the backward. Run 6 timed
+# the two-pass shapes (benchmarks/NOTES.md); these are the one-pass kernel's
+# (`first_layer_grad.backward_gpu`), twice the kernel gradient's products and sums.
 FIRST_GRAD_SHAPES = [
-    (1, 0, 4, 0), (4, 32, 4, 0), (2, 64, 8, 0), (8, 16, 2, 0),
-    (1, 0, 4, 3), (4, 16, 1, 3), (2, 64, 4, 3), (1, 0, 4, 1),
+    (4, 16, 1, 3, True), (4, 16, 2, 3, True), (2, 16, 4, 3, True), (4, 32, 4, 3, True),
+    (1, 0, 4, 3, True),
 ]  # fmt: skip
 # Off a GPU (Pallas' interpreter, slow): the default and one of each other form.
 CPU_SHAPES = [SHAPES[0], ("unpadded", 1, 8, "exp"), ("dot", 1, 4, "exp")]
@@ -117,8 +115,9 @@ def first_layer_impls(on_gpu: bool) -> dict:
 
 
 # (TF32 products, warps per program) of `pooled_layers`: as `models.pooled_conv` runs it
-# (run 6: 0.97 ms with one product, 1.47 with three), then 2 and 8 warps (untimed).
-POOLED_SHAPES = [(1, pooled_layers.WARPS), (3, pooled_layers.WARPS), (1, 2), (1, 8)]
+# (run 7: 0.90 ms with one product, 1.42 with three), and at 2 warps (run 7: 1.21; 8
+# warps 1.67).
+POOLED_SHAPES = [(1, pooled_layers.WARPS), (3, pooled_layers.WARPS), (1, 2)]
 
 
 def pooled_kernel(passes: int, warps: int, on_gpu: bool):
@@ -211,14 +210,20 @@ def first_layer_train_impls(on_gpu: bool) -> dict:
         return jax.jit(fn)
 
     at_once = functools.partial(models.first_layer_train, **options, interpret=not on_gpu)
+    passes, one_pass = models.TRAIN_FIRST_LAYER_PASSES, models.TRAIN_FIRST_LAYER_ONE_PASS
+    shapes = first_layer_grad.BACKWARD_SHAPES if one_pass else first_layer_grad.GRAD_SHAPES
+    trained = (*shapes[passes], passes, one_pass)
     impls = {
         "layer by layer": grads(functools.partial(models._first_layer_reference, **options)),
-        "at once (first_layer_grad's kernels)": grads(at_once),
     }
-    for *shape, passes in FIRST_GRAD_SHAPES if on_gpu else [(1, 16, 4, 3)]:
-        name = "at once, kernel grad rows={} block={} warps={}".format(*shape)
+    for i, shape in enumerate([trained, *(FIRST_GRAD_SHAPES if on_gpu else [(1, 16, 4, 3, True)])]):
+        *grad_shape, passes, one_pass = shape
+        name = "at once{}, {} rows={} block={} warps={}".format(
+            " as trained" * (i == 0), "one pass" if one_pass else "kernel grad", *grad_shape
+        )
         name += f", {passes} TF32 product{'s' * (passes > 1)}" if passes else ""
-        impls[name] = grads(functools.partial(at_once, grad_shape=tuple(shape), passes=passes))
+        impls[name] = grads(functools.partial(
+            at_once, grad_shape=tuple(grad_shape), passes=passes, one_pass=one_pass))  # fmt: skip
     return impls
 
 

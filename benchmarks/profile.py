@@ -4,18 +4,22 @@
     python -m benchmarks.profile --what=train --size=28 --batch=32
     python -m benchmarks.profile --variant=C1 --calls=50 --top=40
     python -m benchmarks.profile --hlo=register.hlo.txt       # and the compiled program
+    python -m benchmarks.profile --what=train --batch=32 --swap=TRAIN_FIRST_LAYER_ONE_PASS=True
 
 Runs the call a few times to warm up, traces `--calls` more, and prints, for each process
 of the trace (the host; on a GPU also the device), the operations with the largest time
 per call: XLA fusions, convolutions and library calls, named as in the compiled HLO
 (`--hlo=FILE` writes `jax.jit(...).lower(...).compile().as_text()`, which says what each
-fusion holds). On XLA:CPU, convolutions run on a thread pool: their events time the
-launch, not the work.
+fusion holds). `--swap=NAME=VALUE` profiles with `dirnet_jax.models.NAME` set to the
+Python literal VALUE (a candidate, as benchmarks.core's A/B rows swap it). On XLA:CPU,
+convolutions run on a thread pool: their events time the launch, not the work.
 """
 
 from __future__ import annotations
 
+import ast
 import collections
+import contextlib
 import gzip
 import json
 import sys
@@ -28,20 +32,33 @@ import numpy as np
 
 from benchmarks import core
 from benchmarks.core import base_config
-from dirnet_jax import DIRNetConfig, init_variables, variant
+from dirnet_jax import DIRNetConfig, init_variables, models, variant
 from dirnet_jax.models import register
 from dirnet_jax.train import create_train_state, data_key, train_steps
 from dirnet_jax.workdir import atomic_write_text
 
 FLAGS = {"what": "register", "size": "256", "batch": "1", "variant": "baseline",
-         "calls": "20", "top": "25", "hlo": ""}  # fmt: skip
+         "calls": "20", "top": "25", "hlo": "", "swap": ""}  # fmt: skip
 
 
 def parse(argv: list[str]) -> dict[str, str]:
     opts = core.parse_options(argv, FLAGS)
     if opts["what"] not in ("register", "train"):
         sys.exit(f"error: --what is register or train, not {opts['what']!r}")
+    if opts["swap"]:
+        swap_of(opts["swap"])  # checked before any work
     return opts
+
+
+def swap_of(value: str) -> dict:
+    """--swap's NAME=VALUE as {NAME: VALUE} for `core.swapped_all`, or a one-line exit."""
+    name, _, literal = value.partition("=")
+    if not hasattr(models, name):
+        sys.exit(f"error: --swap: dirnet_jax.models has no {name!r}")
+    try:
+        return {name: ast.literal_eval(literal)}
+    except (ValueError, SyntaxError):
+        sys.exit(f"error: --swap: {literal!r} is not a Python literal")
 
 
 def workload(what: str, config: DIRNetConfig, batch: int):
@@ -85,19 +102,24 @@ def main(argv: list[str]) -> None:
     opts = parse(argv)
     size, batch, calls = int(opts["size"]), int(opts["batch"]), int(opts["calls"])
     base = base_config(size).replace(batch_size=batch)
-    run, program = workload(opts["what"], variant(opts["variant"], base), batch)
-    for _ in range(3):
-        run()
-    if opts["hlo"]:
-        atomic_write_text(Path(opts["hlo"]), program())
-    with tempfile.TemporaryDirectory() as tmp:
-        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
-        for _ in range(calls):
+    swap = swap_of(opts["swap"]) if opts["swap"] else {}
+    with core.swapped_all(swap), contextlib.ExitStack() as stack:
+        if swap:
+            stack.enter_context(core.fresh_traces())
+        run, program = workload(opts["what"], variant(opts["variant"], base), batch)
+        for _ in range(3):
             run()
-        jax.profiler.stop_trace()
-        totals = op_times(Path(tmp))
+        if opts["hlo"]:
+            atomic_write_text(Path(opts["hlo"]), program())
+        with tempfile.TemporaryDirectory() as tmp:
+            jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+            for _ in range(calls):
+                run()
+            jax.profiler.stop_trace()
+            totals = op_times(Path(tmp))
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
-    print(f"{opts['what']} {opts['variant']} {size}², batch {batch}, {calls} calls on "
+    swapped = "".join(f" with {name}={value!r}" for name, value in swap.items())
+    print(f"{opts['what']} {opts['variant']}{swapped} {size}², batch {batch}, {calls} calls on "
           f"{device}")  # fmt: skip
     for process, ops in sorted(totals.items(), key=lambda kv: -sum(kv[1].values())):
         print(f"\n{process}: µs per call")

@@ -31,7 +31,7 @@ from pathlib import Path
 import jax
 
 from benchmarks import core, layers
-from dirnet_jax import first_layer_grad, machine, train_conv
+from dirnet_jax import machine, train_conv
 from dirnet_jax.train_conv import BLOCK, ROWS
 from dirnet_jax.workdir import atomic_write_text
 
@@ -144,7 +144,6 @@ def main(argv: list[str]) -> None:
     print(f"{'kernel':60} {'instr':>6} {'regs':>4} {'spill':>5} {'smem':>6} {'warps/SM':>8} "
           f"{'issue ms':>8} {'fp32':>5} {'tensor':>6} {'ldg':>4} {'mufu':>4}")  # fmt: skip
     taps = (train_conv.TAPS_ROWS, train_conv.TAPS_BLOCK)  # the kernel gradients' defaults
-    first_grad = first_layer_grad.GRAD_SHAPES[0][:2]  # the default row: float32 sums
     for layer in layers.LAYERS:
         train = layer.startswith("train")
         shapes = layers.layer_shapes(layer, size, train_batch if train else batch)
@@ -155,9 +154,10 @@ def main(argv: list[str]) -> None:
             parts = {"": 1}
             if layer == "train1bn" and name.startswith("at once"):
                 half = (shapes[0][1] // 2, shapes[0][2] // 2)  # pooled rows and columns
-                trips = kernel_grad_trips(name, *half, first_grad)
-                parts = {**dict.fromkeys(["stats", "forward", "backward sums"], 1),
-                         "kernel grad": trips}  # fmt: skip
+                trips = kernel_grad_trips(name, *half)
+                parts = {"stats": 1, "forward": 1, "backward": trips} if "one pass" in name else {
+                    **dict.fromkeys(["stats", "forward", "backward sums"], 1),
+                    "kernel grad": trips}  # fmt: skip
             elif layer in ("train1", "train1bn"):  # the first conv's kernel gradient
                 parts = {"kernel grad": kernel_grad_trips(name, *shapes[0][1:3], taps)}
             elif train and "pairs" in name:  # its loop over pairs of columns
