@@ -420,8 +420,9 @@ def _from_window(grad, kernel):
 # `backward_gpu`'s (rows, columns, warps) by passes: as GRAD_SHAPES', the lowest sm_90a
 # issue floor of those counted (passes 3: 78,181 instructions over 32 trips, 255
 # registers, 0.077 ms at 256², batch 32, against the two passes' 0.032 + 0.049; at 2 or
-# 4 warps 0.115–0.217). Both passes ran 2–3× their floors on an H200 (run 6), so only a
-# lease can say which is faster.
+# 4 warps 0.115–0.217). On an H200 (run 7) the layer with it took 0.70 ms (0.66 at 2
+# warps) against 0.60 with two passes, yet the training step 1.02–1.03× the two passes'
+# in three processes: not adopted until a profile says which holds (benchmarks/NOTES.md).
 BACKWARD_SHAPES = {1: (1, 0, 4), 3: (4, 16, 1)}
 
 

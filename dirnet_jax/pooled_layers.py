@@ -47,7 +47,7 @@ from dirnet_jax import first_layer
 from dirnet_jax.first_layer import pool_window, power_of_two
 from dirnet_jax.tf32 import tf32_dot, tf32_split
 
-WARPS = 4
+WARPS = 4  # run 7, batch 512, the 128² layer: 0.90 ms; at 2 warps 1.21, at 8 1.67
 PASSES = 3  # tensor-core products per tap: float32 to ~3e-6 (1: TF32, as XLA's conv)
 
 
