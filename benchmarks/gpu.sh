@@ -4,9 +4,10 @@
 # computed on a CPU machine afterwards). Steps, each under its own time limit (seconds):
 #
 #   bash benchmarks/gpu.sh tests     # versions; the model and kernel tests on the GPU (120)
-#   bash benchmarks/gpu.sh kernel    # the first and second layers alone, both convs and
-#                                    # the first layer in training: our Triton kernels
-#                                    # against XLA (benchmarks/layers.py) (250); what they
+#   bash benchmarks/gpu.sh kernel    # the spline and warp, the first and second layers
+#                                    # alone, both convs and the first layer in training:
+#                                    # our Triton kernels against XLA
+#                                    # (benchmarks/layers.py) (280); what they
 #                                    # compile to is counted off the GPU (benchmarks/sass.py)
 #   bash benchmarks/gpu.sh onepair   # one pair: register against its A/B twins, interleaved
 #                                    # (benchmarks/one_pair.py) (30)
@@ -26,7 +27,7 @@
 #
 # Limits: TESTS_SECONDS, ONEPAIR_SECONDS, BENCH_SECONDS, PROFILE_SECONDS,
 # FLAGS_SECONDS, TRAIN_SECONDS. BENCH_ARGS: more arguments for benchmarks.core (--sizes=256, say).
-# KERNEL_LAYERS: the layers `kernel` times (default: train1bn 1 2 train train1).
+# KERNEL_LAYERS: the layers `kernel` times (default: warp train1bn 1 2 train train1).
 # Results go to $OUT (default benchmarks/results/gpu): the tests' log, one JSON per tool
 # (the layers' four in layers.tar.gz), every tool's printed table in gpu.log, compiled
 # programs as .tar.gz (at most 8 files, what a lease brings back). After `train`, unpack
@@ -54,7 +55,8 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
   # The defaults adopted from run 6 first, as whole networks (training with the first
   # layer at once and the pairs form, and inside shard_map as over several GPUs;
   # registration with the 128² layer's kernel; bfloat16 training with the kernels), and
-  # the first layer's backward in one pass, then the kernels one by one. One line per test
+  # the candidates no GPU has compiled yet (the spline and warp kernel; the first layer's
+  # backward in one pass), then the kernels one by one. One line per test
   # (-v), so a run cut short still says which passed; stopped by SIGINT, pytest still
   # prints the tracebacks of what failed.
   # Full float32 convolutions and products, as on the CPU the tolerances were set on (the
@@ -65,6 +67,7 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
     tests/test_first_layer_grad.py::test_one_pass_backward_is_the_sums_and_the_kernel_gradient
     tests/test_train_conv.py::test_bfloat16_training_with_the_kernels_is_as_close_to_float32_as_xlas
     tests/test_pooled_layers.py::test_dirnet_with_the_kernel_registers_alike
+    tests/test_spline_warp.py
   )
   local rest=(
     tests/test_first_layer_grad.py tests/test_train_conv.py tests/test_pooled_layers.py
@@ -97,10 +100,10 @@ train() {
 }
 
 kernel() {
-  local -A limit=([1]=45 [2]=45 [train]=60 [train1]=30 [train1bn]=70)  # ~3/4 of it each
+  local -A limit=([1]=45 [2]=45 [train]=60 [train1]=30 [train1bn]=70 [warp]=30)  # ~3/4 used
   local dir=/tmp/layers
   mkdir -p $dir
-  for layer in ${KERNEL_LAYERS:-train1bn 1 2 train train1}; do
+  for layer in ${KERNEL_LAYERS:-warp train1bn 1 2 train train1}; do
     timeout "${limit[$layer]}" $py -m benchmarks.layers --layer=$layer \
       --out="$dir/layer${layer}_gpu.json" 2>&1 | tee -a "$OUT/gpu.log"
   done

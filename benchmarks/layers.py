@@ -19,14 +19,15 @@ at `--size`; what trains when the first layer is layer by layer): XLA's kernel g
 (cuDNN's) against `train_conv.taps_kernel_grad_gpu`. `--layer=train1bn`, the first layer
 with its BatchNorm, ELU and pooling: layer by layer against at once
 (`models.first_layer_train`, as training runs it on CUDA) in several kernel shapes.
-`--size` is the image size (the second layer's input is half of it). Rows: each
-implementation's median time per call, the bandwidth that time implies for the bytes a
-perfect kernel moves (the input read once, the pooled output written once), and the
-largest difference from XLA's version. Triton first-layer rows are named by the kernel's
-form, rows and warps per program, and ELU's expm1 ("exp": as exp − 1; "exp2": by exp2;
-"no expm1": left out, wrong values on purpose, to show what it costs). "copy"
-reads and writes the input once (its own bytes): the bandwidth ceiling. Off a GPU the
-Triton rows run in Pallas' interpreter.
+`--layer=warp` (batch 512 by default), inference's B-spline field and warp: XLA's
+against `spline_warp`'s kernel. `--size` is the image size (the second layer's input is
+half of it). Rows: each implementation's median time per call, the bandwidth that time
+implies for the bytes a perfect kernel moves (the input read once, the pooled output
+written once), and the largest difference from XLA's version. Triton first-layer rows are
+named by the kernel's form, rows and warps per program, and ELU's expm1 ("exp": as exp −
+1; "exp2": by exp2; "no expm1": left out, wrong values on purpose, to show what it
+costs). "copy" reads and writes the input once (its own bytes): the bandwidth ceiling.
+Off a GPU the Triton rows run in Pallas' interpreter.
 """
 
 from __future__ import annotations
@@ -40,11 +41,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import core
-from dirnet_jax import first_layer, first_layer_grad, machine, models, pooled_layers, train_conv
+from dirnet_jax import (
+    bspline,
+    first_layer,
+    first_layer_grad,
+    machine,
+    models,
+    pooled_layers,
+    resample,
+    spline_warp,
+    train_conv,
+)
 from dirnet_jax.workdir import atomic_write_text
 
 FLAGS = {"size": "256", "batch": "", "layer": "1", "min_seconds": "", "out": ""}
-LAYERS = ("1", "2", "train", "train1", "train1bn")
+LAYERS = ("1", "2", "train", "train1", "train1bn", "warp")
 # (form, rows, warps, expm1) of the Triton kernel: the default first (run 7, batch 512:
 # `dot1` at 4 warps 0.87 ms), then the default until then (broadcast, 8 warps: 1.31),
 # `dot` (three products, training's forward: 1.12), and `dot1` at warps no lease has
@@ -227,10 +238,36 @@ def first_layer_train_impls(on_gpu: bool) -> dict:
     return impls
 
 
+# spline_warp's warps per program: its default, then the others (sm_90a issue floors at
+# 256², batch 512: 0.084 ms at 1 warp, 0.092 at 2, 0.116 at 4, 0.144 at 8).
+WARP_WARPS = [spline_warp.WARPS, 1, 4, 8]
+
+
+def spline_warp_impls(on_gpu: bool) -> dict:
+    """{name: jitted fn(moving, grid, _) → (warped, field)} for inference's B-spline field
+    and warp (cubic, edge): XLA's (`bspline.bspline_field`, `resample.warp`) against
+    `spline_warp`'s kernel at several warps."""
+
+    def xla(moving, grid, _):
+        field = bspline.bspline_field(grid, moving.shape[1:3], 3)
+        return resample.warp(moving, field), field
+
+    impls = {"xla field and warp": jax.jit(xla)}
+    for warps in WARP_WARPS if on_gpu else WARP_WARPS[:1]:
+        impls[f"triton spline_warp warps={warps}"] = jax.jit(
+            lambda m, g, _, warps=warps: spline_warp.field_and_warp_gpu(
+                g, m, interpret=not on_gpu, num_warps=warps
+            )
+        )
+    return impls
+
+
 def layer_shapes(layer: str, size: int, batch: int) -> list[tuple[int, ...]]:
     """The shapes of the arrays the layer's implementations take: (x, kernel, bias) at
     inference, (x, kernel, output gradient) in training; the input at `size` for the first
     layer (1, train1), at half of it for the second (2, train)."""
+    if layer == "warp":  # the moving images, a 16-pixel control grid, nothing
+        return [(batch, size, size, 1), (batch, size // 16, size // 16, 2), (1,)]
     side, cin = (size, 2) if layer in ("1", "train1", "train1bn") else (size // 2, 16)
     last = (batch, side, side, 16) if layer.startswith("train") else (16,)
     if layer == "train1bn":  # the pooled output's gradient
@@ -242,8 +279,9 @@ def layer_inputs(layer: str, size: int, batch: int) -> list[jax.Array]:
     """Random arrays of `layer_shapes`, float32."""
     rng = np.random.default_rng(0)
     x_shape, kernel_shape, last = layer_shapes(layer, size, batch)
-    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
-    kernel = rng.normal(size=kernel_shape) * 0.5 / kernel_shape[2] ** 0.5
+    warp = layer == "warp"  # images in [0, 1], a control grid of a few pixels
+    x = jnp.asarray(rng.uniform(size=x_shape) if warp else rng.normal(size=x_shape), jnp.float32)
+    kernel = rng.normal(size=kernel_shape) * (4 if warp else 0.5 / kernel_shape[2] ** 0.5)
     last = rng.normal(size=last) * (1 if layer.startswith("train") else 0.3)
     return [x, jnp.asarray(kernel, jnp.float32), jnp.asarray(last, jnp.float32)]
 
@@ -254,6 +292,7 @@ IMPLS = {
     "train": train_conv_impls,
     "train1": first_conv_train_impls,
     "train1bn": first_layer_train_impls,
+    "warp": spline_warp_impls,
 }
 
 
@@ -277,6 +316,8 @@ def main(argv: list[str]) -> None:
         moved = 2 * x.nbytes + 2 * args[2].nbytes
     elif layer == "train1bn":  # at least: x read 4 times, the pooled y written, its g read twice
         moved = 4 * x.nbytes + 3 * args[2].nbytes
+    elif layer == "warp":  # the moving images read, the warped ones and the field written
+        moved = 4 * x.nbytes
     else:  # the input read once, the pooled output written once
         moved = (x.size + batch * (side // 2) ** 2 * 16) * 4
     impls = IMPLS[layer](on_gpu)
@@ -301,6 +342,7 @@ def main(argv: list[str]) -> None:
             "train": f"second layer's conv in training ({side}², 16 channels)",
             "train1": f"first conv in training ({side}², 2 → 16 channels)",
             "train1bn": f"first layer in training with BatchNorm, ELU, pooling ({side}²)",
+            "warp": "the B-spline field and the warp (cubic, edge)",
             }[layer]  # fmt: skip
     print(f"{what}, {size}² images, batch {batch}, on {device}; GB/s of {moved / 1e9:.2f} GB")
     atomic_write_text(

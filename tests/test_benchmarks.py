@@ -238,6 +238,18 @@ def test_layers_benchmark_times_the_training_kernels(tmp_path, capsys):
         layers.parse(["--batch=0"])
 
 
+def test_layers_benchmark_times_the_spline_warp_kernel(tmp_path, capsys):
+    out = tmp_path / "layers.json"
+    layers.main(["--layer=warp", "--size=32", "--batch=2", "--min_seconds=0.01", f"--out={out}"])
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    kernel = f"triton spline_warp warps={layers.WARP_WARPS[0]}"
+    assert set(rows) == {"xla field and warp", kernel, "copy"}
+    assert 0 < rows[kernel]["max_abs_diff"] < 1e-5  # the interpreter: float32 rounding
+    assert "the B-spline field and the warp (cubic, edge), 32² images, batch 2" in (
+        capsys.readouterr().out
+    )
+
+
 def test_the_gpu_rows_no_gpu_has_run_yet_run(monkeypatch):
     # They run on a GPU only, where a slip in one would cost a lease: here on the CPU at
     # 28² (the swaps in place, XLA's side of each), each must add its row: those new or
@@ -247,8 +259,9 @@ def test_the_gpu_rows_no_gpu_has_run_yet_run(monkeypatch):
     table = core.Table()
     base = core.base_config(28)
     blocks = dict(core.gpu_ab_blocks(table, base, core.timed_pairs(28, 32), (1,), 1))
-    new = ["onepass", "broadcastfirst", "taps", "xlatrain"]
+    new = ["splinewarp", "onepass", "broadcastfirst", "taps", "xlatrain"]
     assert list(blocks)[: len(new)] == [f"baseline-{name}" for name in new]
+    new.remove("taps")  # onepass's kind of row (a swap, fit's steps): it runs as that one
     for name in [*new, "xlaconv"]:
         blocks[f"baseline-{name}"]()
         assert any(row["variant"] == f"baseline-{name}" for row in table.rows)
