@@ -462,6 +462,10 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
     bf16triton): each swaps one choice, traced anew (`in_swap`, `in_env`)."""
     bf16 = base.replace(compute_dtype="bfloat16")
     return [
+        # A candidate: inference's first layer reading the pair as two images.
+        ("baseline-pairfirst", lambda: in_swap(
+            {"INFER_FIRST_LAYER_PAIR": True}, bench_register,
+            table, "baseline-pairfirst", base, p, batches, r)),
         # A candidate: inference's B-spline field and warp as one kernel.
         ("baseline-splinewarp", lambda: in_swap(
             {"INFER_SPLINE_WARP": True}, bench_register,

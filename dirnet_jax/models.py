@@ -200,6 +200,42 @@ def fused_first_layer(
     return cuda_or_xla(gpu, xla, x, kernel, bias, taken=taken)
 
 
+# Whether inference's first layer reads the pair as two images on CUDA
+# (`fused_first_layer_pair`) instead of their stacked copy: a candidate, untimed (XLA's
+# stacking took 124 µs of a 2.7 ms call at 256², batch 512 on an H200, run 7).
+INFER_FIRST_LAYER_PAIR = False
+
+
+def fused_first_layer_pair(
+    fixed: jax.Array,
+    moving: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    downsampling: str,
+    dtype: Any,
+    interpret: bool = False,
+) -> jax.Array:
+    """`fused_first_layer` of ``stack_channels(fixed, moving)``: on CUDA GPUs, where the
+    default form is a window-matrix one and takes the shape, the kernel reads the two
+    images as they are (`first_layer.conv_elu_pool2_pair_gpu`; `interpret`: in Pallas'
+    interpreter everywhere, the tests); elsewhere the pair is stacked first."""
+    form, num_warps = first_layer.default_form(2 * fixed.shape[-1])
+
+    def xla(fixed, moving, kernel, bias):
+        return fused_first_layer(stack_channels(fixed, moving), kernel, bias, downsampling, dtype)
+
+    gpu = functools.partial(first_layer.conv_elu_pool2_pair_gpu, downsampling=downsampling,
+                            out_dtype=dtype, num_warps=num_warps, form=form,
+                            interpret=interpret)  # fmt: skip
+    stacked = (*fixed.shape[:-1], 2 * fixed.shape[-1])
+    taken = (
+        form in first_layer.DOT_FORMS
+        and first_layer.power_of_two(fixed.shape[-1])
+        and first_layer.applies(stacked, kernel.shape[-1], downsampling, form=form)
+    )
+    return cuda_or_xla(gpu, xla, fixed, moving, kernel, bias, taken=taken, interpret=interpret)
+
+
 def _first_layer_reference(x, kernel, scale, bias, downsampling, conv, dtype):
     """Training's first layer as the regressor computes it unfused: `conv`, BatchNorm with
     the batch's statistics, ELU, pooling; float32, the output in `dtype`."""
@@ -445,12 +481,17 @@ class ConvELUPool(nn.Module):
     first: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, pair: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """x: [B, *spatial, C]; pair: the first layer's (fixed, moving) that x stacks, read
+        as they are where INFER_FIRST_LAYER_PAIR says so."""
         shape = (3,) * (x.ndim - 2) + (x.shape[-1], self.features)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        dtype = self.dtype or x.dtype
+        if self.first and pair is not None and INFER_FIRST_LAYER_PAIR:
+            return fused_first_layer_pair(*pair, kernel, bias, self.downsampling, dtype)
         layer = fused_first_layer if self.first else pooled_conv
-        return layer(x, kernel, bias, self.downsampling, self.dtype or x.dtype)
+        return layer(x, kernel, bias, self.downsampling, dtype)
 
 
 class TapConv(nn.Module):
@@ -630,7 +671,7 @@ class Regressor(nn.Module):
             ):
                 x = ConvELUPool(
                     cfg.features, cfg.downsampling, cfg.compute_dtype, i == 0, name=name("Conv")
-                )(x)
+                )(x, (fixed, moving) if i == 0 else None)
                 continue
             x = layer(x, 3)
             if i < cfg.num_downsamplings:
@@ -753,7 +794,7 @@ def transform(config: DIRNetConfig, grid: jax.Array, moving: jax.Array) -> Regis
 
 # Whether inference computes the B-spline field and the warp as one Triton kernel on CUDA
 # where it takes the shape (`spline_warp`): a candidate, untimed (sm_90a issue floor
-# 0.09 ms at 256², batch 512, against XLA's ~0.4 ms for the same in run 7's profile).
+# 0.09 ms at 256², batch 512, against XLA's 0.28 ms for the same in run 7's profile).
 INFER_SPLINE_WARP = False
 SPLINE_ORDERS = {"cubic": 3, "quadratic": 2}
 

@@ -3,8 +3,8 @@ control grid to the dense displacement field, and the moving image sampled throu
 one image row a program, the field never read back.
 
 Why: at 256², batch 512 on an H200 (run 7's profile) XLA computes the field by a product
-that writes it (149 µs for 268 MB) and warps in two fusions that read it again with the
-image (128 + 124 µs): ~0.4 ms of the call's 2.7. This kernel writes the field and the
+that writes it (149 µs for 268 MB) and warps in a fusion that reads it again with the
+image (128 µs): 0.28 ms of the call's 2.7. This kernel writes the field and the
 warped images once and reads the control grid and the moving images: ~0.54 GB, about
 0.12 ms at the copy bandwidth measured there. Untimed: a candidate
 (`models.INFER_SPLINE_WARP`).

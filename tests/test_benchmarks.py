@@ -259,7 +259,7 @@ def test_the_gpu_rows_no_gpu_has_run_yet_run(monkeypatch):
     table = core.Table()
     base = core.base_config(28)
     blocks = dict(core.gpu_ab_blocks(table, base, core.timed_pairs(28, 32), (1,), 1))
-    new = ["splinewarp", "onepass", "broadcastfirst", "taps", "xlatrain"]
+    new = ["pairfirst", "splinewarp", "onepass", "broadcastfirst", "taps", "xlatrain"]
     assert list(blocks)[: len(new)] == [f"baseline-{name}" for name in new]
     new.remove("taps")  # onepass's kind of row (a swap, fit's steps): it runs as that one
     for name in [*new, "xlaconv"]:

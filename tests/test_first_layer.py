@@ -1,6 +1,8 @@
 """The first layer's Triton kernel: Pallas' interpreter on any backend, the compiled kernel
 on a CUDA GPU, both against XLA's convolution, ELU and pooling; and where models use it."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +63,45 @@ def test_every_form_of_the_kernel_is_conv_elu_pool(rng, form, expm1):
     if one_row:
         with pytest.raises(ValueError, match="one pooled row per program"):
             call(2)
+
+
+@pytest.mark.parametrize("channels,form,downsampling", [(1, "dot1", "avg"), (2, "dot", "max")])
+def test_pair_kernel_is_the_layer_of_the_stacked_pair(rng, channels, form, downsampling):
+    # The pair read as two images (`conv_elu_pool2_pair_gpu`, a candidate) against the
+    # layer of their stacked copy; fixed's channels first, as `models.stack_channels`.
+    fixed, moving = (jnp.asarray(rng.normal(size=(2, 8, 32, channels)), jnp.float32)
+                     for _ in "fm")  # fmt: skip
+    _, kernel, bias = random_layer(rng, (2, 8, 32, 2 * channels), 16)
+    expected = conv_elu_pool(models.stack_channels(fixed, moving), kernel, bias, downsampling)
+    got = first_layer.conv_elu_pool2_pair_gpu(
+        fixed, moving, kernel, bias, downsampling, interpret=not ON_GPU, form=form
+    )
+    assert got.shape == expected.shape and float(jnp.abs(expected[:, -1]).max()) > 1
+    tol = 1e-5 * (float(jnp.abs(expected).max()) if ON_GPU else 1.0)  # as the forms'
+    tol = 1e-3 * float(jnp.abs(expected).max()) if ON_GPU and form == "dot1" else tol
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=tol)
+    with pytest.raises(ValueError, match="takes the forms"):
+        first_layer.conv_elu_pool2_pair_gpu(fixed, moving, kernel, bias, "avg", form="broadcast")
+    with pytest.raises(ValueError, match="a pair"):
+        first_layer.conv_elu_pool2_pair_gpu(fixed, moving[..., :1, :], kernel, bias, "avg")
+
+
+def test_register_reading_the_pair_registers_alike(monkeypatch):
+    # INFER_FIRST_LAYER_PAIR (a candidate): the same registration as from the stacked
+    # pair, the kernel interpreted off a GPU; lowered for CUDA, still one kernel.
+    config = DIRNetConfig(image_shape=(64, 64), num_downsamplings=2)
+    variables = init_variables(config, jax.random.key(0))
+    pairs = jax.random.uniform(jax.random.key(2), (2, 2, 64, 64, 1))
+    default = models.register(config.replace(seed=1), variables, *pairs)
+    monkeypatch.setattr(models, "INFER_FIRST_LAYER_PAIR", True)
+    interpreted = functools.partial(models.fused_first_layer_pair, interpret=not ON_GPU)
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "fused_first_layer_pair", interpreted)
+        got = models.register(config.replace(seed=2), variables, *pairs)
+    np.testing.assert_allclose(got.grid, default.grid, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.warped, default.warped, rtol=1e-5, atol=1e-5)
+    traced = models.register.trace(config.replace(seed=3), variables, *pairs)
+    assert traced.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") == 1
 
 
 def test_window_weights_take_the_window_to_each_pooling_positions_conv(rng):
