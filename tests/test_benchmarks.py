@@ -30,12 +30,17 @@ def test_profile_names_the_compiled_operations(tmp_path, capsys, what):
     assert all(f"%{name.strip().split(': ')[-1]} = " in program for _, name in times)
 
 
-def test_profile_swaps_a_models_constant_while_it_profiles(capsys):
-    # A candidate profiled as benchmarks.core's A/B rows run it, then put back.
-    profile.main(["--what=train", "--size=28", "--batch=2", "--calls=1", "--top=3",
-                  "--swap=TRAIN_FIRST_LAYER_ONE_PASS=True"])  # fmt: skip
-    assert "train baseline with TRAIN_FIRST_LAYER_ONE_PASS=True 28²" in capsys.readouterr().out
-    assert models.TRAIN_FIRST_LAYER_ONE_PASS is False
+def test_profile_swaps_a_models_constant_while_it_profiles(capsys, monkeypatch):
+    # A candidate profiled as benchmarks.core's A/B rows run it, then put back; the swap
+    # is in force while the call traces.
+    seen = []
+    transform = models.transform
+    monkeypatch.setattr(models, "transform", lambda *a: seen.append(models.INFER_SPLINE_WARP)
+                        or transform(*a))  # fmt: skip
+    profile.main(["--size=28", "--batch=2", "--calls=1", "--top=3",
+                  "--swap=INFER_SPLINE_WARP=True"])  # fmt: skip
+    assert "register baseline with INFER_SPLINE_WARP=True 28²" in capsys.readouterr().out
+    assert seen and all(seen) and models.INFER_SPLINE_WARP is False
 
 
 @pytest.mark.parametrize(
