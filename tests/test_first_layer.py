@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dirnet_jax import DIRNetConfig, first_layer, init_variables, models
-from tests.references import conv_elu_pool
+from tests.references import conv_elu_pool, registering
 
 ON_GPU = jax.default_backend() == "gpu"  # else the kernel runs in Pallas' interpreter
 
@@ -90,9 +90,9 @@ def test_register_reading_the_pair_registers_alike(monkeypatch):
     # INFER_FIRST_LAYER_PAIR (a candidate): the same registration as from the stacked
     # pair, the kernel interpreted off a GPU; lowered for CUDA, still one kernel.
     config = DIRNetConfig(image_shape=(64, 64), num_downsamplings=2)
-    variables = init_variables(config, jax.random.key(0))
-    pairs = jax.random.uniform(jax.random.key(2), (2, 2, 64, 64, 1))
+    variables, pairs = registering(config)
     default = models.register(config.replace(seed=1), variables, *pairs)
+    assert float(jnp.abs(default.grid).max()) > 0.5  # the first layer matters to it
     monkeypatch.setattr(models, "INFER_FIRST_LAYER_PAIR", True)
     interpreted = functools.partial(models.fused_first_layer_pair, interpret=not ON_GPU)
     with monkeypatch.context() as patch:

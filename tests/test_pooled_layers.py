@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import core
 from dirnet_jax import DIRNetConfig, init_variables, models, pooled_layers, tf32
-from tests.references import conv_elu_pool
+from tests.references import conv_elu_pool, registering
 
 ON_GPU = jax.default_backend() == "gpu"  # else the kernel runs in Pallas' interpreter
 
@@ -86,13 +86,7 @@ CONFIG = DIRNetConfig(image_shape=(64, 64), num_downsamplings=2)
 
 
 def test_dirnet_with_the_kernel_registers_alike(monkeypatch):
-    variables = init_variables(CONFIG, jax.random.key(0))
-    params = dict(variables["params"])
-    shape = params["output"]["kernel"].shape  # a non-trivial output layer: a real grid
-    params["output"] = {"kernel": jax.random.normal(jax.random.key(1), shape),
-                        "bias": params["output"]["bias"]}  # fmt: skip
-    variables = {"params": params, "batch_stats": variables["batch_stats"]}
-    pairs = jax.random.uniform(jax.random.key(2), (2, 2, 64, 64, 1))
+    variables, pairs = registering(CONFIG)
     with core.swapped("pooled_conv", models.xla_pooled_conv):
         default = models.register(CONFIG.replace(seed=6), variables, *pairs)
     # `models.pooled_conv`'s kernel branch on every layer it takes (the 32² one here), on

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from benchmarks import core
-from dirnet_jax import DIRNetConfig, bspline, init_variables, models, resample, spline_warp
+from dirnet_jax import DIRNetConfig, bspline, models, resample, spline_warp
+from tests.references import registering
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
@@ -72,13 +73,7 @@ CONFIG = DIRNetConfig(image_shape=(64, 64), num_downsamplings=2)
 @pytest.mark.parametrize("transformer", ["cubic", "quadratic"])
 def test_register_with_the_kernel_registers_alike(monkeypatch, transformer):
     config = CONFIG.replace(transformer=transformer)
-    variables = init_variables(config, jax.random.key(0))
-    params = dict(variables["params"])
-    shape = params["output"]["kernel"].shape  # a non-trivial output layer: a real grid
-    params["output"] = {"kernel": jax.random.normal(jax.random.key(1), shape),
-                        "bias": params["output"]["bias"]}  # fmt: skip
-    variables = {"params": params, "batch_stats": variables["batch_stats"]}
-    pairs = jax.random.uniform(jax.random.key(2), (2, 2, 64, 64, 1))
+    variables, pairs = registering(config)
     default = models.register(config.replace(seed=1), variables, *pairs)
     interpreted = functools.partial(models.field_and_warp, interpret=INTERPRET)
     with core.swapped_all({"INFER_SPLINE_WARP": True, "field_and_warp": interpreted}):
@@ -86,7 +81,8 @@ def test_register_with_the_kernel_registers_alike(monkeypatch, transformer):
     with core.swapped("INFER_SPLINE_WARP", True):
         traced = models.register.trace(config.replace(seed=3), variables, *pairs)
     assert float(jnp.abs(default.grid).max()) > 0.5
-    np.testing.assert_array_equal(kernel.grid, default.grid)
+    # The same network; XLA may fuse it apart in the two programs: float32 rounding.
+    np.testing.assert_allclose(kernel.grid, default.grid, rtol=1e-5, atol=1e-5)
     largest = float(jnp.abs(default.displacement).max())
     np.testing.assert_allclose(kernel.displacement, default.displacement, atol=1e-6 * largest)
     np.testing.assert_allclose(kernel.warped, default.warped, rtol=1e-5, atol=1e-5)
