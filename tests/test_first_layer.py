@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import core
 from dirnet_jax import DIRNetConfig, first_layer, init_variables, models
 from tests.references import conv_elu_pool, registering
 
@@ -86,22 +87,23 @@ def test_pair_kernel_is_the_layer_of_the_stacked_pair(rng, channels, form, downs
         first_layer.conv_elu_pool2_pair_gpu(fixed, moving[..., :1, :], kernel, bias, "avg")
 
 
-def test_register_reading_the_pair_registers_alike(monkeypatch):
+def test_register_reading_the_pair_registers_alike():
     # INFER_FIRST_LAYER_PAIR (a candidate): the same registration as from the stacked
     # pair, the kernel interpreted off a GPU; lowered for CUDA, still one kernel.
     config = DIRNetConfig(image_shape=(64, 64), num_downsamplings=2)
     variables, pairs = registering(config)
-    default = models.register(config.replace(seed=1), variables, *pairs)
+    with core.fresh_traces():  # register's traces are cached by config: none reused
+        default = models.register(config, variables, *pairs)
     assert float(jnp.abs(default.grid).max()) > 0.5  # the first layer matters to it
-    monkeypatch.setattr(models, "INFER_FIRST_LAYER_PAIR", True)
     interpreted = functools.partial(models.fused_first_layer_pair, interpret=not ON_GPU)
-    with monkeypatch.context() as patch:
-        patch.setattr(models, "fused_first_layer_pair", interpreted)
-        got = models.register(config.replace(seed=2), variables, *pairs)
+    swaps = {"INFER_FIRST_LAYER_PAIR": True, "fused_first_layer_pair": interpreted}
+    with core.swapped_all(swaps), core.fresh_traces():
+        got = models.register(config, variables, *pairs)
     np.testing.assert_allclose(got.grid, default.grid, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got.warped, default.warped, rtol=1e-5, atol=1e-5)
-    traced = models.register.trace(config.replace(seed=3), variables, *pairs)
-    assert traced.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") == 1
+    with core.swapped("INFER_FIRST_LAYER_PAIR", True), core.fresh_traces():
+        cuda = models.register.trace(config, variables, *pairs).lower(lowering_platforms=("cuda",))
+    assert cuda.as_text().count("xla.gpu.triton") == 1
 
 
 def test_window_weights_take_the_window_to_each_pooling_positions_conv(rng):

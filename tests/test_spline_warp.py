@@ -71,15 +71,17 @@ CONFIG = DIRNetConfig(image_shape=(64, 64), num_downsamplings=2)
 
 
 @pytest.mark.parametrize("transformer", ["cubic", "quadratic"])
-def test_register_with_the_kernel_registers_alike(monkeypatch, transformer):
+def test_register_with_the_kernel_registers_alike(transformer):
     config = CONFIG.replace(transformer=transformer)
     variables, pairs = registering(config)
-    default = models.register(config.replace(seed=1), variables, *pairs)
+    with core.fresh_traces():  # register's traces are cached by config: none reused
+        default = models.register(config, variables, *pairs)
     interpreted = functools.partial(models.field_and_warp, interpret=INTERPRET)
-    with core.swapped_all({"INFER_SPLINE_WARP": True, "field_and_warp": interpreted}):
-        kernel = models.register(config.replace(seed=2), variables, *pairs)
-    with core.swapped("INFER_SPLINE_WARP", True):
-        traced = models.register.trace(config.replace(seed=3), variables, *pairs)
+    swaps = {"INFER_SPLINE_WARP": True, "field_and_warp": interpreted}
+    with core.swapped_all(swaps), core.fresh_traces():
+        kernel = models.register(config, variables, *pairs)
+    with core.swapped("INFER_SPLINE_WARP", True), core.fresh_traces():
+        traced = models.register.trace(config, variables, *pairs)
     assert float(jnp.abs(default.grid).max()) > 0.5
     # The same network; XLA may fuse it apart in the two programs: float32 rounding.
     np.testing.assert_allclose(kernel.grid, default.grid, rtol=1e-5, atol=1e-5)
