@@ -208,32 +208,19 @@ def window_weights(kernel: jax.Array) -> jax.Array:
 
 
 def _kernel_dot(
-    x_ref, wb_ref, ws_ref, b_ref, o_ref, *, rows, th, tw, cin, cout, pool, expm1, passes,
-    interpret,
+    *refs, images=1, rows, th, tw, cin, cout, pool, expm1, passes, interpret
 ):  # fmt: skip
     """One pooled row per program, its convs as matrix products on tensor cores: the 4×4
     input window of every pooled column gathered as one [tw, 16·Cin] matrix, times the four
     pooling positions' weights side by side ([16·Cin, 4·Cout], `wide_weights`), `passes`
-    TF32 products (`tf32.tf32_dot`)."""
+    TF32 products (`tf32.tf32_dot`). refs: `images` image refs (one; or the pair, fixed
+    and moving, each times its half of the kernel, the products summed), the weights'
+    TF32 split of each, the bias, the output."""
+    x_refs, w_refs, (b_ref, o_ref) = refs[:images], refs[images:-2], refs[-2:]
     b, r = _program(rows, 1)
     c = jax.lax.broadcasted_iota(jnp.int32, (tw, 1), 0)
-    window = window_gather(x_ref, b, 2 * r - 1, c, 4, interpret)
-    split = tf32_split(window) if passes == 3 else None
-    convs = tf32_dot(window, split, wb_ref[...], ws_ref[...], interpret)  # [tw, 4·Cout]
-    o_ref[b, r, :, :] = pool_wide(convs, b_ref[:], pool, expm1).astype(o_ref.dtype)
-
-
-def _kernel_dot_pair(
-    f_ref, m_ref, wbf_ref, wsf_ref, wbm_ref, wsm_ref, b_ref, o_ref, *, rows, tw, pool, expm1,
-    passes, interpret,
-):  # fmt: skip
-    """`_kernel_dot` on the pair as two images (fixed, moving), not one stacked array: each
-    one's window matrix times its half of the kernel (`wide_weights` of its channels), the
-    two products summed."""
-    b, r = _program(rows, 1)
-    c = jax.lax.broadcasted_iota(jnp.int32, (tw, 1), 0)
-    convs = None
-    for x_ref, wb_ref, ws_ref in ((f_ref, wbf_ref, wsf_ref), (m_ref, wbm_ref, wsm_ref)):
+    convs = None  # [tw, 4·Cout]
+    for x_ref, wb_ref, ws_ref in zip(x_refs, w_refs[::2], w_refs[1::2], strict=True):
         window = window_gather(x_ref, b, 2 * r - 1, c, 4, interpret)
         split = tf32_split(window) if passes == 3 else None
         convs = tf32_dot(window, split, wb_ref[...], ws_ref[...], interpret, convs)
@@ -359,13 +346,21 @@ def kernel_call(
     if form in DOT_FORMS:
         body = functools.partial(body, interpret=interpret)
         weights = tf32_split(wide_weights(kernel.astype(jnp.float32)))
+    out = jax.ShapeDtypeStruct((batch, rows, tw, cout), out_dtype)
+    return _pooled_call(body, out, batch * rows // th, num_warps, interpret, pairs, *weights, bias)
+
+
+def _pooled_call(body, out, programs, num_warps, interpret, *operands):
+    """body over `programs` Triton programs of `num_warps` warps, writing `out` (a
+    ShapeDtypeStruct); its operands, the last the bias (read in float32)."""
+    *operands, bias = operands
     return pl.pallas_call(
         body,
-        out_shape=jax.ShapeDtypeStruct((batch, rows, tw, cout), out_dtype),
-        grid=(batch * rows // th,),
+        out_shape=out,
+        grid=(programs,),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-    )(pairs, *weights, bias.astype(jnp.float32))
+    )(*operands, bias.astype(jnp.float32))
 
 
 @functools.partial(
@@ -409,13 +404,9 @@ def conv_elu_pool2_pair_gpu(
         *tf32_split(wide_weights(kernel[:, :, :c])),
         *tf32_split(wide_weights(kernel[:, :, c:])),
     ]
-    passes = 3 if form == "dot" else 1
-    body = functools.partial(_kernel_dot_pair, rows=h // 2, tw=w // 2, pool=downsampling,
-                             expm1=EXPM1S[EXPM1], passes=passes, interpret=interpret)  # fmt: skip
-    return pl.pallas_call(
-        body,
-        out_shape=jax.ShapeDtypeStruct((batch, h // 2, w // 2, cout), out_dtype),
-        grid=(batch * h // 2,),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-    )(fixed.astype(jnp.float32), moving.astype(jnp.float32), *weights, bias.astype(jnp.float32))
+    body = functools.partial(FORMS[form], images=2, rows=h // 2, th=1, tw=w // 2, cin=c,
+                             cout=cout, pool=downsampling, expm1=EXPM1S[EXPM1],
+                             interpret=interpret)  # fmt: skip
+    out = jax.ShapeDtypeStruct((batch, h // 2, w // 2, cout), out_dtype)
+    images = (fixed.astype(jnp.float32), moving.astype(jnp.float32))
+    return _pooled_call(body, out, batch * h // 2, num_warps, interpret, *images, *weights, bias)
