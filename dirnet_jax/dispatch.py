@@ -57,6 +57,16 @@ def per_device(
     )
 
 
+def default_platform() -> str:
+    """jax's default backend by the name lowering gives it: "cuda" or "rocm" for a GPU (both
+    "gpu" to `jax.default_backend()`), else that name ("cpu", "tpu"). `cuda_or_xla`'s
+    kernels run on "cuda" alone; on ROCm their XLA alternatives run."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    return "rocm" if "rocm" in jax.devices()[0].client.platform_version.lower() else "cuda"
+
+
 def cuda_or_xla(
     gpu: Callable,
     xla: Callable,

@@ -49,7 +49,7 @@ from dirnet_jax import first_layer, first_layer_grad, pooled_layers, spline_warp
 from dirnet_jax.batchnorm import BatchNorm, batch_stats
 from dirnet_jax.bspline import cubic_bspline_field, quadratic_bspline_field
 from dirnet_jax.config import DIRNetConfig
-from dirnet_jax.dispatch import cuda_or_xla
+from dirnet_jax.dispatch import cuda_or_xla, default_platform
 from dirnet_jax.elu import elu, elu_unguarded
 from dirnet_jax.resample import warp
 from dirnet_jax.tps import tps_field
@@ -550,13 +550,14 @@ class ConvKernel(nn.Module):
 
 
 # Training's first conv, BatchNorm, ELU and pooling at once (`first_layer_train`), with
-# this conv for XLA's path (None: layer by layer), on the backends named (jax's
-# `default_backend()` when the step is traced), in float32 with the training kernels on
+# this conv for XLA's path (None: layer by layer), on the platforms named
+# (`dispatch.default_platform()` when the step is traced: CUDA, not ROCm, where its
+# kernels would fall back to XLA's slower path), in float32 with the training kernels on
 # and where first_layer_grad's kernels take the shape (256², not 28²). On an H200 (run 6, with the
 # forms below) 840 steps/s against 701 layer by layer; on a CPU, and on the H200 with
 # XLA's gradients (run 5), it was slower, so there it stays layer by layer.
 train_first_layer_conv: Callable[[jax.Array, jax.Array], jax.Array] | None = conv_taps_train
-TRAIN_FIRST_LAYER_BACKENDS = ("gpu",)
+TRAIN_FIRST_LAYER_PLATFORMS = ("cuda",)
 # How first_layer_grad's kernels compute the conv and the kernel gradient: 3, three TF32
 # products on tensor cores (float32 to ~3e-6 of the largest value); 0, float32
 # multiply-adds (run 6: 743 steps/s against 840, with the forward below)...
@@ -642,7 +643,7 @@ class Regressor(nn.Module):
                 and i == 0
                 and cfg.compute_dtype == "float32"  # bfloat16's is untimed
                 and train_first_layer_conv is not None
-                and jax.default_backend() in TRAIN_FIRST_LAYER_BACKENDS
+                and default_platform() in TRAIN_FIRST_LAYER_PLATFORMS
                 and train_conv.enabled()
                 and first_layer_grad.applies(
                     x.shape, cfg.features, cfg.downsampling, TRAIN_FIRST_LAYER_PASSES

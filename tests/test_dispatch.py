@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dirnet_jax.dispatch import cuda_or_xla, per_device, split_over
+from dirnet_jax.dispatch import cuda_or_xla, default_platform, per_device, split_over
 
 
 def gpu(x):
@@ -59,3 +59,20 @@ def test_split_over_runs_the_kernel_per_device_and_sums_what_it_says():
     with pytest.raises(ValueError, match="split along axis 0"):
         with split_over(NamedSharding(mesh, PartitionSpec())):
             pass
+
+
+def test_default_platform_names_the_gpu_kind(monkeypatch):
+    backend = jax.default_backend()
+    assert default_platform() in (("cuda", "rocm") if backend == "gpu" else (backend,))
+
+    class Client:
+        platform_version = ""
+
+    class Device:
+        client = Client()
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda: [Device()])
+    for version, platform in (("cuda 12080", "cuda"), ("rocm 60302", "rocm")):
+        Client.platform_version = version
+        assert default_platform() == platform

@@ -321,7 +321,7 @@ def test_first_layer_at_once_trains_alike(rng, name, passes, monkeypatch):
 
     monkeypatch.setattr(models, "train_first_layer_conv", None)
     (expected, expected_stats), expected_grads = run()
-    monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_BACKENDS", (jax.default_backend(),))
+    monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_PLATFORMS", (models.default_platform(),))
     monkeypatch.setattr(models, "train_first_layer_conv", models.conv_taps)
     monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_PASSES", passes)
     (got, stats), grads = run()

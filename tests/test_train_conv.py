@@ -218,7 +218,7 @@ def test_dirnet_trains_alike_with_the_kernels(
 
     with core.environment("DIRNET_TRAIN_CONV", "xla"):
         (loss, stats), grads = loss_and_grads()
-    monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_BACKENDS", (jax.default_backend(),))
+    monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_PLATFORMS", (dispatch.default_platform(),))
     monkeypatch.setattr(
         models, "train_first_layer_conv", interpreted if first_layer_at_once else None
     )
@@ -259,7 +259,7 @@ def test_bfloat16_training_with_the_kernels_is_as_close_to_float32_as_xlas(inter
 
 
 # The Triton kernels in a training step at 64², lowered for CUDA (none for the CPU), as
-# traced on a GPU (TRAIN_FIRST_LAYER_BACKENDS):
+# traced on a GPU (TRAIN_FIRST_LAYER_PLATFORMS):
 KERNELS = {
     # float32: the first layer at once, its statistics, its forward (inference's kernel,
     # BatchNorm folded in), its backward sums and kernel gradient (first_layer_grad); the
@@ -284,7 +284,7 @@ def test_training_lowers_the_kernels_for_cuda_only(case, monkeypatch):
     pair = jnp.zeros((2, 64, 64, 1), jnp.float32)
     batch = {"fixed": pair, "moving": pair}
     dtype = "bfloat16" if case == "bfloat16" else "float32"
-    monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_BACKENDS", (jax.default_backend(),))
+    monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_PLATFORMS", (dispatch.default_platform(),))
     swaps = {
         "passes0": {"TRAIN_FIRST_LAYER_PASSES": 0, "TRAIN_FIRST_LAYER_FORWARD": ()},
         "taps": {"TRAIN_CONV_FORM": "taps"},
