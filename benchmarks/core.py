@@ -15,9 +15,10 @@ pair sampling and step in one dispatch; and several steps per dispatch as `fit` 
 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and memory per
 call. Each baseline is followed by the same network in PyTorch eager
 (benchmarks/torch_dirnet.py, if torch is installed), as ratios to DIRNet, and on a GPU by
-its A/B rows: registration with the first layer by one TF32 product (a candidate), with
-the 128² layer by cuDNN instead of the Triton kernel, the first layer as XLA's loop instead
-of the Triton kernel, and unfused (XLA's convolution, then ELU and pooling), with XLA:GPU's
+its A/B rows: registration with the first layer reading the stacked pair, by float32
+multiply-adds instead of one TF32 product, with the 128² layer by cuDNN instead of the
+Triton kernel, the first layer as XLA's loop instead of the Triton kernel, and unfused
+(XLA's convolution, then ELU and pooling), with XLA:GPU's
 default CUDA-graph threshold (one pair), as plain layers (what folding BatchNorm and the
 fused first layer buy), with bfloat16 activations; training with the first layer layer by
 layer, with the later convs a product per tap (the taps form), with the training kernels
@@ -457,45 +458,15 @@ def parse(argv: list[str]) -> tuple[bool, dict[str, str]]:
 
 
 def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple[str, Callable]]:
-    """The baseline's A/B rows on a GPU, (label, run) each, the rows no GPU has measured
-    since they changed first (run 7 timed onepass, xlapool, layerfirst, bf16 and
-    bf16triton): each swaps one choice, traced anew (`in_swap`, `in_env`)."""
+    """The baseline's A/B rows on a GPU, (label, run) each: each swaps one choice, traced
+    anew (`in_swap`, `in_env`). The rows the last lease did not reach come first (run 8
+    timed stackfirst, then broadcastfirst to bf16, now last)."""
     bf16 = base.replace(compute_dtype="bfloat16")
     return [
-        # A candidate: inference's first layer reading the pair as two images.
-        ("baseline-pairfirst", lambda: in_swap(
-            {"INFER_FIRST_LAYER_PAIR": True}, bench_register,
-            table, "baseline-pairfirst", base, p, batches, r)),
-        # A candidate: inference's B-spline field and warp as one kernel.
-        ("baseline-splinewarp", lambda: in_swap(
-            {"INFER_SPLINE_WARP": True}, bench_register,
-            table, "baseline-splinewarp", base, p, batches, r)),
-        # A candidate: training's first layer backward in one pass, not two.
-        ("baseline-onepass", lambda: in_swap(
-            {"TRAIN_FIRST_LAYER_ONE_PASS": True}, bench_train_dispatch,
-            table, "baseline-onepass", base, p, r)),
-        # What the first layer by one TF32 product buys: float32 multiply-adds.
-        ("baseline-broadcastfirst", lambda: in_swap(
-            {"fused_first_layer": broadcast_first_layer}, bench_register,
-            table, "baseline-broadcastfirst", base, p, batches, r)),
-        # What the pairs form buys: the later convs and their gradients a product per tap.
-        ("baseline-taps", lambda: in_swap(
-            {"TRAIN_CONV_FORM": "taps"}, bench_train_dispatch,
-            table, "baseline-taps", base, p, r)),
-        # What the training kernels buy: XLA's convolutions, the first layer apart.
-        ("baseline-xlatrain", lambda: in_env(
-            ("DIRNET_TRAIN_CONV", "xla"), bench_train_dispatch,
-            table, "baseline-xlatrain", base, p, r)),
-        # What the 128² layer's kernel buys: cuDNN's convolution, ELU and pooling there.
-        ("baseline-xlapool", lambda: in_swap(
-            {"pooled_conv": models.xla_pooled_conv}, bench_register,
-            table, "baseline-xlapool", base, p, batches, r)),
-        # What training's first layer at once buys: layer by layer (the first conv by
-        # `conv_taps`, its kernel gradient by Triton).
-        ("baseline-layerfirst", lambda: in_swap(
-            {"train_first_layer_conv": None}, bench_train_dispatch,
-            table, "baseline-layerfirst", base, p, r)),
-        ("baseline-bf16", lambda: bench_jax(table, "baseline-bf16", bf16, p, batches, r)),
+        # What inference's first layer reading the pair as two images buys: the stacked pair.
+        ("baseline-stackfirst", lambda: in_swap(
+            {"INFER_FIRST_LAYER_PAIR": False}, bench_register,
+            table, "baseline-stackfirst", base, p, batches, r)),
         # bfloat16 training with the later convs' kernels (their sums in float32) against
         # cuDNN's, the first layer layer by layer.
         ("baseline-bf16triton", lambda: in_swap(
@@ -520,6 +491,28 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
         ("baseline-xlaconv", lambda: in_swap(
             {"TapConv": xla_conv, "train_first_layer_conv": None}, bench_train,
             table, "baseline-xlaconv", base, p, r)),
+        # What the first layer by one TF32 product buys: float32 multiply-adds.
+        ("baseline-broadcastfirst", lambda: in_swap(
+            {"fused_first_layer": broadcast_first_layer}, bench_register,
+            table, "baseline-broadcastfirst", base, p, batches, r)),
+        # What the pairs form buys: the later convs and their gradients a product per tap.
+        ("baseline-taps", lambda: in_swap(
+            {"TRAIN_CONV_FORM": "taps"}, bench_train_dispatch,
+            table, "baseline-taps", base, p, r)),
+        # What the training kernels buy: XLA's convolutions, the first layer apart.
+        ("baseline-xlatrain", lambda: in_env(
+            ("DIRNET_TRAIN_CONV", "xla"), bench_train_dispatch,
+            table, "baseline-xlatrain", base, p, r)),
+        # What the 128² layer's kernel buys: cuDNN's convolution, ELU and pooling there.
+        ("baseline-xlapool", lambda: in_swap(
+            {"pooled_conv": models.xla_pooled_conv}, bench_register,
+            table, "baseline-xlapool", base, p, batches, r)),
+        # What training's first layer at once buys: layer by layer (the first conv by
+        # `conv_taps`, its kernel gradient by Triton).
+        ("baseline-layerfirst", lambda: in_swap(
+            {"train_first_layer_conv": None}, bench_train_dispatch,
+            table, "baseline-layerfirst", base, p, r)),
+        ("baseline-bf16", lambda: bench_jax(table, "baseline-bf16", bf16, p, batches, r)),
     ]  # fmt: skip
 
 

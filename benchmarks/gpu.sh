@@ -4,10 +4,10 @@
 # computed on a CPU machine afterwards). Steps, each under its own time limit (seconds):
 #
 #   bash benchmarks/gpu.sh tests     # versions; the model and kernel tests on the GPU (120)
-#   bash benchmarks/gpu.sh kernel    # the spline and warp, the first and second layers
-#                                    # alone, both convs and the first layer in training:
+#   bash benchmarks/gpu.sh kernel    # the first and second layers alone, both convs and
+#                                    # the first layer in training:
 #                                    # our Triton kernels against XLA
-#                                    # (benchmarks/layers.py) (280); what they
+#                                    # (benchmarks/layers.py) (210); what they
 #                                    # compile to is counted off the GPU (benchmarks/sass.py)
 #   bash benchmarks/gpu.sh onepair   # one pair: register against its A/B twins, interleaved
 #                                    # (benchmarks/one_pair.py) (30)
@@ -15,8 +15,7 @@
 #                                    # the A/B rows) and PyTorch at both sizes first, then
 #                                    # the variants while the budget lasts (200); the rest
 #                                    # later by `python -m benchmarks.core --variants=…`
-#   bash benchmarks/gpu.sh profile   # top kernels: batch 512, a train step (and with the
-#                                    # first layer's backward in one pass), one 256² pair,
+#   bash benchmarks/gpu.sh profile   # top kernels: batch 512, a train step, one 256² pair,
 #                                    # their compiled programs in hlo.tar.gz (80)
 #   bash benchmarks/gpu.sh flags     # one pair, batch 512 and training under XLA flag sets:
 #                                    # CUDA graphs off; no Triton GEMMs; cuDNN runtime fusion
@@ -27,7 +26,7 @@
 #
 # Limits: TESTS_SECONDS, ONEPAIR_SECONDS, BENCH_SECONDS, PROFILE_SECONDS,
 # FLAGS_SECONDS, TRAIN_SECONDS. BENCH_ARGS: more arguments for benchmarks.core (--sizes=256, say).
-# KERNEL_LAYERS: the layers `kernel` times (default: warp train1bn 1 2 train train1).
+# KERNEL_LAYERS: the layers `kernel` times (default: train1bn 1 2 train train1).
 # Results go to $OUT (default benchmarks/results/gpu): the tests' log, one JSON per tool
 # (the layers' four in layers.tar.gz), every tool's printed table in gpu.log, compiled
 # programs as .tar.gz (at most 8 files, what a lease brings back). After `train`, unpack
@@ -52,11 +51,10 @@ tests() {
   $py -c "import jax, flax, optax, orbax.checkpoint as ocp, torch
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__,
       'orbax', getattr(ocp, '__version__', '?'), 'torch', torch.__version__, jax.devices())"
-  # The defaults adopted from run 6 first, as whole networks (training with the first
-  # layer at once and the pairs form, and inside shard_map as over several GPUs;
-  # registration with the 128² layer's kernel; bfloat16 training with the kernels), and
-  # the candidates no GPU has compiled yet (the spline and warp kernel; the first layer
-  # reading the pair; its backward in one pass), then the kernels one by one. One line per test
+  # The defaults first, as whole networks (training with the first layer at once and the
+  # pairs form, and inside shard_map as over several GPUs; registration with the 128²
+  # layer's kernel and with the first layer reading the pair; bfloat16 training with the
+  # kernels) and the GPU's platform name, then the kernels one by one. One line per test
   # (-v), so a run cut short still says which passed; stopped by SIGINT, pytest still
   # prints the tracebacks of what failed.
   # Full float32 convolutions and products, as on the CPU the tolerances were set on (the
@@ -64,12 +62,11 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
   local m=tests/test_models.py end=$((SECONDS + ${TESTS_SECONDS:-120}))
   local first=(
     tests/test_train_conv.py::test_dirnet_trains_alike_with_the_kernels
-    tests/test_first_layer_grad.py::test_one_pass_backward_is_the_sums_and_the_kernel_gradient
     tests/test_train_conv.py::test_bfloat16_training_with_the_kernels_is_as_close_to_float32_as_xlas
     tests/test_pooled_layers.py::test_dirnet_with_the_kernel_registers_alike
-    tests/test_spline_warp.py
     tests/test_first_layer.py::test_pair_kernel_is_the_layer_of_the_stacked_pair
     tests/test_first_layer.py::test_register_reading_the_pair_registers_alike
+    tests/test_dispatch.py::test_default_platform_names_the_gpu_kind
   )
   local rest=(
     tests/test_first_layer_grad.py tests/test_train_conv.py tests/test_pooled_layers.py
@@ -102,10 +99,10 @@ train() {
 }
 
 kernel() {
-  local -A limit=([1]=45 [2]=45 [train]=60 [train1]=30 [train1bn]=70 [warp]=30)  # ~3/4 used
+  local -A limit=([1]=45 [2]=45 [train]=60 [train1]=30 [train1bn]=30)  # ~3/4 used
   local dir=/tmp/layers
   mkdir -p $dir
-  for layer in ${KERNEL_LAYERS:-warp train1bn 1 2 train train1}; do
+  for layer in ${KERNEL_LAYERS:-train1bn 1 2 train train1}; do
     timeout "${limit[$layer]}" $py -m benchmarks.layers --layer=$layer \
       --out="$dir/layer${layer}_gpu.json" 2>&1 | tee -a "$OUT/gpu.log"
   done
@@ -133,8 +130,7 @@ flags() {  # the tool keeps to its budget and prints its table; timeout is a bac
 profile() {
   local end=$((SECONDS + ${PROFILE_SECONDS:-80})) hlo=/tmp/hlo
   mkdir -p $hlo
-  for args in "--batch=512" "--what=train --batch=32" \
-    "--what=train --batch=32 --swap=TRAIN_FIRST_LAYER_ONE_PASS=True" "--batch=1"; do
+  for args in "--batch=512" "--what=train --batch=32" "--batch=1"; do
     name=$(echo "$args" | tr -dc 'a-z0-9=' | tr '=' '_')
     # shellcheck disable=SC2086  # $args holds several flags
     timeout $((end - SECONDS > 10 ? end - SECONDS : 10)) $py -m benchmarks.profile $args \

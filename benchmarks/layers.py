@@ -18,9 +18,8 @@ XLA's convolution and gradients (cuDNN), with one TF32 product per tap and with 
 at `--size`; what trains when the first layer is layer by layer): XLA's kernel gradient
 (cuDNN's) against `train_conv.taps_kernel_grad_gpu`. `--layer=train1bn`, the first layer
 with its BatchNorm, ELU and pooling: layer by layer against at once
-(`models.first_layer_train`, as training runs it on CUDA) in several kernel shapes.
-`--layer=warp` (batch 512 by default), inference's B-spline field and warp: XLA's
-against `spline_warp`'s kernel. `--size` is the image size (the second layer's input is
+(`models.first_layer_train`, as training runs it on CUDA).
+`--size` is the image size (the second layer's input is
 half of it). Rows: each implementation's median time per call, the bandwidth that time
 implies for the bytes a perfect kernel moves (the input read once, the pooled output
 written once), and the largest difference from XLA's version. Triton first-layer rows are
@@ -42,20 +41,17 @@ import numpy as np
 
 from benchmarks import core
 from dirnet_jax import (
-    bspline,
     first_layer,
     first_layer_grad,
     machine,
     models,
     pooled_layers,
-    resample,
-    spline_warp,
     train_conv,
 )
 from dirnet_jax.workdir import atomic_write_text
 
 FLAGS = {"size": "256", "batch": "", "layer": "1", "min_seconds": "", "out": ""}
-LAYERS = ("1", "2", "train", "train1", "train1bn", "warp")
+LAYERS = ("1", "2", "train", "train1", "train1bn")
 # (form, rows, warps, expm1) of the Triton kernel: the default first (run 7, batch 512:
 # `dot1` at 4 warps 0.87 ms), then the default until then (broadcast, 8 warps: 1.31),
 # `dot` (three products, training's forward: 1.12), and `dot1` at warps no lease has
@@ -77,14 +73,6 @@ GRAD_SHAPES = [(8, 32, 1), (2, 32, 1), (4, 16, 2), (4, 64, 1), (8, 128, 4)]
 PAIRS_GRAD_SHAPES = [(4, 64, 4), (4, 32, 8)]
 # The same for the first conv's (train_conv.TAPS_ROWS, TAPS_BLOCK, TAPS_WARPS).
 TAPS_GRAD_SHAPES = [(4, 64, 8), (4, 32, 2), (8, 32, 4), (4, 128, 4)]
-# first_layer_grad's kernels on a GPU besides the shape training runs (three TF32 products,
-# `GRAD_SHAPES[3]`): (rows, block, warps, passes, one pass) of the backward. Run 6 timed
-# the two-pass shapes (benchmarks/NOTES.md); these are the one-pass kernel's
-# (`first_layer_grad.backward_gpu`), twice the kernel gradient's products and sums.
-FIRST_GRAD_SHAPES = [
-    (4, 16, 1, 3, True), (4, 16, 2, 3, True), (2, 16, 4, 3, True), (4, 32, 4, 3, True),
-    (1, 0, 4, 3, True),
-]  # fmt: skip
 # Off a GPU (Pallas' interpreter, slow): the default and one of each other form.
 CPU_SHAPES = [SHAPES[0], ("unpadded", 1, 8, "exp"), ("dot", 1, 4, "exp")]
 
@@ -220,54 +208,24 @@ def first_layer_train_impls(on_gpu: bool) -> dict:
 
         return jax.jit(fn)
 
-    at_once = functools.partial(models.first_layer_train, **options, interpret=not on_gpu)
-    passes, one_pass = models.TRAIN_FIRST_LAYER_PASSES, models.TRAIN_FIRST_LAYER_ONE_PASS
-    shapes = first_layer_grad.BACKWARD_SHAPES if one_pass else first_layer_grad.GRAD_SHAPES
-    trained = (*shapes[passes], passes, one_pass)
-    impls = {
+    # The kernel gradient's shapes were timed in run 6 (benchmarks/NOTES.md): the one
+    # training runs alone.
+    passes = models.TRAIN_FIRST_LAYER_PASSES
+    grad_shape = first_layer_grad.GRAD_SHAPES[passes]
+    name = "at once as trained, kernel grad rows={} block={} warps={}".format(*grad_shape)
+    name += f", {passes} TF32 product{'s' * (passes > 1)}" if passes else ""
+    at_once = functools.partial(models.first_layer_train, **options, interpret=not on_gpu,
+                                grad_shape=grad_shape, passes=passes)  # fmt: skip
+    return {
         "layer by layer": grads(functools.partial(models._first_layer_reference, **options)),
+        name: grads(at_once),
     }
-    for i, shape in enumerate([trained, *(FIRST_GRAD_SHAPES if on_gpu else [(1, 16, 4, 3, True)])]):
-        *grad_shape, passes, one_pass = shape
-        name = "at once{}, {} rows={} block={} warps={}".format(
-            " as trained" * (i == 0), "one pass" if one_pass else "kernel grad", *grad_shape
-        )
-        name += f", {passes} TF32 product{'s' * (passes > 1)}" if passes else ""
-        impls[name] = grads(functools.partial(
-            at_once, grad_shape=tuple(grad_shape), passes=passes, one_pass=one_pass))  # fmt: skip
-    return impls
-
-
-# spline_warp's warps per program: its default, then the others (sm_90a issue floors at
-# 256², batch 512: 0.084 ms at 1 warp, 0.092 at 2, 0.116 at 4, 0.144 at 8).
-WARP_WARPS = [spline_warp.WARPS, 1, 4, 8]
-
-
-def spline_warp_impls(on_gpu: bool) -> dict:
-    """{name: jitted fn(moving, grid, _) → (warped, field)} for inference's B-spline field
-    and warp (cubic, edge): XLA's (`bspline.bspline_field`, `resample.warp`) against
-    `spline_warp`'s kernel at several warps."""
-
-    def xla(moving, grid, _):
-        field = bspline.bspline_field(grid, moving.shape[1:3], 3)
-        return resample.warp(moving, field), field
-
-    impls = {"xla field and warp": jax.jit(xla)}
-    for warps in WARP_WARPS if on_gpu else WARP_WARPS[:1]:
-        impls[f"triton spline_warp warps={warps}"] = jax.jit(
-            lambda m, g, _, warps=warps: spline_warp.field_and_warp_gpu(
-                g, m, interpret=not on_gpu, num_warps=warps
-            )
-        )
-    return impls
 
 
 def layer_shapes(layer: str, size: int, batch: int) -> list[tuple[int, ...]]:
     """The shapes of the arrays the layer's implementations take: (x, kernel, bias) at
     inference, (x, kernel, output gradient) in training; the input at `size` for the first
     layer (1, train1), at half of it for the second (2, train)."""
-    if layer == "warp":  # the moving images, a 16-pixel control grid, nothing
-        return [(batch, size, size, 1), (batch, size // 16, size // 16, 2), (1,)]
     side, cin = (size, 2) if layer in ("1", "train1", "train1bn") else (size // 2, 16)
     last = (batch, side, side, 16) if layer.startswith("train") else (16,)
     if layer == "train1bn":  # the pooled output's gradient
@@ -279,9 +237,8 @@ def layer_inputs(layer: str, size: int, batch: int) -> list[jax.Array]:
     """Random arrays of `layer_shapes`, float32."""
     rng = np.random.default_rng(0)
     x_shape, kernel_shape, last = layer_shapes(layer, size, batch)
-    warp = layer == "warp"  # images in [0, 1], a control grid of a few pixels
-    x = jnp.asarray(rng.uniform(size=x_shape) if warp else rng.normal(size=x_shape), jnp.float32)
-    kernel = rng.normal(size=kernel_shape) * (4 if warp else 0.5 / kernel_shape[2] ** 0.5)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    kernel = rng.normal(size=kernel_shape) * 0.5 / kernel_shape[2] ** 0.5
     last = rng.normal(size=last) * (1 if layer.startswith("train") else 0.3)
     return [x, jnp.asarray(kernel, jnp.float32), jnp.asarray(last, jnp.float32)]
 
@@ -292,7 +249,6 @@ IMPLS = {
     "train": train_conv_impls,
     "train1": first_conv_train_impls,
     "train1bn": first_layer_train_impls,
-    "warp": spline_warp_impls,
 }
 
 
@@ -316,8 +272,6 @@ def main(argv: list[str]) -> None:
         moved = 2 * x.nbytes + 2 * args[2].nbytes
     elif layer == "train1bn":  # at least: x read 4 times, the pooled y written, its g read twice
         moved = 4 * x.nbytes + 3 * args[2].nbytes
-    elif layer == "warp":  # the moving images read, the warped ones and the field written
-        moved = 4 * x.nbytes
     else:  # the input read once, the pooled output written once
         moved = (x.size + batch * (side // 2) ** 2 * 16) * 4
     impls = IMPLS[layer](on_gpu)
@@ -342,7 +296,6 @@ def main(argv: list[str]) -> None:
             "train": f"second layer's conv in training ({side}², 16 channels)",
             "train1": f"first conv in training ({side}², 2 → 16 channels)",
             "train1bn": f"first layer in training with BatchNorm, ELU, pooling ({side}²)",
-            "warp": "the B-spline field and the warp (cubic, edge)",
             }[layer]  # fmt: skip
     print(f"{what}, {size}² images, batch {batch}, on {device}; GB/s of {moved / 1e9:.2f} GB")
     atomic_write_text(

@@ -4,14 +4,14 @@
     python -m benchmarks.profile --what=train --size=28 --batch=32
     python -m benchmarks.profile --variant=C1 --calls=50 --top=40
     python -m benchmarks.profile --hlo=register.hlo.txt       # and the compiled program
-    python -m benchmarks.profile --what=train --batch=32 --swap=TRAIN_FIRST_LAYER_ONE_PASS=True
+    python -m benchmarks.profile --what=train --batch=32 --swap=TRAIN_FIRST_LAYER_PASSES=1
 
 Runs the call a few times to warm up, traces `--calls` more, and prints, for each process
 of the trace (the host; on a GPU also the device), the operations with the largest time
 per call: XLA fusions, convolutions and library calls, named as in the compiled HLO
 (`--hlo=FILE` writes `jax.jit(...).lower(...).compile().as_text()`, which says what each
 fusion holds). `--swap=NAME=VALUE` profiles with `dirnet_jax.models.NAME` set to the
-Python literal VALUE (a candidate, as benchmarks.core's A/B rows swap it). On XLA:CPU,
+Python literal VALUE (one choice, as benchmarks.core's A/B rows swap it). On XLA:CPU,
 convolutions run on a thread pool: their events time the launch, not the work.
 """
 

@@ -155,9 +155,8 @@ def main(argv: list[str]) -> None:
             if layer == "train1bn" and name.startswith("at once"):
                 half = (shapes[0][1] // 2, shapes[0][2] // 2)  # pooled rows and columns
                 trips = kernel_grad_trips(name, *half)
-                parts = {"stats": 1, "forward": 1, "backward": trips} if "one pass" in name else {
-                    **dict.fromkeys(["stats", "forward", "backward sums"], 1),
-                    "kernel grad": trips}  # fmt: skip
+                parts = {**dict.fromkeys(["stats", "forward", "backward sums"], 1),
+                         "kernel grad": trips}  # fmt: skip
             elif layer in ("train1", "train1bn"):  # the first conv's kernel gradient
                 parts = {"kernel grad": kernel_grad_trips(name, *shapes[0][1:3], taps)}
             elif train and "pairs" in name:  # its loop over pairs of columns

@@ -75,7 +75,6 @@ def cuda_or_xla(
     interpret: bool = False,
     batched: tuple[bool, ...] | None = None,
     summed: bool | tuple[bool, ...] = False,
-    then: Callable | None = None,
 ):
     """``gpu(*args)`` on CUDA GPUs, ``xla(*args)`` on other platforms, both lowered into one
     program (`jax.lax.platform_dependent`). Not `taken` (a shape the kernel does not take):
@@ -84,8 +83,7 @@ def cuda_or_xla(
 
     Inside `split_over`, `gpu` runs on each device's slice (`per_device`; `batched`, by
     default the first argument alone, and `summed` say how the arguments and outputs
-    relate to the batch). `then`: applied to `gpu`'s output after that, to the whole
-    batch's sums (``then(gpu(*args))``; `xla` computes all of it).
+    relate to the batch).
     """
     if not taken:
         return xla(*args)
@@ -93,12 +91,6 @@ def cuda_or_xla(
     if len(batched) != len(args):
         raise ValueError(f"batched has {len(batched)} entries for {len(args)} arguments")
     gpu = per_device(gpu, batched, summed)
-    if then is not None:
-        gpu = _composed(then, gpu)
     if interpret:
         return gpu(*args)
     return jax.lax.platform_dependent(*args, cuda=gpu, default=xla)
-
-
-def _composed(outer: Callable, inner: Callable) -> Callable:
-    return lambda *args: outer(inner(*args))

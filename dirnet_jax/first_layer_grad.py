@@ -28,12 +28,6 @@ and sums over the program's pixels, which XLA adds up over programs:
 
 All in float32 arithmetic (the input has two channels: no matrix product). ELU's expm1 is
 exp − 1, as inference's kernel computes it.
-
-With the window matrix (TF32 products), `backward_gpu` does the last two in one pass: with
-the batch mean m known, g_z = mul·g_y + d + c1·(z − m) (d = c0 + c1·m), so the kernel
-gradient at pooling position p is mul·(windowᵀ·g_y) + d ⊗ Σ window + c1·(windowᵀ·(z − m)),
-and all three sums, with Σ g_y and Σ (z − m)·g_y, come from one reading of x before c0
-and c1 are known (`combine`).
 """
 
 from __future__ import annotations
@@ -196,50 +190,6 @@ def _kernel_grad_kernel(
     write(o_ref, pid, sums, cin)
 
 
-def _backward_kernel(
-    x_ref, *refs, rows, tw, cin, pool, per, block, passes, interpret
-):  # fmt: skip
-    """Program p (`per` pooled rows of one image, `block` pooled columns at a time): Σ g_y
-    and Σ (z − m)·g_y, [2, F]; windowᵀ·g_y and windowᵀ·(z − m) per pooling position,
-    [4, 16·Cin, F] each; Σ window, [16·Cin]. m_ref: mul, shift, the batch mean m, each [F]."""
-    *w_refs, m_ref, g_ref, s_ref, a_ref, c_ref, w_ref = refs
-    pid = pl.program_id(0)
-    b, first = pid // (rows // per), (pid % (rows // per)) * per
-    mul, shift, mean = (m_ref[i, :][None, :] for i in range(3))
-    steps_per_row = tw // block
-    f, k = m_ref.shape[-1], 16 * cin
-
-    def step(i, acc):
-        r = first + jax.lax.div(i, steps_per_row)
-        start = jax.lax.rem(i, steps_per_row) * block
-        z, inputs = _conv_window(x_ref, w_refs, b, r, block, cin, passes, interpret, start)
-        g = g_ref[b, r, pl.ds(start, block), :].astype(jnp.float32)
-        g_y = _grad_y(z, mul, shift, g, pool)
-        centred = [zk - mean for zk in z]
-        sums = (
-            jnp.sum(g_y[0] + g_y[1] + g_y[2] + g_y[3], axis=0),
-            jnp.sum(sum(c * gy for c, gy in zip(centred, g_y, strict=True)), axis=0),
-            jnp.sum(inputs[0], axis=0),
-        )
-        sums = [s if a is None else a + s for a, s in zip(acc[:3], sums, strict=True)]
-        a = _window_grads(acc[3:7], inputs, g_y, interpret)
-        c = _window_grads(acc[7:], inputs, centred, interpret)
-        return (*sums, *a, *c)
-
-    trips = per * steps_per_row
-    if trips == 1:  # straight-line code
-        out = step(0, (None,) * 11)
-    else:
-        zeros = [jnp.zeros((f,), jnp.float32)] * 2 + [jnp.zeros((k,), jnp.float32)]
-        out = jax.lax.fori_loop(0, trips, step, (*zeros, *[jnp.zeros((k, f), jnp.float32)] * 8))
-    s_ref[pid, 0, :] = out[0]
-    s_ref[pid, 1, :] = out[1]
-    w_ref[pid, :] = out[2]
-    for position in range(4):
-        a_ref[pid, position, :, :] = out[3 + position]
-        c_ref[pid, position, :, :] = out[7 + position]
-
-
 def _tap_grads(acc, values, g_z, cin):
     """acc (9·Cin × [block, F] or Nones) plus x_shifted · g_z per tap and input channel,
     over the four pooling positions; summed over the block's pixels at the end."""
@@ -279,13 +229,13 @@ def _tap_channels(cin):
 
 
 def _call(
-    body, x, kernel, out_rows: tuple[int, ...] | list[tuple[int, ...]], *operands, interpret,
-    passes, rows_per_program=1, warps=WARPS, **params,
+    body, x, kernel, out_rows: tuple[int, ...], *operands, interpret, passes,
+    rows_per_program=1, warps=WARPS, **params,
 ):  # fmt: skip
     """body over one program per `rows_per_program` pooled rows: the padded pairs of x and
     the kernel (passes 0) or x and its window weights split for TF32
     (`first_layer.window_weights`), `operands`; its [programs, *out_rows] float32 sums,
-    summed over programs (a list of `out_rows`: one output each, a list of sums)."""
+    summed over programs."""
     batch, h, w, cin = x.shape
     rows, tw = h // 2, w // 2
     body = functools.partial(
@@ -295,17 +245,14 @@ def _call(
     weights = (kernel,) if passes == 0 else tf32_split(first_layer.window_weights(kernel))
     images = x.astype(jnp.float32)  # the window matrix's gather masks the edges itself
     images = first_layer.padded_pairs(images) if passes == 0 else images
-    programs = batch * rows // rows_per_program
-    shapes = [out_rows] if isinstance(out_rows, tuple) else out_rows
     partial_sums = pl.pallas_call(
         body,
-        out_shape=[jax.ShapeDtypeStruct((programs, *shape), jnp.float32) for shape in shapes],
-        grid=(programs,),
+        out_shape=jax.ShapeDtypeStruct((batch * rows // rows_per_program, *out_rows), jnp.float32),
+        grid=(batch * rows // rows_per_program,),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
     )(images, *weights, *operands)
-    sums = [partial.sum(axis=0) for partial in partial_sums]
-    return sums[0] if isinstance(out_rows, tuple) else sums
+    return partial_sums.sum(axis=0)
 
 
 def _check(x, kernel, downsampling, passes):
@@ -389,87 +336,18 @@ def kernel_grad_gpu(
       [3, 3, Cin, F] float32.
     """
     _check(x, kernel, downsampling, passes)
-    per, block, warps = _loop_shape(x.shape, (rows, block, warps), GRAD_SHAPES[passes], passes)
+    given, default = (rows, block, warps), GRAD_SHAPES[passes]
+    rows, block, warps = (d if v is None else v for v, d in zip(given, default, strict=True))
     cin, f = kernel.shape[-2:]
+    half_h, half_w = x.shape[1] // 2, x.shape[2] // 2
+    per, block = math.gcd(half_h, rows), min(block or half_w, half_w)
+    if passes and block < 16:
+        raise ValueError(f"TF32 products take at least 16 pooled columns a step, not {block}")
     out_rows = (9, cin, f) if passes == 0 else (4, 16 * cin, f)
     grad = _call(_kernel_grad_kernel, x, kernel, out_rows, coefficients.astype(jnp.float32),
                  g, interpret=interpret, passes=passes, pool=downsampling,
                  rows_per_program=per, per=per, block=block, warps=warps)  # fmt: skip
     if passes == 0:
         return grad.reshape(3, 3, cin, f)
-    return _from_window(grad, kernel)
-
-
-def _loop_shape(x_shape, given, default, passes):
-    """(pooled rows per program, pooled columns per step, warps): `given`, None where
-    `default`'s, rows as their gcd with H/2 and columns at most W/2 (0: all of them)."""
-    rows, block, warps = (d if v is None else v for v, d in zip(given, default, strict=True))
-    half_h, half_w = x_shape[1] // 2, x_shape[2] // 2
-    per, block = math.gcd(half_h, rows), min(block or half_w, half_w)
-    if passes and block < 16:
-        raise ValueError(f"TF32 products take at least 16 pooled columns a step, not {block}")
-    return per, block, warps
-
-
-def _from_window(grad, kernel):
-    """The window weights' gradient [4, 16·Cin, F] as the kernel's [3, 3, Cin, F]:
-    `first_layer.window_weights` is linear."""
+    # The window's gradient back to the kernel's: window_weights is linear.
     return jax.linear_transpose(first_layer.window_weights, kernel.astype(jnp.float32))(grad)[0]
-
-
-# `backward_gpu`'s (rows, columns, warps) by passes: as GRAD_SHAPES', the lowest sm_90a
-# issue floor of those counted (passes 3: 78,181 instructions over 32 trips, 255
-# registers, 0.077 ms at 256², batch 32, against the two passes' 0.032 + 0.049; at 2 or
-# 4 warps 0.115–0.217). On an H200 (run 7) the layer with it took 0.70 ms (0.66 at 2
-# warps) against 0.60 with two passes, yet the training step 1.02–1.03× the two passes'
-# in three processes: not adopted until a profile says which holds (benchmarks/NOTES.md).
-BACKWARD_SHAPES = {1: (1, 0, 4), 3: (4, 16, 1)}
-
-
-@functools.partial(
-    jax.jit, static_argnames=("downsampling", "interpret", "rows", "block", "warps", "passes")
-)
-def backward_gpu(
-    x: jax.Array,
-    kernel: jax.Array,
-    mul_shift_mean: jax.Array,
-    g: jax.Array,
-    downsampling: str,
-    interpret: bool = False,
-    rows: int | None = None,
-    block: int | None = None,
-    warps: int | None = None,
-    passes: int = 3,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-    """`backward_sums_gpu` and what `kernel_grad_gpu` sums, in one pass (the module's
-    docstring): window-matrix forms only (passes 1, 3).
-
-    Args:
-      x, kernel, g, downsampling, interpret: as `backward_sums_gpu`.
-      mul_shift_mean: [3, F], BatchNorm's multiplier and shift and the batch mean m.
-      rows, block, warps, passes: as `kernel_grad_gpu`'s; None: `BACKWARD_SHAPES[passes]`.
-
-    Returns:
-      Σ g_y and Σ (z − m)·g_y, [2, F]; and `combine`'s parts: windowᵀ·g_y and
-      windowᵀ·(z − m), [4, 16·Cin, F] each, and Σ window, [16·Cin]. All float32.
-    """
-    _check(x, kernel, downsampling, passes)
-    if not passes:
-        raise ValueError("backward_gpu takes the window matrix's forms (passes 1 or 3), not 0")
-    default = BACKWARD_SHAPES[passes]
-    per, block, warps = _loop_shape(x.shape, (rows, block, warps), default, passes)
-    k, f = 16 * kernel.shape[-2], kernel.shape[-1]
-    sums, products, centred, window = _call(
-        _backward_kernel, x, kernel, [(2, f), (4, k, f), (4, k, f), (k,)],
-        mul_shift_mean.astype(jnp.float32), g, interpret=interpret, passes=passes,
-        pool=downsampling, rows_per_program=per, per=per, block=block, warps=warps,
-    )  # fmt: skip
-    return sums, (products, centred, window)
-
-
-def combine(parts, kernel: jax.Array, mul: jax.Array, d: jax.Array, c1: jax.Array) -> jax.Array:
-    """The kernel's gradient [3, 3, Cin, F] from `backward_gpu`'s parts, for
-    g_z = mul·g_y + d + c1·(z − m) (mul, d, c1: [F])."""
-    products, centred, window = parts
-    grad = mul * products + window[None, :, None] * d + c1 * centred
-    return _from_window(grad, kernel)

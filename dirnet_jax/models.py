@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dirnet_jax import first_layer, first_layer_grad, pooled_layers, spline_warp, train_conv
+from dirnet_jax import first_layer, first_layer_grad, pooled_layers, train_conv
 from dirnet_jax.batchnorm import BatchNorm, batch_stats
 from dirnet_jax.bspline import cubic_bspline_field, quadratic_bspline_field
 from dirnet_jax.config import DIRNetConfig
@@ -201,9 +201,11 @@ def fused_first_layer(
 
 
 # Whether inference's first layer reads the pair as two images on CUDA
-# (`fused_first_layer_pair`) instead of their stacked copy: a candidate, untimed (XLA's
-# stacking took 124 µs of a 2.7 ms call at 256², batch 512 on an H200, run 7).
-INFER_FIRST_LAYER_PAIR = False
+# (`fused_first_layer_pair`) instead of their stacked copy, which XLA took 124 µs to write
+# at 256², batch 512 (run 7). Run 8, H200, 256², against the stacked pair in the same
+# process: 195,100 against 190,400 pairs/s at batch 512, 84,000 against 59,700 at 32,
+# one pair 0.23 against 0.25 ms.
+INFER_FIRST_LAYER_PAIR = True
 
 
 def fused_first_layer_pair(
@@ -247,7 +249,7 @@ def _first_layer_reference(x, kernel, scale, bias, downsampling, conv, dtype):
     return pool2(y, jnp.mean if downsampling == "avg" else jnp.max).astype(dtype), mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
 def first_layer_train(
     x: jax.Array,
     kernel: jax.Array,
@@ -259,7 +261,6 @@ def first_layer_train(
     interpret: bool = False,
     grad_shape: tuple[int, ...] = (),
     passes: int = 0,
-    one_pass: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training's first layer, ``pool2(elu(BatchNorm(conv(x, kernel))))`` with the batch's
     statistics, without writing its full-resolution activations (float32 training on GPUs:
@@ -281,24 +282,20 @@ def first_layer_train(
         in Pallas' interpreter on every backend (the tests); grad_shape: (rows, block,
         warps) of `first_layer_grad.kernel_grad_gpu`, or a prefix of them; passes: how
         first_layer_grad's kernels compute (0: float32 multiply-adds, 1 or 3: TF32
-        products); one_pass: the backward's sums and the kernel's gradient by one kernel
-        (`first_layer_grad.backward_gpu`; passes 1 or 3), not two.
+        products).
 
     Returns:
       (pooled [B, H/2, W/2, F] in dtype, batch mean [F], batch variance [F]).
     """
     out, _ = _first_layer_train_fwd(
-        x, kernel, scale, bias, downsampling, conv, dtype, interpret, grad_shape, passes,
-        one_pass,
-    )  # fmt: skip
+        x, kernel, scale, bias, downsampling, conv, dtype, interpret, grad_shape, passes
+    )
     return out
 
 
 def _first_layer_train_fwd(
-    x, kernel, scale, bias, downsampling, conv, dtype, interpret, _, passes, one_pass
+    x, kernel, scale, bias, downsampling, conv, dtype, interpret, _, passes
 ):  # fmt: skip
-    if one_pass and not passes:
-        raise ValueError("first_layer_train: one_pass takes passes 1 or 3 (TF32 products)")
     x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
 
     def xla(x, kernel):
@@ -319,15 +316,14 @@ def _first_layer_train_fwd(
 
 
 def _first_layer_train_bwd(
-    downsampling, conv, dtype, interpret, grad_shape, passes, one_pass, residuals, cotangents
+    downsampling, conv, dtype, interpret, grad_shape, passes, residuals, cotangents
 ):  # fmt: skip
     """The reference's gradients, written out so that no full-resolution value is stored:
     BatchNorm's backward needs only two sums per channel, Σ g_y and Σ z·g_y (y the
     normalized conv z, g_y its gradient), and the kernel's gradient is Σ x_shifted · g_z
     with g_z = mul·g_y + c0 + c1·z (c0, c1 from the statistics' own gradient). On CUDA
-    Triton kernels compute both from x and the pooled gradient, in two passes or, with
-    `one_pass`, in one; elsewhere XLA fuses each full-resolution value into the reduction
-    that reads it."""
+    Triton kernels compute both from x and the pooled gradient; elsewhere XLA fuses each
+    full-resolution value into the reduction that reads it."""
     x, kernel, scale, bias, mean, mean_sq = residuals
     g_pooled, g_mean, g_var = cotangents
     x32, k32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
@@ -372,42 +368,21 @@ def _first_layer_train_bwd(
     )  # fmt: skip
     options = dict(zip(("rows", "block", "warps"), grad_shape, strict=False))
     mul_shift_mean = jnp.stack([mul, shift, mean])
-    if one_pass:  # the sums and the kernel gradient's parts, combined once summed
 
-        def backward(*args):
-            return first_layer_grad.backward_gpu(
-                *args, downsampling, interpret, passes=passes, **options
-            )
-
-        def combined(out):
-            sums, parts = out
-            _, _, c0, c1 = coefficients_of(*sums)
-            return sums, first_layer_grad.combine(parts, k32, mul, c0 + c1 * mean, c1)
-
-        def xla_backward(x, kernel, mul_shift_mean, g):
-            sums = xla_sums(x, kernel, mul_shift_mean, g)
-            return sums, xla_kernel_grad(x, kernel, coefficients_of(*sums), g)
-
-        (sum_g, centred), g_kernel = kernels(
-            backward, xla_backward, x32, k32, mul_shift_mean, g_pooled, then=combined
+    def sums(x, kernel, mul_shift_mean, g):
+        sum_g, sum_zg = first_layer_grad.backward_sums_gpu(
+            x, kernel, mul_shift_mean[:2], g, downsampling, interpret, passes
         )
-        coefficients = coefficients_of(sum_g, centred)
-    else:
+        return jnp.stack([sum_g, sum_zg - mul_shift_mean[2] * sum_g])
 
-        def sums(x, kernel, mul_shift_mean, g):
-            sum_g, sum_zg = first_layer_grad.backward_sums_gpu(
-                x, kernel, mul_shift_mean[:2], g, downsampling, interpret, passes
-            )
-            return jnp.stack([sum_g, sum_zg - mul_shift_mean[2] * sum_g])
+    def grad(*args):
+        return first_layer_grad.kernel_grad_gpu(
+            *args, downsampling, interpret, passes=passes, **options
+        )
 
-        def grad(*args):
-            return first_layer_grad.kernel_grad_gpu(
-                *args, downsampling, interpret, passes=passes, **options
-            )
-
-        sum_g, centred = kernels(sums, xla_sums, x32, k32, mul_shift_mean, g_pooled)
-        coefficients = coefficients_of(sum_g, centred)
-        g_kernel = kernels(grad, xla_kernel_grad, x32, k32, coefficients, g_pooled)
+    sum_g, centred = kernels(sums, xla_sums, x32, k32, mul_shift_mean, g_pooled)
+    coefficients = coefficients_of(sum_g, centred)
+    g_kernel = kernels(grad, xla_kernel_grad, x32, k32, coefficients, g_pooled)
     g_scale, g_bias = r * centred, sum_g
     # The images' gradient (training never asks for it, so XLA drops it): XLA's.
     z, g_y = xla_grad_y(x32, k32, mul, shift, g_pooled)
@@ -419,12 +394,10 @@ def _first_layer_train_bwd(
 first_layer_train.defvjp(_first_layer_train_fwd, _first_layer_train_bwd)
 
 
-def _first_layer_of(x, scale, bias, *, kernel, downsampling, conv, dtype, passes, one_pass):
+def _first_layer_of(x, scale, bias, *, kernel, downsampling, conv, dtype, passes):
     """`first_layer_train` as `BatchNorm`'s `layer` function: (x, scale, bias) → (y, mean,
     var)."""
-    return first_layer_train(
-        x, kernel, scale, bias, downsampling, conv, dtype, False, (), passes, one_pass
-    )
+    return first_layer_train(x, kernel, scale, bias, downsampling, conv, dtype, False, (), passes)
 
 
 def xla_pooled_conv(
@@ -562,10 +535,6 @@ TRAIN_FIRST_LAYER_PLATFORMS = ("cuda",)
 # products on tensor cores (float32 to ~3e-6 of the largest value); 0, float32
 # multiply-adds (run 6: 743 steps/s against 840, with the forward below)...
 TRAIN_FIRST_LAYER_PASSES = 3
-# Whether its backward's sums and kernel gradient are one kernel (`first_layer_grad.
-# backward_gpu`: x read once, not twice; twice the products) or two. A candidate: on an
-# H200 (run 7) the step 1.02–1.03× faster with it, the layer alone 16 % slower.
-TRAIN_FIRST_LAYER_ONE_PASS = False
 # ...and the forward's (`fused_first_layer`'s form and warps): the 4×4 windows' matrix
 # times the window weights, three TF32 products (inference keeps its own form: at batch
 # 512 this one was no faster there).
@@ -654,7 +623,7 @@ class Regressor(nn.Module):
                 fused = functools.partial(
                     _first_layer_of, kernel=kernel, downsampling=cfg.downsampling,
                     conv=train_first_layer_conv, dtype=cfg.compute_dtype or jnp.float32,
-                    passes=TRAIN_FIRST_LAYER_PASSES, one_pass=TRAIN_FIRST_LAYER_ONE_PASS,
+                    passes=TRAIN_FIRST_LAYER_PASSES,
                 )  # fmt: skip
                 bn = BatchNorm(
                     use_running_average=False, momentum=cfg.bn_momentum, epsilon=BN_EPSILON,
@@ -793,36 +762,9 @@ def transform(config: DIRNetConfig, grid: jax.Array, moving: jax.Array) -> Regis
     return Registration(warped, displacement, grid)
 
 
-# Whether inference computes the B-spline field and the warp as one Triton kernel on CUDA
-# where it takes the shape (`spline_warp`): a candidate, untimed (sm_90a issue floor
-# 0.09 ms at 256², batch 512, against XLA's 0.28 ms for the same in run 7's profile).
-INFER_SPLINE_WARP = False
-SPLINE_ORDERS = {"cubic": 3, "quadratic": 2}
-
-
-def field_and_warp(
-    config: DIRNetConfig, grid: jax.Array, moving: jax.Array, interpret: bool = False
-) -> Registration:
-    """`transform` for the B-spline transformers: on CUDA GPUs `spline_warp`'s kernel where
-    it takes the shape (`interpret`: in Pallas' interpreter everywhere, the tests), XLA's
-    `transform` elsewhere."""
-
-    def xla(grid, moving):
-        registration = transform(config, grid, moving)
-        return registration.warped, registration.displacement
-
-    gpu = functools.partial(spline_warp.field_and_warp_gpu, order=SPLINE_ORDERS[config.transformer],
-                            mode=config.boundary, interpret=interpret)  # fmt: skip
-    taken = spline_warp.applies(moving.shape, grid.shape)
-    warped, displacement = cuda_or_xla(gpu, xla, grid, moving, taken=taken, interpret=interpret)
-    return Registration(warped, displacement, grid)
-
-
 def _infer(config: DIRNetConfig, folded: Any, fixed: jax.Array, moving: jax.Array) -> Registration:
     """Inference with variables from `fold_batchnorm`."""
     grid = Regressor(config, folded=True).apply(folded, fixed, moving, train=False)
-    if INFER_SPLINE_WARP and config.transformer in SPLINE_ORDERS:
-        return field_and_warp(config, grid, moving)
     return transform(config, grid, moving)
 
 

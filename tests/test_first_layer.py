@@ -68,7 +68,7 @@ def test_every_form_of_the_kernel_is_conv_elu_pool(rng, form, expm1):
 
 @pytest.mark.parametrize("channels,form,downsampling", [(1, "dot1", "avg"), (2, "dot", "max")])
 def test_pair_kernel_is_the_layer_of_the_stacked_pair(rng, channels, form, downsampling):
-    # The pair read as two images (`conv_elu_pool2_pair_gpu`, a candidate) against the
+    # The pair read as two images (`conv_elu_pool2_pair_gpu`, the default) against the
     # layer of their stacked copy; fixed's channels first, as `models.stack_channels`.
     fixed, moving = (jnp.asarray(rng.normal(size=(2, 8, 32, channels)), jnp.float32)
                      for _ in "fm")  # fmt: skip
@@ -88,20 +88,20 @@ def test_pair_kernel_is_the_layer_of_the_stacked_pair(rng, channels, form, downs
 
 
 def test_register_reading_the_pair_registers_alike():
-    # INFER_FIRST_LAYER_PAIR (a candidate): the same registration as from the stacked
-    # pair, the kernel interpreted off a GPU; lowered for CUDA, still one kernel.
+    # INFER_FIRST_LAYER_PAIR (the default since run 8): the same registration as from the
+    # stacked pair, the kernel interpreted off a GPU; lowered for CUDA, still one kernel.
     config = DIRNetConfig(image_shape=(64, 64), num_downsamplings=2)
     variables, pairs = registering(config)
-    with core.fresh_traces():  # register's traces are cached by config: none reused
-        default = models.register(config, variables, *pairs)
-    assert float(jnp.abs(default.grid).max()) > 0.5  # the first layer matters to it
+    # register's traces are cached by config: none reused
+    with core.swapped("INFER_FIRST_LAYER_PAIR", False), core.fresh_traces():
+        stacked = models.register(config, variables, *pairs)
+    assert float(jnp.abs(stacked.grid).max()) > 0.5  # the first layer matters to it
     interpreted = functools.partial(models.fused_first_layer_pair, interpret=not ON_GPU)
-    swaps = {"INFER_FIRST_LAYER_PAIR": True, "fused_first_layer_pair": interpreted}
-    with core.swapped_all(swaps), core.fresh_traces():
+    with core.swapped("fused_first_layer_pair", interpreted), core.fresh_traces():
         got = models.register(config, variables, *pairs)
-    np.testing.assert_allclose(got.grid, default.grid, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got.warped, default.warped, rtol=1e-5, atol=1e-5)
-    with core.swapped("INFER_FIRST_LAYER_PAIR", True), core.fresh_traces():
+    np.testing.assert_allclose(got.grid, stacked.grid, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.warped, stacked.warped, rtol=1e-5, atol=1e-5)
+    with core.fresh_traces():
         cuda = models.register.trace(config, variables, *pairs).lower(lowering_platforms=("cuda",))
     assert cuda.as_text().count("xla.gpu.triton") == 1
 

@@ -361,19 +361,14 @@ def test_training_takes_the_first_layer_at_once_on_gpus_in_float32(
 
 
 @pytest.mark.parametrize("downsampling", ["avg", "max"])
-@pytest.mark.parametrize(
-    "kernels,passes,one_pass",
-    [(False, 0, False), (True, 0, False), (True, 3, False), (True, 3, True), (False, 3, True)],
-)
-def test_first_layer_train_gradients_are_the_reference_layers(
-    rng, downsampling, kernels, passes, one_pass
-):
+@pytest.mark.parametrize("kernels,passes", [(False, 0), (True, 0), (True, 3), (False, 3)])
+def test_first_layer_train_gradients_are_the_reference_layers(rng, downsampling, kernels, passes):
     # The backward written out (two sums per channel) against autodiff of the layer as the
     # regressor computes it unfused, with cotangents on the batch statistics too (they
     # are zero in training, where only the running averages read them). `kernels`: the
     # sums and the kernel's gradient by first_layer_grad's kernels (interpreted here),
-    # by float32 multiply-adds (passes 0) or products of the window matrix (3), in two
-    # kernels or one (`one_pass`; off CUDA without `kernels`, XLA's path in its place).
+    # by float32 multiply-adds (passes 0) or products of the window matrix (3); without
+    # `kernels`, XLA's path in their place off CUDA.
     x = jnp.asarray(rng.uniform(size=(3, 16, 32, 2)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 16)) * 0.5, jnp.float32)
     scale = jnp.asarray(rng.uniform(0.5, 2, 16), jnp.float32)
@@ -383,7 +378,7 @@ def test_first_layer_train_gradients_are_the_reference_layers(
     args = (x, kernel, scale, bias)
     fused = functools.partial(
         models.first_layer_train, downsampling=downsampling, conv=conv_taps,
-        dtype=jnp.float32, interpret=kernels, passes=passes, one_pass=one_pass,
+        dtype=jnp.float32, interpret=kernels, passes=passes,
     )  # fmt: skip
     reference = functools.partial(
         models._first_layer_reference, downsampling=downsampling, conv=conv_taps,

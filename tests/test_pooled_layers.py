@@ -1,4 +1,4 @@
-"""The later layers' Triton kernel (a candidate, not yet the default): Pallas' interpreter
+"""The later layers' Triton kernel (registration's 128² layer on CUDA): Pallas' interpreter
 on any backend, the compiled kernel on a GPU, against XLA's convolution at full precision,
 ELU and pooling; and the whole DIRNet with it swapped in."""
 

@@ -202,18 +202,12 @@ def _training(dtype="float32"):
     return params, state, batch, loss_and_grads
 
 
-@pytest.mark.parametrize(
-    "first_layer_at_once,split,one_pass",
-    [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
-)
-def test_dirnet_trains_alike_with_the_kernels(
-    interpreted, monkeypatch, first_layer_at_once, split, one_pass
-):
+@pytest.mark.parametrize("first_layer_at_once,split", [(False, False), (True, False), (True, True)])
+def test_dirnet_trains_alike_with_the_kernels(interpreted, monkeypatch, first_layer_at_once, split):
     # Float32 training with the kernels (the default), and with the first layer at once
     # (`baseline-fusedfirst`), against XLA's convolutions (DIRNET_TRAIN_CONV=xla). `split`:
     # every kernel inside a shard_map, as over several devices (`dispatch.split_over`;
-    # here over one, so that a GPU compiles and runs them so). `one_pass`: the first
-    # layer's backward by one kernel (TRAIN_FIRST_LAYER_ONE_PASS, a candidate).
+    # here over one, so that a GPU compiles and runs them so).
     params, state, batch, loss_and_grads = _training()
 
     with core.environment("DIRNET_TRAIN_CONV", "xla"):
@@ -222,7 +216,6 @@ def test_dirnet_trains_alike_with_the_kernels(
     monkeypatch.setattr(
         models, "train_first_layer_conv", interpreted if first_layer_at_once else None
     )
-    monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_ONE_PASS", one_pass)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     over = NamedSharding(mesh, PartitionSpec("data"))
     with dispatch.split_over(over) if split else contextlib.nullcontext():
@@ -268,8 +261,6 @@ KERNELS = {
     # The same with float32 multiply-adds in the first layer, and with the taps form.
     "passes0": 4 + 3,
     "taps": 4 + 3,
-    # The first layer's backward in one kernel, not two.
-    "onepass": 3 + 3,
     # The first layer layer by layer: the first conv's kernel gradient.
     "layerfirst": 1 + 3,
     # bfloat16: the later convs and the first conv's kernel gradient (the first layer
@@ -289,7 +280,6 @@ def test_training_lowers_the_kernels_for_cuda_only(case, monkeypatch):
         "passes0": {"TRAIN_FIRST_LAYER_PASSES": 0, "TRAIN_FIRST_LAYER_FORWARD": ()},
         "taps": {"TRAIN_CONV_FORM": "taps"},
         "layerfirst": {"train_first_layer_conv": None},
-        "onepass": {"TRAIN_FIRST_LAYER_ONE_PASS": True},
     }.get(case, {})  # fmt: skip
     train_conv_env = "xla" if case == "off" else ""
     with core.swapped_all(swaps), core.environment("DIRNET_TRAIN_CONV", train_conv_env):
