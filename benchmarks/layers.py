@@ -18,15 +18,14 @@ XLA's convolution and gradients (cuDNN), with one TF32 product per tap and with 
 at `--size`; what trains when the first layer is layer by layer): XLA's kernel gradient
 (cuDNN's) against `train_conv.taps_kernel_grad_gpu`. `--layer=train1bn`, the first layer
 with its BatchNorm, ELU and pooling: layer by layer against at once
-(`models.first_layer_train`, as training runs it on CUDA).
-`--size` is the image size (the second layer's input is
-half of it). Rows: each implementation's median time per call, the bandwidth that time
-implies for the bytes a perfect kernel moves (the input read once, the pooled output
-written once), and the largest difference from XLA's version. Triton first-layer rows are
-named by the kernel's form, rows and warps per program, and ELU's expm1 ("exp": as exp −
-1; "exp2": by exp2; "no expm1": left out, wrong values on purpose, to show what it
-costs). "copy" reads and writes the input once (its own bytes): the bandwidth ceiling.
-Off a GPU the Triton rows run in Pallas' interpreter.
+(`models.first_layer_train`, as training runs it on CUDA). `--size` is the image size (the
+second layer's input is half of it). Rows: each implementation's median time per call, the
+bandwidth that time implies for the bytes a perfect kernel moves (the input read once, the
+pooled output written once), and the largest difference from XLA's version. Triton
+first-layer rows are named by the kernel's form, rows and warps per program, and ELU's
+expm1 ("exp": as exp − 1; "exp2": by exp2; "no expm1": left out, wrong values on purpose,
+to show what it costs). "copy" reads and writes the input once (its own bytes): the
+bandwidth ceiling. Off a GPU the Triton rows run in Pallas' interpreter.
 """
 
 from __future__ import annotations
