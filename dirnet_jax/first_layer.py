@@ -80,6 +80,20 @@ def applies(
     )
 
 
+def pair_applies(
+    image_shape: tuple[int, ...], features: int, downsampling: str, form: str = FORM
+) -> bool:
+    """Whether `conv_elu_pool2_pair_gpu` takes a pair of images of this shape ([B, H, W, C]
+    each): a window-matrix form (DOT_FORMS), a power of two of channels per image, and a
+    stacked pair that `applies` takes."""
+    stacked = (*image_shape[:-1], 2 * image_shape[-1])
+    return (
+        form in DOT_FORMS
+        and power_of_two(image_shape[-1])
+        and applies(stacked, features, downsampling, form=form)
+    )
+
+
 def power_of_two(n: int, least: int = 1) -> bool:
     """Whether n is a power of two of at least `least` (a size Triton's blocks take)."""
     return n >= least and n & (n - 1) == 0
@@ -390,10 +404,9 @@ def conv_elu_pool2_pair_gpu(
     """
     if form not in DOT_FORMS:
         raise ValueError(f"conv_elu_pool2_pair_gpu takes the forms {DOT_FORMS}, not {form!r}")
-    stacked = (*fixed.shape[:-1], 2 * fixed.shape[-1])
-    if fixed.shape != moving.shape or kernel.shape[2] != stacked[-1]:
+    if fixed.shape != moving.shape or kernel.shape[2] != 2 * fixed.shape[-1]:
         raise ValueError(f"a pair {fixed.shape}, {moving.shape} for a kernel {kernel.shape}")
-    if not power_of_two(fixed.shape[-1]) or not applies(stacked, kernel.shape[-1], downsampling):
+    if not pair_applies(fixed.shape, kernel.shape[-1], downsampling, form):
         raise ValueError(
             f"conv_elu_pool2_pair_gpu does not take {fixed.shape} → {kernel.shape[-1]}"
         )

@@ -229,12 +229,7 @@ def fused_first_layer_pair(
     gpu = functools.partial(first_layer.conv_elu_pool2_pair_gpu, downsampling=downsampling,
                             out_dtype=dtype, num_warps=num_warps, form=form,
                             interpret=interpret)  # fmt: skip
-    stacked = (*fixed.shape[:-1], 2 * fixed.shape[-1])
-    taken = (
-        form in first_layer.DOT_FORMS
-        and first_layer.power_of_two(fixed.shape[-1])
-        and first_layer.applies(stacked, kernel.shape[-1], downsampling, form=form)
-    )
+    taken = first_layer.pair_applies(fixed.shape, kernel.shape[-1], downsampling, form)
     return cuda_or_xla(gpu, xla, fixed, moving, kernel, bias, taken=taken, interpret=interpret)
 
 

@@ -87,6 +87,21 @@ def test_pair_kernel_is_the_layer_of_the_stacked_pair(rng, channels, form, downs
         first_layer.conv_elu_pool2_pair_gpu(fixed, moving[..., :1, :], kernel, bias, "avg")
 
 
+def test_pair_kernel_takes_what_its_dispatch_says():
+    # `pair_applies` is the one rule for both: models.fused_first_layer_pair dispatches by it,
+    # conv_elu_pool2_pair_gpu refuses what it does not take.
+    assert first_layer.pair_applies((2, 8, 32, 1), 16, "avg", "dot1")
+    assert first_layer.pair_applies((2, 8, 32, 2), 16, "max", "dot")
+    assert not first_layer.pair_applies((2, 8, 32, 1), 16, "avg", "broadcast")
+    assert not first_layer.pair_applies((2, 8, 32, 3), 16, "avg", "dot")  # 3 channels
+    assert not first_layer.pair_applies((2, 8, 28, 1), 16, "avg", "dot1")  # half width 14
+    assert not first_layer.pair_applies((2, 8, 32, 1), 16, "strided", "dot1")
+    pair = jnp.zeros((1, 8, 28, 1))
+    with pytest.raises(ValueError, match="does not take"):
+        first_layer.conv_elu_pool2_pair_gpu(pair, pair, jnp.zeros((3, 3, 2, 16)),
+                                            jnp.zeros(16), "avg", form="dot1")  # fmt: skip
+
+
 def test_register_reading_the_pair_registers_alike():
     # INFER_FIRST_LAYER_PAIR (the default since run 8): the same registration as from the
     # stacked pair, the kernel interpreted off a GPU; lowered for CUDA, still one kernel.
