@@ -258,13 +258,6 @@ def pool_wide(convs, bias, pool, expm1):
     return jnp.sum(y, axis=1) / 4 if pool == "avg" else jnp.max(y, axis=1)
 
 
-def window_convs(window, split, wb_ref, ws_ref, interpret):
-    """The conv at the four pooling positions from the window matrix [tw, 16·Cin]
-    (`window_gather`) and its TF32 split (three products) or None (one), times the window
-    weights split (`window_weights`, `tf32.tf32_split`): 4 × [tw, F]."""
-    return [tf32_dot(window, split, wb_ref[p, :, :], ws_ref[p, :, :], interpret) for p in range(4)]
-
-
 def padded_pairs(x: jax.Array) -> jax.Array:
     """[B, H, W, C] zero-padded by 2 as row and column pairs: [B, H/2 + 2, 2, W/2 + 2, 2, C]
     (the layout the kernels read; see the module's docstring)."""

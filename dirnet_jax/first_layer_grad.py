@@ -108,7 +108,9 @@ def _conv_window(x_ref, w_refs, b, r, tw, cin, passes, interpret, start=0):
     c = jax.lax.broadcasted_iota(jnp.int32, (tw, 1), 0) + start
     window = first_layer.window_gather(x_ref, b, 2 * r - 1, c, 4, interpret)
     split = tf32_split(window) if passes == 3 else None
-    return first_layer.window_convs(window, split, *w_refs, interpret), (window, split)
+    wb_ref, ws_ref = w_refs  # `first_layer.window_weights` [4, 16·Cin, F], split
+    convs = [tf32_dot(window, split, wb_ref[p], ws_ref[p], interpret) for p in range(4)]
+    return convs, (window, split)
 
 
 def _grad_y(z, mul, shift, g, pool):
