@@ -120,7 +120,9 @@ def stop_requests() -> Iterator[Callable[[], int | None]]:
     and agrees with the others on a question at which all of them stop (JAX's
     `reached_preemption_sync_point`); SIGINT there ends the processes as usual. With one
     process SIGTERM and SIGINT are caught here (in the main thread), and a second one of
-    the same kind acts at once, as it would without this.
+    the same kind acts at once, as it would without this. A signal the process ignores
+    stays ignored: a shell starts a background job (``cmd &`` in a script, no job
+    control) with SIGINT ignored, so that a Ctrl-C meant for the script spares it.
     """
     if _distributed():
         yield lambda: signal.SIGTERM if ocp.multihost.reached_preemption(next(_sync_ids)) else None
@@ -136,7 +138,8 @@ def stop_requests() -> Iterator[Callable[[], int | None]]:
         caught.append(signum)
 
     # A handler that C code installed (getsignal: None) cannot be put back: leave it.
-    kinds = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is not None]
+    ours = (signal.SIGTERM, signal.SIGINT)
+    kinds = [s for s in ours if signal.getsignal(s) not in (None, signal.SIG_IGN)]
     previous = {s: signal.signal(s, handler) for s in kinds}
     try:
         yield lambda: caught[0] if caught else None

@@ -147,3 +147,21 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
     assert len(steps) == 1  # the same step on both: one whole checkpoint
     config = wd.load_config(work / "digit_3")
     assert train.checkpoint_manager(work / "digit_3", config).latest_step() == steps.pop()
+
+
+@pytest.mark.parametrize("handler", [signal.default_int_handler, signal.SIG_IGN])
+def test_stop_requests_catches_ctrl_c_unless_ignored(handler):
+    """Caught where Python would raise KeyboardInterrupt, and Python's handler put back
+    for a second one; left ignored where the process ignores it (a background job's)."""
+    before = signal.signal(signal.SIGINT, handler)
+    try:
+        ignored = handler is signal.SIG_IGN
+        with hosts.stop_requests() as requested:
+            assert (signal.getsignal(signal.SIGINT) is handler) == ignored
+            assert requested() is None
+            signal.raise_signal(signal.SIGINT)
+            assert requested() == (None if ignored else signal.SIGINT)
+            assert signal.getsignal(signal.SIGINT) is handler  # a second one acts at once
+        assert signal.getsignal(signal.SIGINT) is handler
+    finally:
+        signal.signal(signal.SIGINT, before)
