@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -83,11 +84,16 @@ class DIRNetConfig:
                 f"image_shape {self.image_shape} is not divisible by 2**num_downsamplings = "
                 f"{factor}"
             )
-        for name in ("features", "channels", "batch_size", "num_steps", "log_every"):
+        counts = ("features", "channels", "dense_features", "batch_size", "num_steps",
+                  "log_every", "checkpoint_every", "max_checkpoints", "num_val_pairs")  # fmt: skip
+        for name in counts:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be ≥ 1, got {self.checkpoint_every}")
+        # Every comparison with NaN is false, so these refuse NaN too.
+        if not (0 <= self.learning_rate < math.inf):
+            raise ValueError(f"learning_rate must be finite and ≥ 0, got {self.learning_rate}")
+        if not (0 <= self.bn_momentum <= 1):
+            raise ValueError(f"bn_momentum must be in [0, 1], got {self.bn_momentum}")
 
     @property
     def ndim(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +26,10 @@ def define_run_flags(*, workdir: str, iterations: int | None, checkpoint_every: 
     flags.DEFINE_string("data_dir", str(REPO_DATA), "TFDS data directory for prepared datasets.")
     flags.DEFINE_integer("iterations", iterations, "Training iterations.", lower_bound=1)
     flags.DEFINE_integer("batch_size", 32, "Pairs per training batch.", lower_bound=1)
-    flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.", lower_bound=0)
+    flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
+    flags.register_validator(  # lower_bound would let nan through
+        "learning_rate", lambda r: 0 <= r < math.inf, "--learning_rate is finite and ≥ 0"
+    )
     flags.DEFINE_integer("seed", 0, "Seed of initialisation and pair sampling.")
     flags.DEFINE_integer("log_every", 100, "Iterations between validation losses.", lower_bound=1)
     flags.DEFINE_integer(
@@ -80,7 +84,7 @@ def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
         try:
             paths = run(FLAGS)
         except (
-            FileNotFoundError,
+            OSError,  # a work directory that is a file, or not writable; a full disk
             ValueError,
             FloatingPointError,
             ImportError,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from dirnet_jax import train
 from dirnet_jax import workdir as wd
 from experiments import mnist as experiment
 from tests.test_mnist_data import write_standin
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,8 @@ def test_test_pairs_exclude_the_fixed_image():
             ["--mnist_pickle=/nonexistent/mnist.pkl.gz"],
             "error: MNIST source /nonexistent/mnist.pkl.gz does not exist",
         ),
+        (["--learning_rate=nan"], "--learning_rate is finite and ≥ 0"),
+        (["--workdir=README.md"], "error: [Errno 17] File exists: 'README.md'"),
     ],
 )
 def test_bad_flags_exit_nonzero_with_one_line(tmp_path, flags, message):
@@ -109,9 +114,11 @@ def test_bad_flags_exit_nonzero_with_one_line(tmp_path, flags, message):
         f"--data_dir={tmp_path}/d",
         *flags,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode != 0
     assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no file written
 
 
 def wait_for_training(run, procs, timeout=120.0):

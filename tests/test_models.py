@@ -127,6 +127,16 @@ def test_config_validation():
         DIRNetConfig(num_downsamplings=0)
     with pytest.raises(ValueError, match="compute_dtype='float16'"):
         DIRNetConfig(compute_dtype="float16")
+    for rate in (float("nan"), float("inf"), -1e-3):
+        with pytest.raises(ValueError, match="learning_rate must be finite and ≥ 0"):
+            DIRNetConfig(learning_rate=rate)
+    assert DIRNetConfig(learning_rate=0.0).learning_rate == 0  # a run that only evaluates
+    for momentum in (float("nan"), -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"bn_momentum must be in \[0, 1\]"):
+            DIRNetConfig(bn_momentum=momentum)
+    for name in ("max_checkpoints", "num_val_pairs", "dense_features"):
+        with pytest.raises(ValueError, match=f"{name} must be ≥ 1, got 0"):
+            DIRNetConfig(**{name: 0})
 
 
 def test_register_traces_once_per_shape(rng):
