@@ -298,6 +298,10 @@ def run(
     preset_name = args.preset if preset is None else "custom"
     preset = preset or PRESETS[args.preset]
     root = Path(args.workdir)
+    evaluated = [*root.glob("*/evaluation.json"), *root.glob("*/*/evaluation.json")]
+    if args.summarize and not evaluated:  # before the data are prepared
+        raise ValueError(f"--summarize: no evaluated run in {root} (<variant>/evaluation.json, "
+                         "there or one folder down)")  # fmt: skip
     root.mkdir(parents=True, exist_ok=True)
     data_key, raw = data_source(args, spec, scd_size)
     data = data_key.split(":")[0]  # phantom | scd

@@ -91,6 +91,13 @@ def test_sweep_of_seeds_is_summarized_over_runs(tmp_path):
     assert "| SimpleElastix | 1 |" in table
 
 
+def test_summarize_without_runs_is_one_line_and_prepares_nothing(tmp_path):
+    args = args_for(tmp_path, workdir=str(tmp_path / "typo"), summarize=True)
+    with pytest.raises(ValueError, match=f"--summarize: no evaluated run in {tmp_path}/typo"):
+        experiment.run(args, preset=TINY, spec=SPEC)
+    assert list(tmp_path.iterdir()) == []  # neither the work directory nor the data
+
+
 def test_in_memory_cohort_is_the_prepared_one(tmp_path):
     key, raw = experiment.data_source(args_for(tmp_path), SPEC, 256)
     key_mem, raw_mem = experiment.data_source(args_for(tmp_path, in_memory=True), SPEC, 256)
