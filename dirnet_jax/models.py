@@ -409,6 +409,11 @@ def xla_pooled_conv(
 # cuDNN's; the kernel on every layer 160,300 (the narrower layers were slower than
 # cuDNN's in run 5); benchmarks/NOTES.md, run 6.
 POOLED_KERNEL_MIN_WIDTH = 128
+# The compute dtypes whose layers `pooled_conv` gives the kernel (it reads bfloat16 as it
+# is, its sums in float32, and writes the layer's dtype). bfloat16 keeps cuDNN's until a
+# lease times it (`baseline-bf16pool` against `baseline-bf16`; at batch 512 bfloat16 with
+# cuDNN's 128² layer was 186,200 pairs/s against float32's 190,400 with the kernel, run 8).
+INFER_POOLED_DTYPES = ("float32",)
 
 
 def pooled_conv(
@@ -420,9 +425,10 @@ def pooled_conv(
     interpret: bool = False,
 ) -> jax.Array:
     """`xla_pooled_conv`, on CUDA GPUs by the Triton kernel of `dirnet_jax.pooled_layers`
-    where it takes the layer and the input is at least POOLED_KERNEL_MIN_WIDTH wide (one
-    TF32 product per tap: the precision of XLA's convolution at default precision).
-    `interpret`: the kernel on every backend, in Pallas' interpreter (the tests)."""
+    where it takes the layer, the input is at least POOLED_KERNEL_MIN_WIDTH wide and in
+    `dtype`, one of INFER_POOLED_DTYPES (one TF32 product per tap: the precision of XLA's
+    convolution at default precision). `interpret`: the kernel on every backend, in
+    Pallas' interpreter (the tests)."""
 
     def xla(x, kernel, bias):
         return xla_pooled_conv(x, kernel, bias, downsampling, dtype)
@@ -432,8 +438,8 @@ def pooled_conv(
     taken = (
         pooled_layers.applies(x.shape, kernel.shape[-1], downsampling)
         and x.shape[2] >= POOLED_KERNEL_MIN_WIDTH
-        and x.dtype == jnp.float32
-        and jnp.dtype(dtype) == jnp.float32
+        and x.dtype == jnp.dtype(dtype)
+        and jnp.dtype(dtype).name in INFER_POOLED_DTYPES
     )
     return cuda_or_xla(gpu, xla, x, kernel, bias, taken=taken, interpret=interpret)
 

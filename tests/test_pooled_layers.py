@@ -105,13 +105,46 @@ def test_dirnet_with_the_kernel_registers_alike(monkeypatch):
     np.testing.assert_allclose(kernel.warped, default.warped, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("min_width,kernels", [(128, 1 + 1), (0, 1 + 3)])
-def test_registration_lowers_the_kernel_for_cuda_only(monkeypatch, min_width, kernels):
+def test_bfloat16_dirnet_with_the_kernel_is_as_close_to_float32_as_xlas(monkeypatch):
+    # The candidate `baseline-bf16pool` times: bfloat16 activations into the kernel, read as
+    # they are, its sums in float32, its output rounded to bfloat16 as XLA's layer is.
+    variables, pairs = registering(CONFIG)
+    full = models.register(CONFIG, variables, *pairs)
+    half = CONFIG.replace(compute_dtype="bfloat16")
+    xla = models.register(half, variables, *pairs)
+    monkeypatch.setattr(models, "POOLED_KERNEL_MIN_WIDTH", 0)
+    monkeypatch.setattr(models, "INFER_POOLED_DTYPES", ("float32", "bfloat16"))
+    interpreted = functools.partial(models.pooled_conv, interpret=not ON_GPU)
+    with core.swapped("pooled_conv", interpreted):
+        kernel = models.register(half.replace(seed=8), variables, *pairs)
+    errors = [float(jnp.abs(r.grid - full.grid).max()) for r in (xla, kernel)]
+    largest = float(jnp.abs(full.grid).max())
+    assert 1e-5 * largest < errors[0] < 0.05 * largest  # bfloat16, and close
+    assert errors[1] < 1.5 * errors[0], errors
+    np.testing.assert_allclose(kernel.warped, full.warped, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "min_width,dtypes,compute_dtype,kernels",
+    [
+        (128, ("float32",), "float32", 1 + 1),
+        (0, ("float32",), "float32", 1 + 3),
+        (128, ("float32",), "bfloat16", 1),  # cuDNN's 128² layer in bfloat16, by default
+        (128, ("float32", "bfloat16"), "bfloat16", 1 + 1),
+    ],
+)
+def test_registration_lowers_the_kernel_for_cuda_only(
+    monkeypatch, min_width, dtypes, compute_dtype, kernels
+):
     # 256² with four poolings: the first layer's kernel, then this one on the 128² layer
     # (inputs at least POOLED_KERNEL_MIN_WIDTH wide), or on the 128², 64² and 32² ones
-    # (the 16² layer's half width, 8, is too narrow).
+    # (the 16² layer's half width, 8, is too narrow); in the dtypes INFER_POOLED_DTYPES names.
     monkeypatch.setattr(models, "POOLED_KERNEL_MIN_WIDTH", min_width)
-    config = DIRNetConfig(image_shape=(256, 256), num_downsamplings=4, seed=9000 + min_width)
+    monkeypatch.setattr(models, "INFER_POOLED_DTYPES", dtypes)
+    config = DIRNetConfig(
+        image_shape=(256, 256), num_downsamplings=4, compute_dtype=compute_dtype,
+        seed=9000 + min_width + len(dtypes),
+    )  # fmt: skip
     variables = init_variables(config, jax.random.key(0))
     pair = jnp.zeros((1, 256, 256, 1), jnp.float32)
     traced = models.register.trace(config, variables, pair, pair)
