@@ -75,6 +75,8 @@ def load_model(workdir: str | Path) -> Model:
             raise RegistrationError(f"{workdir} has no checkpoint yet: train first")
         try:
             state = train.restore_latest(mngr, train.create_train_state(config))
+        except train.UnreadableCheckpoint as err:
+            raise RegistrationError(str(err)) from None
         except (ValueError, KeyError, TypeError) as err:
             reason = str(err).strip().splitlines()[0][:160]
             raise RegistrationError(

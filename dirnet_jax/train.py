@@ -275,17 +275,36 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
     }
 
 
+class UnreadableCheckpoint(ValueError):
+    """A committed checkpoint whose files cannot be read (damaged, or cut short by a copy)."""
+
+    def __init__(self, mngr: ocp.CheckpointManager, step: int, err: Exception):
+        earlier = [s for s in mngr.all_steps() if s < step]
+        where = mngr.directory / str(step)
+        then = f"to resume from step {max(earlier)}" if earlier else "to start again"
+        while (inner := err.__cause__ or err.__context__) is not None:
+            err = inner  # orbax's own words are a TensorStore spec; TensorStore's, the fault
+        reason = next(iter(str(err).strip().splitlines()), "")[:200]
+        super().__init__(
+            f"the checkpoint of step {step} cannot be read ({reason}); move {where} away {then}"
+        )
+
+
 def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
     """`state` with the newest checkpoint's contents, or unchanged when there is none.
 
     Raises ValueError naming the first model array that the checkpoint holds in another
-    shape (or not at all), before orbax tries to restore it.
+    shape (or not at all), before orbax tries to restore it; UnreadableCheckpoint where
+    orbax cannot read its files.
     """
     step = mngr.latest_step()
     if step is None:
         return state
     target = _checkpoint_tree(state)
-    stored = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(step) / "default")
+    try:
+        stored = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(step) / "default")
+    except Exception as err:  # orbax raises bare Exceptions for what TensorStore reports
+        raise UnreadableCheckpoint(mngr, step, err) from err
     # Adam's moments mirror the parameters; its state is keyed differently in the metadata.
     model = ("params", "batch_stats")
     have = _shapes({k: stored[k] for k in model if k in stored})
@@ -296,7 +315,10 @@ def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState
                 f"checkpoint step {step} holds {key} as {have.get(key, 'nothing')}, "
                 f"the config needs {want.get(key, 'nothing')}"
             )
-    restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+        restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as err:
+        raise UnreadableCheckpoint(mngr, step, err) from err
     return state.replace(**restored)
 
 

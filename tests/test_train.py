@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dirnet_jax import DIRNetConfig, train
+from dirnet_jax import DIRNetConfig, register, train
 from dirnet_jax import workdir as wd
 from dirnet_jax.losses import mse_loss
 from dirnet_jax.toy import shifted_blobs
@@ -110,6 +110,31 @@ def test_kill_minus_nine_then_rerun_resumes(tmp_path, pool):
     assert [r["step"] for r in wd.read_metrics(run)] == [10, 20, 30, 40]
     uninterrupted = train.fit(TOY, tmp_path / "uninterrupted", pool, progress=False)
     assert leaves_equal(resumed, uninterrupted)
+
+
+# orbax's reads still in flight when one failed end in coroutines nobody awaits.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_damaged_checkpoint_is_one_line_and_the_one_before_resumes(tmp_path, pool):
+    first = train.fit(TOY, tmp_path, pool, progress=False)  # checkpoints of 20 and 40
+    data = (tmp_path / "checkpoints" / "40" / "default" / "ocdbt.process_0" / "d").iterdir()
+    largest = max(data, key=lambda f: f.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:100])  # a copy cut short, a bad disk
+    longer = TOY.replace(num_steps=60)
+    message = (
+        r"the checkpoint of step 40 cannot be read \(OUT_OF_RANGE: .*\); "
+        f"move {tmp_path / 'checkpoints' / '40'} away to resume from step 20$"
+    )
+    with pytest.raises(train.UnreadableCheckpoint, match=message) as err:
+        train.fit(longer, tmp_path, pool, progress=False)
+    assert "\n" not in str(err.value)
+    with pytest.raises(register.RegistrationError, match=message):
+        register.load_model(tmp_path)
+    assert (tmp_path / "checkpoints" / "40").is_dir()  # nothing removed
+
+    (tmp_path / "checkpoints" / "40").rename(tmp_path / "damaged-40")  # as the message says
+    again = train.fit(TOY, tmp_path, pool, progress=False)
+    assert leaves_equal(again, first)  # steps 21–40 once more, from step 20
+    assert [r["step"] for r in wd.read_metrics(tmp_path)] == [10, 20, 30, 40]
 
 
 def signal_after_calls(monkeypatch, calls: int, signals: list[int]):
