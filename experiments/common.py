@@ -65,6 +65,20 @@ def config_overrides(args: flags.FlagValues) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
+def join_job(args: flags.FlagValues) -> None:
+    """`jax.distributed.initialize` with the flags' coordinator, process count and index
+    (None: found from the cluster's environment, SLURM's say); ValueError saying which
+    flags to give where JAX finds neither."""
+    try:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    except ValueError as err:
+        hint = ""
+        if args.coordinator_address is None:
+            hint = (" (outside a cluster JAX recognises, give --coordinator_address, "
+                    "--num_processes and --process_id)")  # fmt: skip
+        raise ValueError(f"--distributed: {err}{hint}") from None
+
+
 def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
     """absl entry point: run(FLAGS); one-line errors with exit code 1, a run stopped by a
     signal (`train.Interrupted`) with the shell's code for it; print the outputs."""
@@ -76,12 +90,10 @@ def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
         if not FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         compile_cache.use(FLAGS.compilation_cache)
-        if FLAGS.distributed:
-            jax.distributed.initialize(  # None: found from the cluster's environment
-                FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-            )
-            FLAGS.progress &= hosts.is_primary()  # one progress bar per job
         try:
+            if FLAGS.distributed:
+                join_job(FLAGS)
+                FLAGS.progress &= hosts.is_primary()  # one progress bar per job
             paths = run(FLAGS)
         except (
             OSError,  # a work directory that is a file, or not writable; a full disk

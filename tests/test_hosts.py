@@ -124,6 +124,25 @@ def test_cluster_flags_need_distributed():
     assert "--process_id need --distributed" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ([], "error: --distributed: coordinator_address should be defined. (outside a cluster"),
+        (["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"],
+         "error: --distributed: process_id and num_processes must be nonnegative, with "
+         "process_id < num_processes. Got process_id=2, num_processes=2.\n"),
+    ],
+)  # fmt: skip
+def test_distributed_without_a_job_is_one_line(tmp_path, flags, message):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))}
+    cmd = [sys.executable, "-m", "experiments.sunnybrook", "--distributed", *flags,
+           f"--workdir={tmp_path}/w"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "w").exists()
+
+
 def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
     write_standin(tmp_path / "mnist.pkl.gz", sizes=(200, 60, 60))
     work = tmp_path / "two"
