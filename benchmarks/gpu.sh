@@ -17,6 +17,9 @@
 #                                    # later by `python -m benchmarks.core --variants=…`
 #   bash benchmarks/gpu.sh profile   # top kernels: batch 512, a train step, one 256² pair,
 #                                    # their compiled programs in hlo.tar.gz (80)
+#   bash benchmarks/gpu.sh ncu       # Nsight Compute on our Triton kernels at batch 512 and
+#                                    # in a train step: throughput, occupancy, warp stalls,
+#                                    # memory (ncu_*.txt, ncu.tar.gz) (150)
 #   bash benchmarks/gpu.sh flags     # one pair, batch 512 and training under XLA flag sets:
 #                                    # CUDA graphs off; no Triton GEMMs; cuDNN runtime fusion
 #                                    # (conv + bias + ELU); graphs around loops, from one op (120)
@@ -24,7 +27,7 @@
 #   bash benchmarks/gpu.sh all       # tests, kernel, onepair, bench, profile (~8 min; flags
 #                                    # and train have been measured)
 #
-# Limits: TESTS_SECONDS, ONEPAIR_SECONDS, BENCH_SECONDS, PROFILE_SECONDS,
+# Limits: TESTS_SECONDS, ONEPAIR_SECONDS, BENCH_SECONDS, PROFILE_SECONDS, NCU_SECONDS,
 # FLAGS_SECONDS, TRAIN_SECONDS. BENCH_ARGS: more arguments for benchmarks.core (--sizes=256, say).
 # KERNEL_LAYERS: the layers `kernel` times (default: train1bn 1 2 train train1).
 # Results go to $OUT (default benchmarks/results/gpu): the tests' log, one JSON per tool
@@ -139,11 +142,37 @@ profile() {
   tar -czf "$OUT/hlo.tar.gz" -C $hlo .
 }
 
+ncu() {  # hardware counters need the Firecracker runtime (KINDS.md): gVisor refuses them
+  local tool end=$((SECONDS + ${NCU_SECONDS:-150})) dir=/tmp/ncu
+  tool=$(type -P ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)  # not this function
+  if [ -z "$tool" ]; then echo "ncu: not found" | tee -a "$OUT/gpu.log"; return; fi
+  mkdir -p $dir
+  # Our kernels by name (Pallas names them after their Python functions; XLA suffixes
+  # copies __N), the 3 warm-up calls of each workload; the clocks as they are (METHOD.md).
+  # One allocation per buffer, not XLA's preallocated pool, so that replaying a kernel
+  # saves and restores its own buffers only.
+  local names='^(_kernel_dot|_kernel|_stats_kernel|_sums_kernel|_kernel_grad_kernel|_conv_kernel_pairs|_kernel_grad_kernel_pairs)(__[0-9]+)?$'
+  for args in "--batch=512" "--what=train --batch=32"; do
+    name=$(echo "$args" | tr -dc 'a-z0-9=' | tr '=' '_')
+    # shellcheck disable=SC2086  # $args holds several flags
+    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+      timeout $((end - SECONDS > 10 ? end - SECONDS : 10)) "$tool" --clock-control none \
+      --target-processes all --kernel-name regex:"$names" --launch-count 40 \
+      --section SpeedOfLight --section LaunchStats --section Occupancy \
+      --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+      --section ComputeWorkloadAnalysis -f -o "$dir/$name" \
+      $py -m benchmarks.profile $args --calls=0 2>&1 | tail -20 | tee -a "$OUT/gpu.log"
+    [ -f "$dir/$name.ncu-rep" ] && "$tool" --import "$dir/$name.ncu-rep" --page details \
+      >"$OUT/ncu_$name.txt" 2>&1
+  done
+  tar -czf "$OUT/ncu.tar.gz" -C $dir .  # the reports, for ncu-ui or --import elsewhere
+}
+
 case "${1:-all}" in
-tests | kernel | onepair | bench | profile | flags | train) "$1" ;;
+tests | kernel | onepair | bench | profile | ncu | flags | train) "$1" ;;
 all) tests; kernel; onepair; bench; profile ;;
 *)
-  echo "usage: bash benchmarks/gpu.sh tests|kernel|onepair|bench|profile|flags|train|all" >&2
+  echo "usage: bash benchmarks/gpu.sh tests|kernel|onepair|bench|profile|ncu|flags|train|all" >&2
   exit 2
   ;;
 esac

@@ -5,6 +5,7 @@
     python -m benchmarks.profile --variant=C1 --calls=50 --top=40
     python -m benchmarks.profile --hlo=register.hlo.txt       # and the compiled program
     python -m benchmarks.profile --what=train --batch=32 --swap=TRAIN_FIRST_LAYER_PASSES=1
+    ncu … python -m benchmarks.profile --batch=512 --calls=0   # for Nsight Compute
 
 Runs the call a few times to warm up, traces `--calls` more, and prints, for each process
 of the trace (the host; on a GPU also the device), the operations with the largest time
@@ -13,6 +14,9 @@ per call: XLA fusions, convolutions and library calls, named as in the compiled 
 fusion holds). `--swap=NAME=VALUE` profiles with `dirnet_jax.models.NAME` set to the
 Python literal VALUE (one choice, as benchmarks.core's A/B rows swap it). On XLA:CPU,
 convolutions run on a thread pool: their events time the launch, not the work.
+`--calls=0` runs the warm-up calls alone, untraced: the workload for a profiler outside
+(Nsight Compute, `benchmarks/gpu.sh ncu`), which cannot share the GPU's counters with
+JAX's.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from dirnet_jax.models import register
 from dirnet_jax.train import create_train_state, data_key, train_steps
 from dirnet_jax.workdir import atomic_write_text
 
+WARMUPS = 3
 FLAGS = {"what": "register", "size": "256", "batch": "1", "variant": "baseline",
          "calls": "20", "top": "25", "hlo": "", "swap": ""}  # fmt: skip
 
@@ -45,6 +50,10 @@ def parse(argv: list[str]) -> dict[str, str]:
     opts = core.parse_options(argv, FLAGS)
     if opts["what"] not in ("register", "train"):
         sys.exit(f"error: --what is register or train, not {opts['what']!r}")
+    for key in ("size", "batch", "calls", "top"):
+        if not opts[key].isdigit() or (key != "calls" and int(opts[key]) == 0):
+            sys.exit(f"error: --{key} is a whole number{'' if key == 'calls' else ' > 0'}, "
+                     f"not {opts[key]!r}")  # fmt: skip
     if opts["swap"]:
         swap_of(opts["swap"])  # checked before any work
     return opts
@@ -107,10 +116,14 @@ def main(argv: list[str]) -> None:
         if swap:
             stack.enter_context(core.fresh_traces())
         run, program = workload(opts["what"], variant(opts["variant"], base), batch)
-        for _ in range(3):
+        for _ in range(WARMUPS):
             run()
         if opts["hlo"]:
             atomic_write_text(Path(opts["hlo"]), program())
+        if not calls:
+            print(f"{opts['what']} {opts['variant']} {size}², batch {batch}: {WARMUPS} calls, "
+                  "untraced")  # fmt: skip
+            return
         with tempfile.TemporaryDirectory() as tmp:
             jax.profiler.start_trace(tmp, create_perfetto_trace=True)
             for _ in range(calls):

@@ -43,10 +43,20 @@ def test_profile_swaps_a_models_constant_while_it_profiles(capsys, monkeypatch):
     assert seen and not any(seen) and models.INFER_FIRST_LAYER_PAIR is True
 
 
+def test_profile_without_calls_runs_the_warm_up_untraced(capsys, monkeypatch):
+    # The workload for Nsight Compute (gpu.sh ncu): no JAX trace, whose counters the
+    # profiler outside would share.
+    traced = []
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda *a, **k: traced.append(a))
+    profile.main(["--size=28", "--batch=2", "--calls=0"])
+    assert capsys.readouterr().out == "register baseline 28², batch 2: 3 calls, untraced\n"
+    assert not traced
+
+
 @pytest.mark.parametrize(
     "arg",
     ["--bad=1", "--what=infer", "--size", "--candidates=true", "--swap=NOT_THERE=1",
-     "--swap=INFER_FIRST_LAYER_PAIR=yes"],
+     "--swap=INFER_FIRST_LAYER_PAIR=yes", "--calls=-1", "--batch=0", "--top=x"],
 )  # fmt: skip
 def test_profile_rejects_bad_arguments(arg):
     with pytest.raises(SystemExit, match="error: "):
