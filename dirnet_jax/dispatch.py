@@ -3,12 +3,26 @@ devices, each device's kernel on its own slice of the batch."""
 
 import contextlib
 import contextvars
+import os
 from collections.abc import Callable, Iterator
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+try:  # Pallas' Triton backend, which our kernels are written for
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # deprecated in jax 0.11, "to be removed in a future JAX version"
+    plgpu = None
+
 _SPLIT = contextvars.ContextVar("split", default=None)
+
+
+def kernels_off(variable: str) -> bool:
+    """Whether our kernels are off: `variable` set to ``xla`` in the environment (each
+    family's switch: DIRNET_FIRST_LAYER, DIRNET_POOLED_LAYERS, DIRNET_TRAIN_CONV), or a
+    jax without Pallas' Triton backend, where XLA computes every layer (the same values,
+    at its speed)."""
+    return plgpu is None or os.environ.get(variable, "") == "xla"
 
 
 @contextlib.contextmanager

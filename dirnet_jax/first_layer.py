@@ -30,13 +30,12 @@ accuracy), runs training's forward (`models.TRAIN_FIRST_LAYER_FORWARD`), and
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
+from dirnet_jax.dispatch import kernels_off, plgpu
 from dirnet_jax.tf32 import tf32_dot, tf32_split
 
 # The kernel's form (`FORMS`), pooled rows and warps per Triton program, and ELU's expm1
@@ -66,7 +65,7 @@ def applies(
     half width and feature count are powers of two (Triton's block shapes), avg or max
     pooling; the window-matrix forms (DOT_FORMS) also need a power of two of channels.
     ``DIRNET_FIRST_LAYER=xla`` in the environment turns it off."""
-    if os.environ.get("DIRNET_FIRST_LAYER", "") == "xla" or len(x_shape) != 4:
+    if kernels_off("DIRNET_FIRST_LAYER") or len(x_shape) != 4:
         return False
     h, w, cin = x_shape[1:]
     return (

@@ -38,9 +38,9 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from dirnet_jax import first_layer
+from dirnet_jax.dispatch import plgpu
 from dirnet_jax.tf32 import tf32_dot, tf32_split
 
 WARPS = 8  # as inference's kernel, whose [W/2, F] window sums these repeat

@@ -36,14 +36,13 @@ the H200 (run 6), and was removed.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from dirnet_jax import first_layer
+from dirnet_jax.dispatch import kernels_off, plgpu
 from dirnet_jax.first_layer import pool_window, power_of_two
 from dirnet_jax.tf32 import tf32_dot, tf32_split
 
@@ -56,7 +55,7 @@ def applies(x_shape: tuple[int, ...], features: int, downsampling: str) -> bool:
     half width, channels and features are powers of two of at least 16 (the sizes of
     Triton's matrix products), avg or max pooling. ``DIRNET_POOLED_LAYERS=xla`` in the
     environment turns it off."""
-    if os.environ.get("DIRNET_POOLED_LAYERS", "") == "xla" or len(x_shape) != 4:
+    if kernels_off("DIRNET_POOLED_LAYERS") or len(x_shape) != 4:
         return False
     h, w, c = x_shape[1:]
     return (

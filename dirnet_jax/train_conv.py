@@ -42,14 +42,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from dirnet_jax.dispatch import cuda_or_xla
+from dirnet_jax.dispatch import cuda_or_xla, kernels_off, plgpu
 from dirnet_jax.first_layer import fitting_rows, power_of_two, program_pixels, window_gather
 from dirnet_jax.pooled_layers import gathered
 from dirnet_jax.tf32 import tf32_dot, tf32_split
@@ -91,7 +89,7 @@ def applies(x_shape: tuple[int, ...], features: int) -> bool:
 def enabled() -> bool:
     """Training's kernels not turned off by ``DIRNET_TRAIN_CONV=xla`` in the environment
     (`models` also keeps training's first layer apart then)."""
-    return os.environ.get("DIRNET_TRAIN_CONV", "") != "xla"
+    return not kernels_off("DIRNET_TRAIN_CONV")
 
 
 def _enabled_for(x_shape: tuple[int, ...]) -> bool:

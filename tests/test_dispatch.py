@@ -1,4 +1,8 @@
-"""`cuda_or_xla`: our kernel on CUDA GPUs, XLA's computation elsewhere, in one program."""
+"""`cuda_or_xla`: our kernel on CUDA GPUs, XLA's computation elsewhere, in one program;
+and a jax without Pallas' Triton backend, where XLA computes everything."""
+
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dirnet_jax import DIRNetConfig, train
 from dirnet_jax.dispatch import cuda_or_xla, default_platform, per_device, split_over
+from dirnet_jax.models import register
+from dirnet_jax.toy import shifted_blobs
 
 
 def gpu(x):
@@ -69,3 +76,45 @@ def test_default_platform_names_the_gpu_kind(monkeypatch):
     for version, platform in (("cuda 12080", "cuda"), ("rocm 60302", "rocm")):
         Client.platform_version = version
         assert default_platform() == platform
+
+
+WITHOUT_TRITON = """
+import sys
+sys.modules["jax.experimental.pallas.triton"] = None  # as a jax without the backend
+import jax, jax.numpy as jnp, numpy as np
+from dirnet_jax import DIRNetConfig, dispatch, first_layer, init_variables, models
+from dirnet_jax import pooled_layers, train, train_conv
+from dirnet_jax.toy import shifted_blobs
+assert dispatch.plgpu is None
+assert not first_layer.applies((4, 256, 256, 2), 16, "avg", 1, form="dot1")
+assert not pooled_layers.applies((4, 128, 128, 16), 16, "avg") and not train_conv.enabled()
+# The 256² network lowers for CUDA with XLA's layers alone.
+config = DIRNetConfig(image_shape=(256, 256), num_downsamplings=4)
+pair = jnp.zeros((1, 256, 256, 1), jnp.float32)
+traced = models.register.trace(config, init_variables(config, jax.random.key(0)), pair, pair)
+assert "xla.gpu.triton" not in traced.lower(lowering_platforms=("cuda",)).as_text()
+# A 28² model trains and registers.
+toy = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2, batch_size=4, num_steps=3,
+                   log_every=3, checkpoint_every=3, num_val_pairs=4)
+state = train.fit(toy, sys.argv[1], shifted_blobs(0, 8), progress=False)
+pairs = shifted_blobs(1, 4)
+grid = models.register(toy, {"params": state.params, "batch_stats": state.batch_stats},
+                       pairs[:2], pairs[2:]).grid
+np.save(sys.argv[2], np.asarray(grid))
+"""
+
+
+def test_a_jax_without_pallas_triton_runs_everything_by_xla(tmp_path):
+    # Pallas' Triton backend, which our kernels need, is deprecated since jax 0.11: where
+    # it is gone, the package still imports, and every layer is XLA's (as here on a CPU).
+    out = tmp_path / "grid.npy"
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TRITON, str(tmp_path / "run"), out],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    toy = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2, batch_size=4, num_steps=3,
+                       log_every=3, checkpoint_every=3, num_val_pairs=4)  # fmt: skip
+    state = train.fit(toy, tmp_path / "here", shifted_blobs(0, 8), progress=False)
+    pairs = shifted_blobs(1, 4)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    grid = register(toy, variables, pairs[:2], pairs[2:]).grid
+    np.testing.assert_array_equal(np.load(out), grid)
