@@ -88,6 +88,16 @@ def test_scd_reader_on_a_fake_tree(tmp_path):
     assert not data["ed_mask"][~first].any()
 
 
+def test_scd_dir_that_is_no_download_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for folder, what in (("nope", "is not a folder"), ("empty", "is empty. The Sunnybrook")):
+        with pytest.raises(FileNotFoundError, match=f"--scd_dir {tmp_path / folder} {what}"):
+            cardiac.builder(tmp_path / "tfds", scd_dir=tmp_path / folder)
+    with pytest.raises(FileNotFoundError) as err:
+        cardiac.builder(tmp_path / "tfds", scd_dir=tmp_path / "empty")
+    assert "\n" not in str(err.value) and "as --scd_dir" in str(err.value)
+
+
 def test_scd_layout_errors(tmp_path):
     with pytest.raises(scd.SCDError, match=r"scd_patientdata\.csv is missing"):
         scd.read_patients(tmp_path / "scd_patientdata.csv")

@@ -132,8 +132,12 @@ def builder(
         def make() -> Sunnybrook:
             return Sunnybrook(config=config, data_dir=data_dir, file_format="array_record")
 
-        if not look(make)[1] and not Path(scd_dir).is_dir():
-            raise FileNotFoundError(f"--scd_dir {scd_dir} is not a folder")
+        if not look(make)[1]:  # not prepared yet: the folder must hold the download
+            if not Path(scd_dir).is_dir():
+                raise FileNotFoundError(f"--scd_dir {scd_dir} is not a folder")
+            if not any(Path(scd_dir).iterdir()):  # TFDS would raise its AssertionError
+                how = " ".join(Sunnybrook.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
+                raise FileNotFoundError(f"--scd_dir {scd_dir} is empty. {how}")
         manual = tfds.download.DownloadConfig(manual_dir=os.fspath(scd_dir))
         return build_once(make, data_dir, manual)
     spec = spec or phantom.CohortSpec()
