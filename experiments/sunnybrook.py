@@ -298,8 +298,8 @@ def run(
     preset_name = args.preset if preset is None else "custom"
     preset = preset or PRESETS[args.preset]
     root = Path(args.workdir)
-    evaluated = [*root.glob("*/evaluation.json"), *root.glob("*/*/evaluation.json")]
-    if args.summarize and not evaluated:  # before the data are prepared
+    runs = ("*/evaluation.json", "*/*/evaluation.json")
+    if args.summarize and not any(next(root.glob(p), None) for p in runs):  # before the data
         raise ValueError(f"--summarize: no evaluated run in {root} (<variant>/evaluation.json, "
                          "there or one folder down)")  # fmt: skip
     root.mkdir(parents=True, exist_ok=True)
