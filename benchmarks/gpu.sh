@@ -57,7 +57,8 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
   # The defaults first, as whole networks (training with the first layer at once and the
   # pairs form, and inside shard_map as over several GPUs; registration with the 128²
   # layer's kernel and with the first layer reading the pair; bfloat16 training with the
-  # kernels) and the GPU's platform name, then the kernels one by one. One line per test
+  # kernels; bfloat16 registration with the 128² layer's, the candidate) and the GPU's
+  # platform name, then the kernels one by one. One line per test
   # (-v), so a run cut short still says which passed; stopped by SIGINT, pytest still
   # prints the tracebacks of what failed.
   # Full float32 convolutions and products, as on the CPU the tolerances were set on (the
@@ -67,6 +68,7 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
     tests/test_train_conv.py::test_dirnet_trains_alike_with_the_kernels
     tests/test_train_conv.py::test_bfloat16_training_with_the_kernels_is_as_close_to_float32_as_xlas
     tests/test_pooled_layers.py::test_dirnet_with_the_kernel_registers_alike
+    tests/test_pooled_layers.py::test_bfloat16_dirnet_with_the_kernel_is_as_close_to_float32_as_xlas
     tests/test_first_layer.py::test_pair_kernel_is_the_layer_of_the_stacked_pair
     tests/test_first_layer.py::test_register_reading_the_pair_registers_alike
     tests/test_dispatch.py::test_default_platform_names_the_gpu_kind
