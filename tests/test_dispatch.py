@@ -94,8 +94,7 @@ pair = jnp.zeros((1, 256, 256, 1), jnp.float32)
 traced = models.register.trace(config, init_variables(config, jax.random.key(0)), pair, pair)
 assert "xla.gpu.triton" not in traced.lower(lowering_platforms=("cuda",)).as_text()
 # A 28² model trains and registers.
-toy = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2, batch_size=4, num_steps=3,
-                   log_every=3, checkpoint_every=3, num_val_pairs=4)
+toy = DIRNetConfig(**{config})
 state = train.fit(toy, sys.argv[1], shifted_blobs(0, 8), progress=False)
 pairs = shifted_blobs(1, 4)
 grid = models.register(toy, {"params": state.params, "batch_stats": state.batch_stats},
@@ -104,17 +103,20 @@ np.save(sys.argv[2], np.asarray(grid))
 """
 
 
+TOY = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2, batch_size=4, num_steps=3,
+                  log_every=3, checkpoint_every=3, num_val_pairs=4)  # fmt: skip
+
+
 def test_a_jax_without_pallas_triton_runs_everything_by_xla(tmp_path):
     # Pallas' Triton backend, which our kernels need, is deprecated since jax 0.11: where
     # it is gone, the package still imports, and every layer is XLA's (as here on a CPU).
     out = tmp_path / "grid.npy"
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_TRITON, str(tmp_path / "run"), out],
+    script = WITHOUT_TRITON.replace("{config}", repr(TOY.to_dict()))
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"), out],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    toy = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2, batch_size=4, num_steps=3,
-                       log_every=3, checkpoint_every=3, num_val_pairs=4)  # fmt: skip
-    state = train.fit(toy, tmp_path / "here", shifted_blobs(0, 8), progress=False)
+    state = train.fit(TOY, tmp_path / "here", shifted_blobs(0, 8), progress=False)
     pairs = shifted_blobs(1, 4)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    grid = register(toy, variables, pairs[:2], pairs[2:]).grid
+    grid = register(TOY, variables, pairs[:2], pairs[2:]).grid
     np.testing.assert_array_equal(np.load(out), grid)
