@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -33,8 +34,16 @@ def use(folder: str | None) -> None:
     """Keep every compiled program in `folder` (ours compile in 0.01–5 s each, and the
     many small ones add up), up to MAX_BYTES (unbounded without the filelock package).
     '' or None: no cache. JAX_COMPILATION_CACHE_DIR, when set, wins: JAX then uses it with
-    its own settings."""
+    its own settings. A folder that cannot be made or written is left out with one
+    warning line (JAX would warn at every program it compiles)."""
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not folder:
+        return
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write to {folder}")
+    except OSError as err:
+        print(f"warning: no compilation cache ({err}); every program compiles", file=sys.stderr)
         return
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

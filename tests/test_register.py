@@ -380,3 +380,14 @@ def test_compilation_cache_set_by_jax_wins(monkeypatch):
     assert jax.config.jax_compilation_cache_dir == before
     monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
     assert compile_cache.default_folder() == "/xdg/dirnet-jax/xla"
+
+
+def test_compilation_cache_that_cannot_be_made_is_one_warning(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    (tmp_path / "file").write_text("")
+    before = jax.config.jax_compilation_cache_dir
+    compile_cache.use(str(tmp_path / "file" / "xla"))  # a file in the way
+    assert jax.config.jax_compilation_cache_dir == before  # compiles without a cache
+    err = capsys.readouterr().err
+    assert err.startswith("warning: no compilation cache ([Errno 20] Not a directory")
+    assert err.endswith("every program compiles\n") and err.count("\n") == 1
