@@ -59,6 +59,16 @@ def parse(argv: list[str]) -> dict[str, str]:
     return opts
 
 
+def config_of(opts: dict[str, str]) -> DIRNetConfig:
+    """--variant's network at --size and --batch, or a one-line exit (an unknown variant,
+    a size the network's poolings do not divide)."""
+    try:
+        base = base_config(int(opts["size"])).replace(batch_size=int(opts["batch"]))
+        return variant(opts["variant"], base)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+
+
 def swap_of(value: str) -> dict:
     """--swap's NAME=VALUE as {NAME: VALUE} for `core.swapped_all`, or a one-line exit."""
     name, _, literal = value.partition("=")
@@ -110,12 +120,12 @@ def op_times(trace_dir: Path) -> dict[str, collections.Counter]:
 def main(argv: list[str]) -> None:
     opts = parse(argv)
     size, batch, calls = int(opts["size"]), int(opts["batch"]), int(opts["calls"])
-    base = base_config(size).replace(batch_size=batch)
+    config = config_of(opts)
     swap = swap_of(opts["swap"]) if opts["swap"] else {}
     with core.swapped_all(swap), contextlib.ExitStack() as stack:
         if swap:
             stack.enter_context(core.fresh_traces())
-        run, program = workload(opts["what"], variant(opts["variant"], base), batch)
+        run, program = workload(opts["what"], config, batch)
         for _ in range(WARMUPS):
             run()
         if opts["hlo"]:

@@ -56,7 +56,8 @@ def test_profile_without_calls_runs_the_warm_up_untraced(capsys, monkeypatch):
 @pytest.mark.parametrize(
     "arg",
     ["--bad=1", "--what=infer", "--size", "--candidates=true", "--swap=NOT_THERE=1",
-     "--swap=INFER_FIRST_LAYER_PAIR=yes", "--calls=-1", "--batch=0", "--top=x"],
+     "--swap=INFER_FIRST_LAYER_PAIR=yes", "--calls=-1", "--batch=0", "--top=x", "--size=37",
+     "--variant=Z"],
 )  # fmt: skip
 def test_profile_rejects_bad_arguments(arg):
     with pytest.raises(SystemExit, match="error: "):
