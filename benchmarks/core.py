@@ -43,6 +43,7 @@ import os
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -113,6 +114,10 @@ def output_path(value: str, tool: str) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         sys.exit(f"error: --out={out}: cannot create its folder ({err.strerror})")
+    try:  # as the results will be: a temporary file in that folder
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        sys.exit(f"error: --out={out}: cannot write in its folder ({err.strerror})")
     return out
 
 
@@ -442,12 +447,7 @@ def parse(argv: list[str]) -> tuple[bool, dict[str, str]]:
         else:
             known = " ".join(f"--{k}=" for k in opts)
             sys.exit(f"error: bad argument {arg!r}; known: --quick {known}")
-    for key in ("seconds", "min_seconds"):
-        try:
-            if opts[key] and not float(opts[key]) > 0:
-                raise ValueError
-        except ValueError:
-            sys.exit(f"error: --{key} is a positive number of seconds, not {opts[key]!r}")
+    check_seconds(opts, ("seconds", "min_seconds"))
     unknown = set(opts["variants"].split(",")) - set(PAPER_VARIANTS) - {""}
     if unknown:
         sys.exit(f"error: --variants: no variant {', '.join(sorted(unknown))}; "
@@ -455,6 +455,16 @@ def parse(argv: list[str]) -> tuple[bool, dict[str, str]]:
     if not opts["sizes"] or set(opts["sizes"].split(",")) - {"256", "28"}:
         sys.exit(f"error: --sizes is 256, 28 or both, not {opts['sizes']!r}")
     return quick, opts
+
+
+def check_seconds(opts: dict[str, str], keys: tuple[str, ...]) -> None:
+    """A one-line exit unless each of these options, where given, is a positive number."""
+    for key in keys:
+        try:
+            if opts[key] and not float(opts[key]) > 0:  # NaN too
+                raise ValueError
+        except ValueError:
+            sys.exit(f"error: --{key} is a positive number of seconds, not {opts[key]!r}")
 
 
 def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple[str, Callable]]:

@@ -60,9 +60,9 @@ def parse(argv: list[str]) -> tuple[dict[str, str], dict[str, str]]:
         opts[key] = value
     if opts["size"] not in ("256", "28"):
         sys.exit(f"error: --size is 256 or 28, not {opts['size']!r}")
-    for key in ("seconds", "min_seconds"):
+    for key in ("seconds", "min_seconds"):  # as core.check_seconds, without importing jax here
         try:
-            if float(opts[key]) <= 0:
+            if not float(opts[key]) > 0:  # NaN too
                 raise ValueError
         except ValueError:
             sys.exit(f"error: --{key} is a positive number of seconds, not {opts[key]!r}")

@@ -83,6 +83,10 @@ def parse(argv: list[str]) -> dict[str, str]:
     opts["batch"] = opts["batch"] or ("32" if opts["layer"].startswith("train") else "512")
     if not opts["batch"].isdigit() or int(opts["batch"]) < 1:
         sys.exit(f"error: --batch is a positive integer, not {opts['batch']!r}")
+    if not opts["size"].isdigit() or int(opts["size"]) % 4 or int(opts["size"]) == 0:
+        # the first layer pools its input, the second its half
+        sys.exit(f"error: --size is a positive multiple of 4, not {opts['size']!r}")
+    core.check_seconds(opts, ("min_seconds",))
     return opts
 
 

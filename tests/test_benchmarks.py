@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -118,7 +119,9 @@ def test_flags_reports_sets_cut_short_by_the_time_budget(tmp_path, capsys):
     assert "not run: no time left" in table  # and the table is printed anyway
 
 
-@pytest.mark.parametrize("arg", ["--size=64", "--bogus=1", "--xla", "--seconds=0", "--seconds=x"])
+@pytest.mark.parametrize(
+    "arg", ["--size=64", "--bogus=1", "--xla", "--seconds=0", "--seconds=x", "--seconds=nan"]
+)
 def test_flags_rejects_bad_arguments(arg):
     with pytest.raises(SystemExit, match="error: "):
         flags.main([arg])
@@ -128,6 +131,12 @@ def test_flags_rejects_bad_arguments(arg):
 def test_out_that_is_not_a_file_is_refused_before_any_work(tool, tmp_path):
     with pytest.raises(SystemExit, match="is not a regular file"):
         tool.main([f"--out={tmp_path}"])
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="a folder no one writes in: /proc")
+def test_out_in_a_folder_that_takes_no_file_is_refused_before_any_work():
+    with pytest.raises(SystemExit, match=r"^error: --out=/proc/bench.json: cannot write in its"):
+        core.main(["--out=/proc/bench.json"])
 
 
 def test_swapped_xla_conv_replaces_conv_taps_by_a_convolution_while_it_lasts():
@@ -287,11 +296,20 @@ def test_core_reports_a_row_that_fails_and_goes_on(tmp_path, monkeypatch, capsys
 
 @pytest.mark.parametrize(
     "arg",
-    ["--bad=1", "--quick=1", "--seconds=0", "--min_seconds=x", "--variants=A1,Z9", "--sizes=64"],
-)
+    ["--bad=1", "--quick=1", "--seconds=0", "--min_seconds=x", "--min_seconds=nan",
+     "--variants=A1,Z9", "--sizes=64"],
+)  # fmt: skip
 def test_core_rejects_bad_arguments(arg):
     with pytest.raises(SystemExit, match="error: "):
         core.main([arg])
+
+
+@pytest.mark.parametrize(
+    "arg", ["--layer=3", "--batch=0", "--size=37", "--size=0", "--size=x", "--min_seconds=-1"]
+)
+def test_layers_rejects_bad_arguments(arg):
+    with pytest.raises(SystemExit, match="error: "):
+        layers.main([arg])
 
 
 @pytest.mark.parametrize("name", ["baseline", "A1"])
