@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from dirnet_jax.losses import get_loss, mse_loss, ncc, ncc_loss
 
@@ -27,15 +28,38 @@ def test_ncc_invariances(rng):
     np.testing.assert_allclose(ncc(x, -2.0 * x + 1.0), -1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("flat", [0.0, 0.7])
-def test_ncc_finite_on_flat_images(rng, flat):
-    x = jnp.full((2, 8, 8, 1), flat)
-    y = jnp.asarray(rng.uniform(size=(2, 8, 8, 1)), jnp.float32)
+@pytest.mark.parametrize("side", [8, 28])
+@pytest.mark.parametrize("flat", [0.0, 0.7, 0.3333])
+def test_ncc_of_a_flat_image_is_zero(rng, flat, side):
+    # Exactly, whatever order XLA sums in: a flat 28² image of 0.7 has a float32 mean 5e-6
+    # off, which centring by the mean alone turned into NCC(x, x) = 0.003.
+    x = jnp.full((2, side, side, 1), flat, jnp.float32)
+    y = jnp.asarray(rng.uniform(size=(2, side, side, 1)), jnp.float32)
     for a, b in [(x, y), (y, x), (x, x)]:
-        assert np.all(np.isfinite(ncc(a, b)))
-        np.testing.assert_allclose(ncc(a, b), 0.0, atol=1e-5)  # float32 mean of a constant
+        np.testing.assert_array_equal(ncc(a, b), 0.0)
         grads = jax.grad(lambda u, v: ncc_loss(u, v).mean(), argnums=(0, 1))(a, b)
         assert all(np.all(np.isfinite(g)) for g in grads)
+        if a is x and b is y:  # nothing in y correlates with a flat image
+            np.testing.assert_array_equal(grads[1], 0.0)
+
+
+def test_ncc_gradient_is_the_centred_formulas(rng):
+    # Shifting by the first pixel (held constant) leaves the gradient as it was; checked
+    # against finite differences in float64 and against the formula without the shift.
+    x, y = (jnp.asarray(rng.normal(size=(2, 6, 5, 1)) + 3.0) for _ in "xy")
+    with jax.enable_x64():
+        x64, y64 = x.astype(jnp.float64), y.astype(jnp.float64)
+        check_grads(ncc, (x64, y64), order=1, modes=("rev",))
+
+    def unshifted(a, b):
+        ac, bc = a - a.mean(keepdims=True), b - b.mean(keepdims=True)
+        return (ac * bc).mean() / jnp.sqrt(((ac * ac).mean() + 1e-8) * ((bc * bc).mean() + 1e-8))
+
+    for b in range(2):
+        got = jax.grad(lambda u, v: ncc(u, v)[0], argnums=(0, 1))(x[b : b + 1], y[b : b + 1])
+        want = jax.grad(unshifted, argnums=(0, 1))(x[b : b + 1], y[b : b + 1])
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
 
 
 def test_mse_hand_computed():
