@@ -80,7 +80,29 @@ def pool2(x: jax.Array, reduce: Callable[..., jax.Array]) -> jax.Array:
     spatial = x.shape[1:-1]
     split = [d for s in spatial for d in (s // 2, 2)]
     windows = tuple(range(2, 2 * len(spatial) + 1, 2))
+    reduce = _window_max if reduce is jnp.max else reduce
     return reduce(x.reshape(x.shape[0], *split, x.shape[-1]), axis=windows)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnames=("axis",))
+def _window_max(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
+    """``jnp.max(x, axis)``, whose gradient (split evenly between ties, as jnp.max's) is
+    never NaN: see `_window_max_jvp`."""
+    return jnp.max(x, axis=axis)
+
+
+@_window_max.defjvp
+def _window_max_jvp(axis, primals, tangents):
+    # jnp.max's rule, but its count of the window's values equal to the maximum is taken
+    # as at least 1. XLA may compute x anew in each fusion that reads it and round the
+    # copies differently (mul and add fused into one FMA in one copy only): then no value
+    # equals the maximum, jnp.max's rule divides 0 by 0, and training stops on a NaN (A1 at
+    # LLVM -O0 on the CPU: 28 % of the windows). Such a window's gradient is 0 instead.
+    (x,), (t,) = primals, tangents
+    top = jnp.max(x, axis=axis, keepdims=True)
+    at = (x == top).astype(t.dtype)
+    count = jnp.maximum(jnp.sum(at, axis=axis), 1)
+    return jnp.squeeze(top, axis), jnp.sum(t * at, axis=axis) / count
 
 
 def stack_channels(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -2,6 +2,9 @@
 
 import functools
 import itertools
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -453,6 +456,42 @@ def test_pool2_is_flax_pooling_values_and_gradients(rng, shape, reduce, flax_poo
     grad = jax.grad(lambda x: (pool2(x, reduce) * weights).sum())(x)
     grad_ref = jax.grad(lambda x: (flax_pool(x, window, strides=window) * weights).sum())(x)
     np.testing.assert_allclose(grad, grad_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_pool2_max_splits_ties_as_jnp_max(rng):
+    x = rng.normal(size=(2, 6, 8, 3)).astype(np.float32)
+    x[:, :4, :4] = 0.5  # windows of four ties
+    x[:, 4:, :2] = np.repeat(x[:, 4:, :1], 2, axis=2)  # of two
+    weights = jnp.asarray(rng.normal(size=(2, 3, 4, 3)), jnp.float32)
+
+    def plain(x):  # jnp.max's own rule
+        return jnp.max(x.reshape(2, 3, 2, 4, 2, 3), axis=(2, 4))
+
+    grads = [jax.grad(lambda x, f=f: (f(x) * weights).sum())(jnp.asarray(x))
+             for f in (functools.partial(pool2, reduce=jnp.max), plain)]  # fmt: skip
+    np.testing.assert_array_equal(*grads)
+    np.testing.assert_allclose(grads[0][:, 0, 0], weights[:, 0, 0] / 4, rtol=1e-6)
+
+
+POOL_MAX_AT_O0 = """
+import jax, jax.numpy as jnp, numpy as np
+from dirnet_jax.models import pool2
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.normal(size=(4, 32, 32, 8)), jnp.float32)
+s = jnp.asarray(rng.uniform(0.5, 2, 8), jnp.float32)
+loss = lambda x, s: jnp.sum(jnp.sin(pool2(x * s + 0.1, jnp.max)))
+grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, s)
+assert all(bool(jnp.isfinite(g).all()) for g in grads), grads[1]
+"""
+
+
+def test_pool2_max_gradient_is_finite_where_xla_rounds_copies_differently():
+    # At LLVM -O0 XLA:CPU computes x·s + 0.1 once for the maximum and again, rounded
+    # otherwise, where the gradient compares with it: jnp.max's rule gave NaN for s.
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    proc = subprocess.run([sys.executable, "-c", POOL_MAX_AT_O0], env=env, capture_output=True,
+                          text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_stack_channels_is_concatenate(rng):
