@@ -81,11 +81,11 @@ def pool2(x: jax.Array, reduce: Callable[..., jax.Array]) -> jax.Array:
     spatial = x.shape[1:-1]
     split = [d for s in spatial for d in (s // 2, 2)]
     windows = tuple(range(2, 2 * len(spatial) + 1, 2))
-    reduce = _window_max if reduce is jnp.max else reduce
-    return reduce(x.reshape(x.shape[0], *split, x.shape[-1]), axis=windows)
+    x = x.reshape(x.shape[0], *split, x.shape[-1])
+    return _window_max(x, windows) if reduce is jnp.max else reduce(x, axis=windows)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnames=("axis",))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _window_max(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
     """``jnp.max(x, axis)``, whose gradient (split evenly between ties, as jnp.max's) is
     never NaN: see `_window_max_jvp`."""
