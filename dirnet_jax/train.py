@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -290,6 +292,45 @@ class UnreadableCheckpoint(ValueError):
         )
 
 
+_RESTORING: set[str] = set()  # checkpoints being restored, or whose restore failed
+
+
+def _leftover(exc: BaseException, obj: object) -> bool:
+    """Whether an error reported out of band is a leftover of a failed restore."""
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return obj is None and bool(_RESTORING)  # TensorStore into orbax's closed loop
+    return any(where in str(exc) for where in _RESTORING)
+
+
+@functools.cache
+def _filter_leftovers() -> None:
+    """Wrap sys.unraisablehook and filter asyncio's log, once, to drop `_leftover`s."""
+    default_hook = sys.unraisablehook
+
+    def unraisable(u) -> None:
+        if not _leftover(u.exc_value, u.object):
+            default_hook(u)
+
+    sys.unraisablehook = unraisable
+    logging.getLogger("asyncio").addFilter(
+        lambda r: not (r.exc_info and _leftover(r.exc_info[1], r))
+    )
+
+
+def _quiet_abandoned_reads(where: str) -> None:
+    """Keep the leftovers of a failed restore of the folder `where` (ending in '/') off
+    stderr for the process' life; discard it from _RESTORING once the restore succeeded.
+
+    orbax 0.12.8 gathers a checkpoint's reads and closes its event loop as soon as one
+    fails; the reads still in flight then report at any later moment (even before the
+    failure reaches us), each its own traceback: TensorStore's callbacks into the closed
+    loop, orbax's coroutines re-raising the GeneratorExit that collects them, and futures
+    whose errors nobody retrieved. They say nothing that UnreadableCheckpoint's line does not.
+    """
+    _filter_leftovers()
+    _RESTORING.add(where)
+
+
 def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
     """`state` with the newest checkpoint's contents, or unchanged when there is none.
 
@@ -315,10 +356,13 @@ def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState
                 f"checkpoint step {step} holds {key} as {have.get(key, 'nothing')}, "
                 f"the config needs {want.get(key, 'nothing')}"
             )
+    where = f"{mngr.directory / str(step)}/"
+    _quiet_abandoned_reads(where)
     try:
         restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as err:
         raise UnreadableCheckpoint(mngr, step, err) from err
+    _RESTORING.discard(where)
     return state.replace(**restored)
 
 
