@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
+import re
 import signal
-import sys
 import time
 from typing import Any
 
@@ -28,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from dirnet_jax import dispatch, hosts
+from dirnet_jax import dispatch, hosts, orbax_reports
 from dirnet_jax import workdir as wd
 from dirnet_jax.config import DIRNetConfig
 from dirnet_jax.losses import get_loss, ncc
@@ -246,13 +245,71 @@ def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
     }
 
 
+def _reason(err: BaseException) -> str:
+    """The innermost cause's first line: orbax's own words are a TensorStore spec,
+    TensorStore's the fault; for an OS error, its name alone."""
+    while (inner := err.__cause__ or err.__context__) is not None:
+        err = inner
+    text = str(err).strip()
+    if code := re.search(r"\[os_error_code='(\d+)'\]", text):
+        return os.strerror(int(code[1]))
+    return next(iter(text.splitlines()), "")[:200]
+
+
+class CheckpointNotSaved(OSError):
+    """orbax could not write a checkpoint (a full disk, a quota, a folder gone)."""
+
+    def __init__(self, mngr: ocp.CheckpointManager, step: int | None, err: Exception):
+        good = mngr.latest_step()
+        then = f"resume from step {good}" if good is not None else "start from step 0"
+        super().__init__(
+            f"the checkpoint of step {step} could not be saved in {mngr.directory} "
+            f"({_reason(err)}); once that is fixed, running it again will {then}"
+        )
+
+
 class _CheckpointManager(ocp.CheckpointManager):
-    """orbax's, without its own questions to JAX's preemption sync point: it asks with the
-    step it saves, which would move the counter of questions `hosts.stop_requests` keeps
-    (JAX's protocol stops at the question after the last one asked anywhere)."""
+    """orbax's, with a failed save raised once as CheckpointNotSaved and the reports of
+    its abandoned writes dropped (`orbax_reports`); and without its own questions to JAX's
+    preemption sync point: it asks with the step it saves, which would move the counter
+    of questions `hosts.stop_requests` keeps (JAX's protocol stops at the question after
+    the last one asked anywhere)."""
+
+    _step: int | None = None  # of the last save begun
+    _raised: int | None = None  # the step whose failed save was raised
+    _saving = False  # within orbax's save, which waits for the last one again
 
     def reached_preemption(self, step: int) -> bool:
         return False
+
+    def _failed(self, err: Exception) -> None:
+        orbax_reports.drop(self.directory / str(self._step))
+        if self._raised != self._step:  # orbax raises it again at every wait: once is enough
+            self._raised = self._step
+            raise CheckpointNotSaved(self, self._step, err) from err
+
+    def save(self, step: int, *args, **kwargs) -> bool:
+        self.wait_until_finished()  # the last save's failure, if any, with its own step
+        self._step, self._saving = step, True
+        orbax_reports.hold(self.directory / str(step))
+        try:
+            return super().save(step, *args, **kwargs)
+        except Exception as err:
+            self._failed(err)
+            raise
+        finally:
+            self._saving = False
+
+    def wait_until_finished(self) -> None:
+        if self._saving:
+            return super().wait_until_finished()
+        try:
+            super().wait_until_finished()
+        except Exception as err:
+            self._failed(err)
+            return
+        if self._step is not None:
+            orbax_reports.end(self.directory / str(self._step))
 
 
 def checkpoint_manager(
@@ -284,51 +341,10 @@ class UnreadableCheckpoint(ValueError):
         earlier = [s for s in mngr.all_steps() if s < step]
         where = mngr.directory / str(step)
         then = f"to resume from step {max(earlier)}" if earlier else "to start again"
-        while (inner := err.__cause__ or err.__context__) is not None:
-            err = inner  # orbax's own words are a TensorStore spec; TensorStore's, the fault
-        reason = next(iter(str(err).strip().splitlines()), "")[:200]
         super().__init__(
-            f"the checkpoint of step {step} cannot be read ({reason}); move {where} away {then}"
+            f"the checkpoint of step {step} cannot be read ({_reason(err)}); "
+            f"move {where} away {then}"
         )
-
-
-_RESTORING: set[str] = set()  # checkpoints being restored, or whose restore failed
-
-
-def _leftover(exc: BaseException, obj: object) -> bool:
-    """Whether an error reported out of band is a leftover of a failed restore."""
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-        return obj is None and bool(_RESTORING)  # TensorStore into orbax's closed loop
-    return any(where in str(exc) for where in _RESTORING)
-
-
-@functools.cache
-def _filter_leftovers() -> None:
-    """Wrap sys.unraisablehook and filter asyncio's log, once, to drop `_leftover`s."""
-    default_hook = sys.unraisablehook
-
-    def unraisable(u) -> None:
-        if not _leftover(u.exc_value, u.object):
-            default_hook(u)
-
-    sys.unraisablehook = unraisable
-    logging.getLogger("asyncio").addFilter(
-        lambda r: not (r.exc_info and _leftover(r.exc_info[1], r))
-    )
-
-
-def _quiet_abandoned_reads(where: str) -> None:
-    """Keep the leftovers of a failed restore of the folder `where` (ending in '/') off
-    stderr for the process' life; discard it from _RESTORING once the restore succeeded.
-
-    orbax 0.12.8 gathers a checkpoint's reads and closes its event loop as soon as one
-    fails; the reads still in flight then report at any later moment (even before the
-    failure reaches us), each its own traceback: TensorStore's callbacks into the closed
-    loop, orbax's coroutines re-raising the GeneratorExit that collects them, and futures
-    whose errors nobody retrieved. They say nothing that UnreadableCheckpoint's line does not.
-    """
-    _filter_leftovers()
-    _RESTORING.add(where)
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
@@ -356,13 +372,14 @@ def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState
                 f"checkpoint step {step} holds {key} as {have.get(key, 'nothing')}, "
                 f"the config needs {want.get(key, 'nothing')}"
             )
-    where = f"{mngr.directory / str(step)}/"
-    _quiet_abandoned_reads(where)
+    folder = mngr.directory / str(step)
+    orbax_reports.hold(folder)
     try:
         restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as err:
+        orbax_reports.drop(folder)
         raise UnreadableCheckpoint(mngr, step, err) from err
-    _RESTORING.discard(where)
+    orbax_reports.end(folder)
     return state.replace(**restored)
 
 

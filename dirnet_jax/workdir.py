@@ -33,14 +33,22 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     if path.exists() and not path.is_file():  # a rename would replace /dev/null, say
         raise ValueError(f"{path} exists and is not a regular file: not writing over it")
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are ordinary files
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is not None and tmp is not None and str(err.filename) != tmp:
+            raise
+        # A full disk, say, which writers (savefig, np.save) report without a file name;
+        # or a fault with the temporary file: name the output instead.
+        raise OSError(err.errno, err.strerror, str(path)) from err
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

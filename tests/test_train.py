@@ -1,6 +1,7 @@
 """Training: toy learning, determinism, checkpoints that resume (also after kill -9 and
 after a stop by signal), NaN stop."""
 
+import errno
 import json
 import os
 import re
@@ -163,6 +164,46 @@ def test_damaged_checkpoint_is_one_line_and_the_one_before_resumes(tmp_path, poo
     again = train.fit(TOY, tmp_path, pool, progress=False)
     assert leaves_equal(again, first)  # steps 21–40 once more, from step 20
     assert [r["step"] for r in wd.read_metrics(tmp_path)] == [10, 20, 30, 40]
+
+
+FULL_DISK_RUN = """
+import resource, signal, sys
+from dirnet_jax import train
+from dirnet_jax.toy import shifted_blobs
+config = train.DIRNetConfig(**{config})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))  # a full disk
+try:
+    train.fit(config, sys.argv[1], shifted_blobs(0, 16), progress=False)
+except train.CheckpointNotSaved as err:
+    print(type(err).__name__, err)
+
+class Unrelated:
+    def __del__(self):
+        raise RuntimeError("an unrelated error still reaches stderr")
+
+Unrelated()
+"""
+
+
+def test_checkpoint_not_saved_is_one_line_and_training_resumes(tmp_path, pool):
+    train.fit(TOY.replace(num_steps=20), tmp_path, pool, progress=False)
+    script = FULL_DISK_RUN.replace("{config}", repr(TOY.to_dict()))
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Nothing of orbax's abandoned writes (its threads' error logs, TensorStore callbacks
+    # into a closed event loop, coroutines collected at exit) on stderr:
+    assert proc.stderr.count("Traceback") == 1, proc.stderr[-3000:]
+    assert "RuntimeError: an unrelated error still reaches stderr" in proc.stderr
+    assert proc.stdout == (
+        f"CheckpointNotSaved the checkpoint of step 40 could not be saved in "
+        f"{tmp_path / 'checkpoints'} (File too large); once that is fixed, running it "
+        "again will resume from step 20\n"
+    )
+    resumed = train.fit(TOY, tmp_path, pool, progress=False)  # room again: steps 21–40
+    assert [r["step"] for r in wd.read_metrics(tmp_path)] == [10, 20, 30, 40]
+    assert leaves_equal(resumed, train.fit(TOY, tmp_path / "uninterrupted", pool, progress=False))
 
 
 def signal_after_calls(monkeypatch, calls: int, signals: list[int]):
@@ -454,3 +495,17 @@ def test_atomic_write_replaces_files_only(tmp_path):
         with pytest.raises(ValueError, match="not a regular file"):
             wd.atomic_write_text(target, "x")
     assert (tmp_path / "fifo").is_fifo()
+
+
+@pytest.mark.parametrize("named", [None, "temporary"])
+def test_atomic_output_names_the_output_in_a_write_error(tmp_path, named):
+    path = tmp_path / "fig.png"
+    path.write_text("old")
+    with pytest.raises(OSError) as caught, wd.atomic_output(path) as tmp:
+        # savefig and np.save report a full disk without a file name; others name the file
+        # they were writing, here the temporary one
+        raise OSError(errno.ENOSPC, "No space left on device", tmp if named else None)
+    assert str(caught.value) == f"[Errno 28] No space left on device: '{path}'"
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["fig.png"]
+    with pytest.raises(OSError, match="elsewhere"), wd.atomic_output(path):
+        raise OSError(errno.EACCES, "Permission denied", "elsewhere")  # another file: as is
