@@ -97,22 +97,36 @@ def load_config(workdir: str | os.PathLike) -> DIRNetConfig:
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every logged metrics record, in order."""
+    """Every logged metrics record, in order; a last line without its newline, torn by a
+    kill or a full disk during its write, is not one. ValueError naming a line that is not
+    JSON."""
     path = Path(workdir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    *lines, _torn = path.read_text().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not a metrics record ({err})") from None
+    return records
 
 
 def truncate_metrics(workdir: str | os.PathLike, last_step: int) -> None:
-    """Drop records after `last_step`: a resumed run logs those steps again."""
-    records = read_metrics(workdir)
-    kept = [r for r in records if r["step"] <= last_step]
-    if len(kept) != len(records):
-        text = "".join(json.dumps(r) + "\n" for r in kept)
-        atomic_write_text(Path(workdir) / METRICS, text)
+    """Drop records after `last_step`, which a resumed run logs again, and a torn last line,
+    which the next record would otherwise be appended to."""
+    path = Path(workdir) / METRICS
+    text = "".join(json.dumps(r) + "\n" for r in read_metrics(workdir) if r["step"] <= last_step)
+    if path.exists() and path.read_text() != text:
+        atomic_write_text(path, text)
 
 
 def append_metrics(workdir: str | os.PathLike, record: dict[str, Any]) -> None:
-    with open(Path(workdir) / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = Path(workdir) / METRICS
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:  # a full disk is reported without the file's name
+        raise OSError(err.errno, err.strerror, str(path)) from err

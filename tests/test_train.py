@@ -2,6 +2,7 @@
 after a stop by signal), NaN stop."""
 
 import errno
+import io
 import json
 import os
 import re
@@ -81,7 +82,7 @@ def test_resume_continues_from_checkpoint(tmp_path, pool):
 
 
 KILLED_RUN = """
-import os, signal, sys, time
+import json, os, signal, sys, time
 import numpy as np
 from dirnet_jax import train, workdir
 from dirnet_jax.toy import shifted_blobs
@@ -89,23 +90,28 @@ config = train.DIRNetConfig(**{config})
 append = workdir.append_metrics
 
 def append_then_die(path, record):
-    append(path, record)
-    if record["step"] == 30:  # ten steps after the checkpoint at 20
-        time.sleep(1.0)  # let the asynchronous save of step 20 land
-        os.kill(os.getpid(), signal.SIGKILL)
+    if record["step"] < 30:
+        return append(path, record)
+    # ten steps after the checkpoint at 20: killed halfway through writing the record
+    time.sleep(1.0)  # let the asynchronous save of step 20 land
+    line = json.dumps(record) + "\\n"
+    with open(os.path.join(path, workdir.METRICS), "a") as f:
+        f.write(line[: len(line) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
 
 workdir.append_metrics = append_then_die
 train.fit(config, sys.argv[1], shifted_blobs(0, 16), progress=False)
 """
 
 
-def test_kill_minus_nine_then_rerun_resumes(tmp_path, pool):
+def test_kill_minus_nine_mid_record_then_rerun_resumes(tmp_path, pool):
     script = KILLED_RUN.replace("{config}", repr(TOY.to_dict()))
     run = tmp_path / "killed"
     proc = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert train.checkpoint_manager(run, TOY).latest_step() == 20
-    assert [r["step"] for r in wd.read_metrics(run)] == [10, 20, 30]
+    assert (run / wd.METRICS).read_text().count("\n") == 2  # and half of step 30's record
+    assert [r["step"] for r in wd.read_metrics(run)] == [10, 20]
 
     resumed = train.fit(TOY, run, pool, progress=False)  # the same command again
     assert [r["step"] for r in wd.read_metrics(run)] == [10, 20, 30, 40]
@@ -509,3 +515,19 @@ def test_atomic_output_names_the_output_in_a_write_error(tmp_path, named):
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["fig.png"]
     with pytest.raises(OSError, match="elsewhere"), wd.atomic_output(path):
         raise OSError(errno.EACCES, "Permission denied", "elsewhere")  # another file: as is
+
+
+def test_metrics_name_a_line_that_is_not_json(tmp_path):
+    (tmp_path / wd.METRICS).write_text('{"step": 10}\n{"step": 2\n{"step": 30}\n')
+    with pytest.raises(ValueError, match=rf"{wd.METRICS}, line 2: not a metrics record"):
+        wd.read_metrics(tmp_path)
+
+
+def test_a_full_disk_while_logging_names_the_metrics_file(tmp_path, monkeypatch):
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")  # no file name, as the OS
+
+    monkeypatch.setattr(wd, "open", lambda *args: FullDisk(), raising=False)
+    with pytest.raises(OSError, match=re.escape(f"device: '{tmp_path / wd.METRICS}'")):
+        wd.append_metrics(tmp_path, {"step": 10})
