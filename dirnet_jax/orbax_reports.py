@@ -23,10 +23,12 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable
 
 _held: dict[str, list[Callable[[], None]]] = {}  # folder → its reports' deferred prints
 _failed: set[str] = set()
+_lock = threading.RLock()  # reports come from other threads, and from GC within ours
 
 
 def _key(folder: object) -> str:
@@ -42,12 +44,13 @@ def _names(text: str, key: str) -> bool:
 def _caught(text: str, anonymous: bool, emit: Callable[[], None]) -> bool:
     """Drop or hold a report (True), or leave it alone (False). An `anonymous` one (a
     closed event loop, an orbax coroutine) names no folder: it goes with any."""
-    if any(_names(text, key) for key in _failed) or (anonymous and _failed):
-        return True
-    for key, held in _held.items():
-        if anonymous or _names(text, key):
-            held.append(emit)
+    with _lock:
+        if any(_names(text, key) for key in _failed) or (anonymous and _failed):
             return True
+        for key, held in _held.items():
+            if anonymous or _names(text, key):
+                held.append(emit)
+                return True
     return False
 
 
@@ -91,16 +94,20 @@ def _install() -> None:
 def hold(folder: object) -> None:
     """Hold the reports that name `folder` (a path) until `end` or `drop`."""
     _install()
-    _held.setdefault(_key(folder), [])
+    with _lock:
+        _held.setdefault(_key(folder), [])
 
 
 def end(folder: object) -> None:
     """`folder`'s work succeeded: print what it reported, as it was, and stop holding."""
-    for emit in _held.pop(_key(folder), []):
+    with _lock:
+        held = _held.pop(_key(folder), [])
+    for emit in held:
         emit()
 
 
 def drop(folder: object) -> None:
     """`folder`'s work failed: discard its reports, now and for the rest of the process."""
-    _failed.add(_key(folder))
-    _held.pop(_key(folder), None)
+    with _lock:
+        _failed.add(_key(folder))
+        _held.pop(_key(folder), None)

@@ -444,8 +444,12 @@ def fit(
         )
         val_batch = jax.device_put(val_batch, replicated)
 
-    mngr = checkpoint_manager(workdir, config)
-    try:
+    with contextlib.ExitStack() as stack:
+        # One training process per work directory, taken before orbax's manager, which
+        # deletes the unfinished checkpoints it finds.
+        if (lock := hosts.on_primary(lambda: wd.take(workdir), f"take {workdir}")) is not None:
+            stack.enter_context(lock)
+        mngr = stack.enter_context(contextlib.closing(checkpoint_manager(workdir, config)))
         # Restored straight into the replicated placement: with several processes, each
         # reads its own replica (a restored array cannot be moved to another host's devices).
         state = restore_latest(mngr, jax.device_put(create_train_state(config), replicated))
@@ -515,8 +519,6 @@ def fit(
                 mngr.wait_until_finished()
                 raise Interrupted(signum, step, config.num_steps, mngr.directory)
         mngr.wait_until_finished()
-    finally:
-        mngr.close()
     return state
 
 

@@ -3,23 +3,27 @@
 <workdir>/config.json     the DIRNetConfig, written once
 <workdir>/metrics.jsonl   one JSON object per logged step
 <workdir>/checkpoints/    orbax CheckpointManager steps
+<workdir>/.training.lock  locked while a process trains there (`take`)
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from dirnet_jax.config import SCHEDULE_FIELDS, DIRNetConfig
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+LOCK = ".training.lock"
 
 
 @contextlib.contextmanager
@@ -130,3 +134,30 @@ def append_metrics(workdir: str | os.PathLike, record: dict[str, Any]) -> None:
             f.write(json.dumps(record) + "\n")
     except OSError as err:  # a full disk is reported without the file's name
         raise OSError(err.errno, err.strerror, str(path)) from err
+
+
+def take(workdir: str | os.PathLike) -> IO[str] | None:
+    """Lock `workdir` for this process's training: the lock file, open, to close when done
+    (the OS also releases it when the process dies); None on a file system without locks.
+
+    Raises:
+      ValueError: another process holds it, named by its pid and host.
+    """
+    lock = open(Path(workdir) / LOCK, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ValueError(
+            f"{workdir} is in use: {holder} is training there; run again when it has "
+            "finished, or stop it first"
+        ) from None
+    except OSError:  # ENOLCK, EOPNOTSUPP: some network file systems
+        lock.close()
+        return None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock

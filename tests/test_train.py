@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -531,3 +532,15 @@ def test_a_full_disk_while_logging_names_the_metrics_file(tmp_path, monkeypatch)
     monkeypatch.setattr(wd, "open", lambda *args: FullDisk(), raising=False)
     with pytest.raises(OSError, match=re.escape(f"device: '{tmp_path / wd.METRICS}'")):
         wd.append_metrics(tmp_path, {"step": 10})
+
+
+def test_one_training_process_per_work_directory(tmp_path, pool):
+    config = TOY.replace(num_steps=10)
+    held = wd.take(tmp_path)  # another process's lock, as flock sees it
+    me = f"pid {os.getpid()} on {socket.gethostname()}"
+    with pytest.raises(ValueError, match=f"{tmp_path} is in use: {me} is training there"):
+        train.fit(config, tmp_path, pool, progress=False)
+    assert not (tmp_path / wd.CHECKPOINTS).exists()  # orbax's manager never started
+    held.close()  # it finished (or died: the OS releases its lock)
+    train.fit(config, tmp_path, pool, progress=False)
+    wd.take(tmp_path).close()  # fit let go of it
