@@ -9,9 +9,11 @@ closed loop and orbax's coroutines re-raising the GeneratorExit that collects th
 background threads (its absl log). A damaged checkpoint printed 13 to ~800 such lines, a
 full disk ~740, around the one line that says what happened.
 
-While a folder is held, the reports that name it (or a closed event loop, which names
-nothing) wait; `end` prints them as they were, `drop` discards them and every later one:
-the caller raises the failure in one line. Process-wide by nature: the hooks are
+While a folder is held, the reports that name it wait, and so do those that cannot name
+one: orbax's own error logs, asyncio's, an event loop closed, orbax's coroutines collected
+or never awaited. `end` prints them as they were; `drop` discards them and every later one,
+for the caller raises the failure in one line. Process-wide by nature: the hooks
+(sys.unraisablehook, warnings.showwarning, filters on the absl and asyncio loggers) are
 installed once, at the first `hold`, and pass everything else through.
 """
 
@@ -24,6 +26,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 
 _held: dict[str, list[Callable[[], None]]] = {}  # folder → its reports' deferred prints
@@ -42,8 +45,8 @@ def _names(text: str, key: str) -> bool:
 
 
 def _caught(text: str, anonymous: bool, emit: Callable[[], None]) -> bool:
-    """Drop or hold a report (True), or leave it alone (False). An `anonymous` one (a
-    closed event loop, an orbax coroutine) names no folder: it goes with any."""
+    """Drop or hold a report (True), or leave it alone (False). An `anonymous` one cannot
+    name its folder: it goes with any."""
     with _lock:
         if any(_names(text, key) for key in _failed) or (anonymous and _failed):
             return True
@@ -54,9 +57,13 @@ def _caught(text: str, anonymous: bool, emit: Callable[[], None]) -> bool:
     return False
 
 
+def _in_orbax(filename: str) -> bool:
+    return f"{os.sep}orbax{os.sep}" in filename
+
+
 @functools.cache
 def _install() -> None:
-    previous = sys.unraisablehook
+    previous_hook, previous_show = sys.unraisablehook, warnings.showwarning
 
     def unraisable(u) -> None:
         closed_loop = (
@@ -65,28 +72,34 @@ def _install() -> None:
             and str(u.exc_value) == "Event loop is closed"
         )
         # orbax's coroutines collected at exit fail in ways that name no folder either
-        orbax_coroutine = inspect.iscoroutine(u.object) and (
-            f"{os.sep}orbax{os.sep}" in u.object.cr_code.co_filename
-        )
-        anonymous = closed_loop or orbax_coroutine
-        if not _caught(str(u.exc_value), anonymous, lambda: previous(u)):
-            previous(u)
-
-    sys.unraisablehook = unraisable
+        orbax_coroutine = inspect.iscoroutine(u.object) and _in_orbax(u.object.cr_code.co_filename)
+        emit = functools.partial(previous_hook, u)
+        if not _caught(str(u.exc_value), closed_loop or orbax_coroutine, emit):
+            emit()
 
     def log_filter(record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR or getattr(record, "released", False):
             return True
         exc = record.exc_info[1] if record.exc_info else None
-        text = f"{record.getMessage()} {exc}"
+        # orbax's own errors, and asyncio's futures never retrieved, may name no folder
+        # ("[Errno 28] No space left on device" from a Python write)
+        anonymous = record.name == "asyncio" or _in_orbax(record.pathname)
         logger = logging.getLogger(record.name)
 
         def emit() -> None:
             record.released = True
             logger.handle(record)
 
-        return not _caught(text, False, emit)
+        return not _caught(f"{record.getMessage()} {exc}", anonymous, emit)
 
+    def show(message, category, *args, **kwargs) -> None:
+        # the coroutines orbax abandoned before they started, collected
+        never_awaited = category is RuntimeWarning and str(message).endswith("never awaited")
+        emit = functools.partial(previous_show, message, category, *args, **kwargs)
+        if not _caught(str(message), never_awaited, emit):
+            emit()
+
+    sys.unraisablehook, warnings.showwarning = unraisable, show
     for name in ("absl", "asyncio"):  # orbax logs through absl
         logging.getLogger(name).addFilter(log_filter)
 
