@@ -105,9 +105,11 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     kill or a full disk during its write, is not one. ValueError naming a line that is not
     JSON."""
     path = Path(workdir) / METRICS
-    if not path.exists():
-        return []
-    *lines, _torn = path.read_text().split("\n")
+    return _records(path, path.read_text()) if path.exists() else []
+
+
+def _records(path: Path, text: str) -> list[dict[str, Any]]:
+    *lines, _torn = text.split("\n")
     records = []
     for number, line in enumerate(lines, 1):
         if line.strip():
@@ -122,8 +124,11 @@ def truncate_metrics(workdir: str | os.PathLike, last_step: int) -> None:
     """Drop records after `last_step`, which a resumed run logs again, and a torn last line,
     which the next record would otherwise be appended to."""
     path = Path(workdir) / METRICS
-    text = "".join(json.dumps(r) + "\n" for r in read_metrics(workdir) if r["step"] <= last_step)
-    if path.exists() and path.read_text() != text:
+    if not path.exists():
+        return
+    old = path.read_text()
+    text = "".join(json.dumps(r) + "\n" for r in _records(path, old) if r["step"] <= last_step)
+    if text != old:
         atomic_write_text(path, text)
 
 
