@@ -1,5 +1,6 @@
-"""Training: toy learning, determinism, checkpoints that resume (also after kill -9 and
-after a stop by signal), NaN stop."""
+"""Training: toy learning, determinism, checkpoints that resume (also after kill -9, a
+stop by signal, a damaged checkpoint and a full disk, each failure in one line), NaN
+stop, one training process per work directory."""
 
 import errno
 import io
