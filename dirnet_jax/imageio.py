@@ -9,6 +9,8 @@ other than ``.npy`` go through SimpleITK (imported lazily). Every failure is a o
 from __future__ import annotations
 
 import dataclasses
+import errno
+import gzip
 import os
 from pathlib import Path
 
@@ -124,6 +126,33 @@ def output_suffix(like: LoadedImage) -> str:
     return {"png": ".png", "npy": ".npy"}.get(like.kind, ".nii.gz")
 
 
+def _write_checked(image, tmp: Path) -> None:
+    """SimpleITK's WriteImage, its failures as OSError, then a check: on a full disk its
+    NIfTI writer cuts the file short and says nothing (a .nii.gz without its end, which ITK
+    reads back zero-filled)."""
+    sitk = _sitk()
+    try:
+        sitk.WriteImage(image, str(tmp))
+    except RuntimeError as err:  # ITK's: "… Reason: No space left on device"
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line[8:] for line in lines if line.startswith("Reason: ")), lines[-1])
+        raise OSError(errno.EIO, reason[:200], str(tmp)) from None
+    try:
+        if tmp.name.endswith(".gz"):
+            with gzip.open(tmp) as f:
+                while f.read(1 << 20):
+                    pass
+        same = np.array_equal(
+            sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp))),
+            sitk.GetArrayViewFromImage(image),
+            equal_nan=True,
+        )
+    except (OSError, EOFError, RuntimeError):
+        same = False
+    if not same:
+        raise OSError(errno.EIO, "the file written reads back otherwise (a full disk?)", str(tmp))
+
+
 def write_image(path: str | os.PathLike, array: np.ndarray, like: LoadedImage) -> Path:
     """Write `array` ([*spatial]) beside `like`'s format and geometry; returns the path.
 
@@ -140,7 +169,7 @@ def write_image(path: str | os.PathLike, array: np.ndarray, like: LoadedImage) -
             if path.suffix == ".png":
                 info = np.iinfo(like.array.dtype if like.array.dtype.kind in "iu" else np.uint8)
                 array = np.clip(np.rint(array), info.min, info.max).astype(info.dtype)
-            _sitk().WriteImage(_to_sitk(array, like.geometry), str(tmp))
+            _write_checked(_to_sitk(array, like.geometry), tmp)
     return path
 
 
@@ -164,5 +193,5 @@ def write_displacement(
     path = path.with_name(stem + ".nii.gz")
     with atomic_output(path) as tmp:
         image = _to_sitk(physical.astype(np.float64), like.geometry, vector=True)
-        _sitk().WriteImage(image, str(tmp))
+        _write_checked(image, tmp)
     return path

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 sitk = pytest.importorskip("SimpleITK")
-from dirnet_jax import DIRNetConfig, compile_cache, train  # noqa: E402
+from dirnet_jax import DIRNetConfig, compile_cache, imageio, train  # noqa: E402
 from dirnet_jax import register as cli  # noqa: E402
 from dirnet_jax.losses import ncc  # noqa: E402
 from dirnet_jax.toy import shifted_blobs  # noqa: E402
@@ -99,6 +99,38 @@ def test_nifti_keeps_geometry_and_field_works_in_itk(model_dir, pair, tmp_path):
     )
     ours = sitk.GetArrayFromImage(warped)
     np.testing.assert_allclose(ours[4:-4, 4:-4], itk_warped[4:-4, 4:-4], atol=1e-4)
+
+
+def test_an_output_that_itk_cuts_short_is_an_error_not_a_file(model_dir, pair, tmp_path, capsys,
+                                                              monkeypatch):  # fmt: skip
+    fixed, moving = pair
+    f = write(tmp_path / "f.nii.gz", fixed.astype(np.float32))
+    m = write(tmp_path / "m.nii.gz", moving.astype(np.float32))
+    like = imageio.read_image(write(tmp_path / "f.png", (fixed * 200).astype(np.uint8)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "warped.nii.gz").write_bytes(b"an earlier run's")
+    real = sitk.WriteImage
+
+    def cut_short(image, path, *more):  # what ITK's NIfTI writer does on a full disk: no error
+        real(image, path, *more)
+        with open(path, "r+b") as file:
+            file.truncate(os.path.getsize(path) // 2)
+
+    monkeypatch.setattr(sitk, "WriteImage", cut_short)
+    assert cli.main(args(model_dir, out, fixed=str(f), moving=str(m))) != 0
+    written = "the file written reads back otherwise"
+    assert f"cannot write to {out}: {written}" in capsys.readouterr().err
+    assert files_in(out) == ["warped.nii.gz"]  # the earlier one, whole; no temporary files
+    assert (out / "warped.nii.gz").read_bytes() == b"an earlier run's"
+
+    def refuse(image, path, *more):  # what ITK's PNG writer does on a full disk
+        raise RuntimeError(f"ITK ERROR PNGImageIO: Error while writing to file: {path}\n"
+                           "Reason: No space left on device\n")  # fmt: skip
+
+    monkeypatch.setattr(sitk, "WriteImage", refuse)
+    with pytest.raises(OSError, match=f"No space left on device: '{tmp_path / 'w.png'}'"):
+        imageio.write_image(tmp_path / "w", fixed * 200, like)
 
 
 @pytest.mark.parametrize("kind", ["npy", "dcm"])
