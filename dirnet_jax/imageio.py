@@ -135,7 +135,8 @@ def _write_checked(image, tmp: Path) -> None:
         sitk.WriteImage(image, str(tmp))
     except RuntimeError as err:  # ITK's: "… Reason: No space left on device"
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = next((line[8:] for line in lines if line.startswith("Reason: ")), lines[-1])
+        last = lines[-1] if lines else "SimpleITK's writer failed"
+        reason = next((line[8:] for line in lines if line.startswith("Reason: ")), last)
         raise OSError(errno.EIO, reason[:200], str(tmp)) from None
     try:
         if tmp.name.endswith(".gz"):
