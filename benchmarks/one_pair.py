@@ -1,6 +1,6 @@
 """One pair through `register` against its A/B twins, interleaved: what the Triton first
-layer, the 128² layer's Triton kernel, the CUDA-graph option and folding BatchNorm once
-(`registrar`) buy where single-process rows disagree.
+layer, the 128² layer's Triton kernel (float32 and bfloat16), the CUDA-graph option and
+folding BatchNorm once (`registrar`) buy where single-process rows disagree.
 
     python -m benchmarks.one_pair                   # 256², 20 rounds of 50 calls each
     python -m benchmarks.one_pair --size=28 --rounds=3 --calls=5 --out=FILE.json
@@ -48,16 +48,21 @@ def main(argv: list[str]) -> None:
     variables = init_variables(base, jax.random.key(0))
     # Each twin compiles under its swaps (`models.<name>` → value), traced anew; the
     # compiled program then keeps what it traced.
+    # bfloat16 twice: whether its 128² layer's kernel (the default since run 9, for batch
+    # 512) leaves one pair no slower than cuDNN's.
+    bf16 = base.replace(compute_dtype="bfloat16")
     twins = {
-        "register": (register, {}),
-        "XLA's first layer": (register, {"fused_first_layer": core.xla_first_layer}),
-        "cuDNN's 128² layer": (register, {"pooled_conv": models.xla_pooled_conv}),
-        "CUDA graphs from 5 kernels": (core.register_default_graphs, {}),
+        "register": (register, {}, base),
+        "XLA's first layer": (register, {"fused_first_layer": core.xla_first_layer}, base),
+        "cuDNN's 128² layer": (register, {"pooled_conv": models.xla_pooled_conv}, base),
+        "CUDA graphs from 5 kernels": (core.register_default_graphs, {}, base),
+        "bfloat16": (register, {}, bf16),
+        "bfloat16, cuDNN's 128² layer": (register, {"INFER_POOLED_DTYPES": ("float32",)}, bf16),
     }
     fns = {}
-    for name, (fn, swaps) in twins.items():
+    for name, (fn, swaps, config) in twins.items():
         with core.swapped_all(swaps), core.fresh_traces():
-            compiled = fn.lower(base, variables, fixed, moving).compile()
+            compiled = fn.lower(config, variables, fixed, moving).compile()
         jax.block_until_ready(compiled(variables, fixed, moving))
         fns[name] = lambda compiled=compiled: compiled(variables, fixed, moving)
     bound = registrar(base, variables)  # BatchNorm folded once, not per call

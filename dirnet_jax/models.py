@@ -433,10 +433,10 @@ def xla_pooled_conv(
 # cuDNN's in run 5); benchmarks/NOTES.md, run 6.
 POOLED_KERNEL_MIN_WIDTH = 128
 # The compute dtypes whose layers `pooled_conv` gives the kernel (it reads bfloat16 as it
-# is, its sums in float32, and writes the layer's dtype). bfloat16 keeps cuDNN's until a
-# lease times it (`baseline-bf16pool` against `baseline-bf16`; at batch 512 bfloat16 with
-# cuDNN's 128² layer was 186,200 pairs/s against float32's 190,400 with the kernel, run 8).
-INFER_POOLED_DTYPES = ("float32",)
+# is, its sums in float32, and writes the layer's dtype). bfloat16 with the kernel at
+# batch 512: 221,700 pairs/s against float32's 191,400 in the same process (run 9), and
+# bfloat16 with cuDNN's 128² layer 186,200 (run 8); benchmarks/NOTES.md, run 9.
+INFER_POOLED_DTYPES = ("float32", "bfloat16")
 
 
 def pooled_conv(
