@@ -19,7 +19,7 @@
 #                                    # their compiled programs in hlo.tar.gz (80)
 #   bash benchmarks/gpu.sh ncu       # Nsight Compute on our Triton kernels at batch 512 and
 #                                    # in a train step: throughput, occupancy, warp stalls,
-#                                    # memory (ncu_*.txt, ncu.tar.gz) (150)
+#                                    # memory (ncu_*.txt, its logs ncu_*.log, ncu.tar.gz) (150)
 #   bash benchmarks/gpu.sh flags     # one pair, batch 512 and training under XLA flag sets:
 #                                    # CUDA graphs off; no Triton GEMMs; cuDNN runtime fusion
 #                                    # (conv + bias + ELU); graphs around loops, from one op (120)
@@ -145,25 +145,33 @@ profile() {
 }
 
 ncu() {  # hardware counters need the Firecracker runtime (KINDS.md): gVisor refuses them
-  local tool end=$((SECONDS + ${NCU_SECONDS:-150})) dir=/tmp/ncu
+  local tool end=$((SECONDS + ${NCU_SECONDS:-150})) dir=/tmp/ncu status
   tool=$(type -P ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)  # not this function
   if [ -z "$tool" ]; then echo "ncu: not found" | tee -a "$OUT/gpu.log"; return; fi
+  "$tool" --version | tail -1 | tee -a "$OUT/gpu.log"
   mkdir -p $dir
   # Our kernels by name (Pallas names them after their Python functions; XLA suffixes
-  # copies __N), the 3 warm-up calls of each workload; the clocks as they are (METHOD.md).
-  # One allocation per buffer, not XLA's preallocated pool, so that replaying a kernel
-  # saves and restores its own buffers only.
+  # copies __N), the first 16 launches of the warm-up calls of each workload; the clocks as
+  # they are (METHOD.md). One allocation per buffer, not XLA's preallocated pool, so that
+  # replaying a kernel saves and restores its own buffers only. No autotuning: its
+  # thousands of launches pass through ncu too, and the Triton kernels' blocks are fixed.
+  # Run 9 printed nothing in 170 s (the output went through `tail`, and ncu outlived its
+  # SIGTERM): each run now writes its own log as it goes and is killed 10 s after.
   local names='^(_kernel_dot|_kernel|_stats_kernel|_sums_kernel|_kernel_grad_kernel|_conv_kernel_pairs|_kernel_grad_kernel_pairs)(__[0-9]+)?$'
   for args in "--batch=512" "--what=train --batch=32"; do
     name=$(echo "$args" | tr -dc 'a-z0-9=' | tr '=' '_')
     # shellcheck disable=SC2086  # $args holds several flags
     XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
-      timeout $((end - SECONDS > 10 ? end - SECONDS : 10)) "$tool" --clock-control none \
-      --target-processes all --kernel-name regex:"$names" --launch-count 40 \
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+      timeout -k 10 $((end - SECONDS > 10 ? end - SECONDS : 10)) "$tool" --clock-control none \
+      --target-processes all --kernel-name regex:"$names" --launch-count 16 \
       --section SpeedOfLight --section LaunchStats --section Occupancy \
       --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
       --section ComputeWorkloadAnalysis -f -o "$dir/$name" \
-      $py -m benchmarks.profile $args --calls=0 2>&1 | tail -20 | tee -a "$OUT/gpu.log"
+      $py -m benchmarks.profile $args --calls=0 >"$OUT/ncu_$name.log" 2>&1
+    status=$?
+    echo "ncu $args: exit $status, $(grep -c '==PROF== Profiling' "$OUT/ncu_$name.log") kernels" \
+      | tee -a "$OUT/gpu.log"
     [ -f "$dir/$name.ncu-rep" ] && "$tool" --import "$dir/$name.ncu-rep" --page details \
       >"$OUT/ncu_$name.txt" 2>&1
   done
