@@ -401,13 +401,16 @@ def _register_group(
         fixed: LoadedImage = images[0]
         try:
             row.out.mkdir(parents=True, exist_ok=True)
-            written = [
-                imageio.write_image(row.out / "warped", result.warped, fixed),
-                imageio.write_displacement(row.out / "displacement", result.displacement, fixed),
-            ]
-            if result.labels is not None:
-                labels_like = dataclasses.replace(fixed, array=images[2].array)
-                written.append(imageio.write_image(row.out / "labels", result.labels, labels_like))
+            with wd.atomic_outputs():  # a pair's files all new, or all as they were
+                written = [
+                    imageio.write_image(row.out / "warped", result.warped, fixed),
+                    imageio.write_displacement(
+                        row.out / "displacement", result.displacement, fixed
+                    ),
+                ]
+                if result.labels is not None:
+                    like = dataclasses.replace(fixed, array=images[2].array)
+                    written.append(imageio.write_image(row.out / "labels", result.labels, like))
         except OSError as err:
             errors.append(f"{row.moving}: cannot write to {row.out}: {err.strerror or err}")
             continue

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import json
 import os
@@ -25,6 +26,11 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 LOCK = ".training.lock"
 
+# (temporary, final) paths whose renames wait for the innermost `atomic_outputs`.
+_pending: contextvars.ContextVar[list[tuple[str, Path]] | None] = contextvars.ContextVar(
+    "pending_renames", default=None
+)
+
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
@@ -32,6 +38,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
     A kill at any moment leaves either the old file or the new one, never half of one. The
     temporary name ends like `path` (".nii.gz" too), for writers that go by the suffix.
+    Inside `atomic_outputs` the rename waits for its end.
     """
     path = Path(path)
     if path.exists() and not path.is_file():  # a rename would replace /dev/null, say
@@ -43,7 +50,12 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are ordinary files
-        os.replace(tmp, path)
+        pending = _pending.get()
+        if pending is None:
+            os.replace(tmp, path)
+        else:
+            pending.append((tmp, path))
+            tmp = None  # `atomic_outputs` renames or deletes it
     except OSError as err:
         if err.filename is not None and tmp is not None and str(err.filename) != tmp:
             raise
@@ -52,6 +64,32 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise OSError(err.errno, err.strerror, str(path)) from err
     finally:
         if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_outputs() -> Iterator[None]:
+    """The files written by `atomic_output` inside it appear together at its end, or none
+    of them: an error inside deletes them all and leaves the old files as they were (one
+    pair's warped image and displacement, say). Only a fault between the renames at the
+    end, which need no room on the disk, can leave some renamed."""
+    pending: list[tuple[str, Path]] = []
+    token = _pending.set(pending)
+    try:
+        yield
+        _pending.reset(token)
+        token = None
+        while pending:
+            tmp, path = pending[0]
+            try:
+                os.replace(tmp, path)
+            except OSError as err:
+                raise OSError(err.errno, err.strerror, str(path)) from err
+            pending.pop(0)
+    finally:
+        if token is not None:
+            _pending.reset(token)
+        for tmp, _ in pending:
             Path(tmp).unlink(missing_ok=True)
 
 

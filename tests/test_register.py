@@ -132,6 +132,16 @@ def test_an_output_that_itk_cuts_short_is_an_error_not_a_file(model_dir, pair, t
     with pytest.raises(OSError, match=f"No space left on device: '{tmp_path / 'w.png'}'"):
         imageio.write_image(tmp_path / "w", fixed * 200, like)
 
+    # The disk fills between a pair's files: the earlier run's set stays whole, not a new
+    # warped image beside an old displacement.
+    (out / "displacement.nii.gz").write_bytes(b"an earlier run's field")
+    monkeypatch.setattr(sitk, "WriteImage", lambda image, path, *more: (
+        refuse(image, path) if "displacement" in path else real(image, path, *more)))  # fmt: skip
+    assert cli.main(args(model_dir, out, fixed=str(f), moving=str(m))) != 0
+    assert "No space left on device" in capsys.readouterr().err
+    assert files_in(out) == ["displacement.nii.gz", "warped.nii.gz"]
+    assert (out / "warped.nii.gz").read_bytes() == b"an earlier run's"
+
 
 @pytest.mark.parametrize("kind", ["npy", "dcm"])
 def test_numpy_and_dicom_pairs(model_dir, pair, tmp_path, kind):

@@ -519,6 +519,35 @@ def test_atomic_output_names_the_output_in_a_write_error(tmp_path, named):
         raise OSError(errno.EACCES, "Permission denied", "elsewhere")  # another file: as is
 
 
+def test_atomic_outputs_appear_together_or_not_at_all(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("old a")
+    b.write_text("old b")
+    with pytest.raises(OSError, match=re.escape(f"device: '{b}'")), wd.atomic_outputs():
+        wd.atomic_write_text(a, "new a")
+        assert a.read_text() == "old a"  # not yet: the set is not whole
+        with wd.atomic_output(b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (a.read_text(), b.read_text()) == ("old a", "old b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]  # no temporaries
+    with wd.atomic_outputs():
+        wd.atomic_write_text(a, "new a")
+        wd.atomic_write_text(b, "new b")
+        assert a.read_text() == "old a"
+    assert (a.read_text(), b.read_text()) == ("new a", "new b")
+    wd.atomic_write_text(a, "alone")  # outside one, each file is renamed at once again
+    assert a.read_text() == "alone" and len(list(tmp_path.iterdir())) == 2
+    # A rename at the end that fails names its output and leaves no temporary behind.
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: real(src, dst) if dst == a else
+                        (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))  # fmt: skip
+    with pytest.raises(OSError, match=re.escape(f"I/O error: '{b}'")), wd.atomic_outputs():
+        wd.atomic_write_text(a, "last a")
+        wd.atomic_write_text(b, "last b")
+    assert (a.read_text(), b.read_text()) == ("last a", "new b")
+    assert len(list(tmp_path.iterdir())) == 2
+
+
 def test_metrics_name_a_line_that_is_not_json(tmp_path):
     (tmp_path / wd.METRICS).write_text('{"step": 10}\n{"step": 2\n{"step": 30}\n')
     with pytest.raises(ValueError, match=rf"{wd.METRICS}, line 2: not a metrics record"):
