@@ -539,8 +539,13 @@ def test_atomic_outputs_appear_together_or_not_at_all(tmp_path, monkeypatch):
     assert a.read_text() == "alone" and len(list(tmp_path.iterdir())) == 2
     # A rename at the end that fails names its output and leaves no temporary behind.
     real = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: real(src, dst) if dst == a else
-                        (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))  # fmt: skip
+
+    def replace_a_only(src, dst):
+        if dst != a:
+            raise OSError(errno.EIO, "I/O error")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_a_only)
     with pytest.raises(OSError, match=re.escape(f"I/O error: '{b}'")), wd.atomic_outputs():
         wd.atomic_write_text(a, "last a")
         wd.atomic_write_text(b, "last b")
