@@ -24,12 +24,21 @@ from dirnet_jax.bspline import HIGHEST, control_point_positions
 
 def radial_basis(r2: np.ndarray, ndim: int) -> np.ndarray:
     """Polyharmonic kernel of the thin-plate spline, given squared distances."""
-    if ndim == 2:
-        safe = np.where(r2 > 0, r2, 1.0)
-        return np.where(r2 > 0, 0.5 * r2 * np.log(safe), 0.0)  # r² log r
+    if ndim == 2:  # r² log r = ½ r² log r², 0 at r = 0; in place (a 256² map's is 134 MB)
+        out = np.zeros_like(r2)
+        np.log(r2, out=out, where=r2 > 0)
+        out *= r2
+        out *= 0.5  # exact: the same values as 0.5 * r2 * log(r2)
+        return out
     if ndim == 3:
         return -np.sqrt(r2)
     raise ValueError(f"thin-plate splines are implemented for 2D and 3D, not {ndim}D")
+
+
+def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[len(a), len(b)] squared distances between the points of a [n, ndim] and b [m, ndim],
+    one axis at a time (a sum over a length-ndim last axis took 1.3 s at 256², this 0.1)."""
+    return sum((a[:, None, d] - b[None, :, d]) ** 2 for d in range(a.shape[1]))
 
 
 def control_points(spatial_shape: tuple[int, ...], grid_shape: tuple[int, ...]) -> np.ndarray:
@@ -62,7 +71,7 @@ def tps_matrix(spatial_shape: tuple[int, ...], grid_shape: tuple[int, ...]) -> n
         raise ValueError(f"a thin-plate spline needs at least {ndim + 1} control points, got {n}")
     poly = np.concatenate([np.ones((n, 1)), pts], axis=1)  # [n, ndim + 1]
     system = np.zeros((n + ndim + 1, n + ndim + 1))
-    system[:n, :n] = radial_basis(((pts[:, None] - pts[None]) ** 2).sum(-1), ndim)
+    system[:n, :n] = radial_basis(squared_distances(pts, pts), ndim)
     system[:n, n:] = poly
     system[n:, :n] = poly.T
     rhs = np.concatenate([np.eye(n), np.zeros((ndim + 1, n))])
@@ -70,7 +79,7 @@ def tps_matrix(spatial_shape: tuple[int, ...], grid_shape: tuple[int, ...]) -> n
 
     axes = [np.arange(size) / unit for size in spatial_shape]
     pixels = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, ndim)
-    r2 = ((pixels[:, None] - pts[None]) ** 2).sum(-1)  # [P, n]
+    r2 = squared_distances(pixels, pts)  # [P, n]
     design = np.concatenate([radial_basis(r2, ndim), np.ones((len(pixels), 1)), pixels], axis=1)
     return (design @ solver).astype(np.float32)
 
