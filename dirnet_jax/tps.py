@@ -6,7 +6,7 @@ spline ``u(x) = a_0 + a·x + Σ_k w_k φ(|x − c_k|)`` with ``φ(r) = r² log r
 in 3D), which passes through every control value and reproduces affine fields exactly.
 
 The whole interpolation (solve, then evaluate at every pixel) is linear in the control values
-and depends only on the grid and image size: it is folded into one ``[pixels, control points]``
+and depends only on the grid and image size: it is folded into one ``[control points, pixels]``
 matrix per shape, built once in float64 (NumPy, cached), so each call is one matrix product.
 """
 
