@@ -609,7 +609,8 @@ def main(argv: list[str]) -> None:
     table.rows.sort(key=lambda r: (-r["size"], order[r["impl"]]))  # stable: variants in order
 
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
-    print(f"\n{device}, jax {jax.__version__}, malloc: {machine.malloc()}")
+    host = f"{machine.host_cpu()}, {machine.cpu_vector() or 'vector extension unknown'}"
+    print(f"\n{device}, jax {jax.__version__}, malloc: {machine.malloc()}; host: {host}")
     header = (
         f"{'impl':7} {'variant':8} {'size':>4}  {'measure':24} {'median':>11} "
         f"{'rate':>17} {'1st call':>8} {'MiB':>7} {'vs jax':>7}"

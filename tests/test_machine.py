@@ -1,4 +1,4 @@
-"""What a timing was measured on: the allocator the process runs on."""
+"""What a timing was measured on: the allocator the process runs on, the host CPU."""
 
 import ctypes.util
 import os
@@ -46,3 +46,24 @@ def test_malloc_advice_only_for_large_images_under_the_system_malloc(monkeypatch
     assert "LD_PRELOAD=libtcmalloc_minimal.so.4" in advice and "\n" not in advice
     monkeypatch.setattr(machine, "malloc", lambda: "tcmalloc")
     assert machine.malloc_advice(256) is None
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [("fpu sse4_2 avx avx2 fma avx512f avx512bw", "avx512f"),
+     ("fpu sse4_2 avx avx2 fma", "avx2"),
+     ("fpu sse sse2", "")],
+)  # fmt: skip
+def test_cpu_vector_is_the_widest_extension_listed(monkeypatch, tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+    real_open = open
+    monkeypatch.setattr(machine, "open", lambda path, *a: real_open(cpuinfo, *a), raising=False)
+    assert machine.cpu_vector() == expected
+    assert machine.host_cpu().startswith("Some CPU, ")
+
+
+def test_describe_names_the_host_cpu():
+    description = machine.describe()
+    assert description["cpu"] == machine.host_cpu()
+    assert description["cpu_vector"] in (*machine.VECTOR_FLAGS, "")
