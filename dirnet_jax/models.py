@@ -745,9 +745,19 @@ def check_pair(config: DIRNetConfig, fixed: jax.Array, moving: jax.Array) -> Non
 
 
 def init_variables(config: DIRNetConfig, key: jax.Array) -> dict[str, Any]:
-    """Fresh {'params', 'batch_stats'} for `config` at its image shape."""
-    dummy = jnp.zeros((1, *config.image_shape, config.channels), jnp.float32)
-    return dict(Regressor(config).init(key, dummy, dummy, train=False))
+    """Fresh {'params', 'batch_stats'} for `config` at its image shape.
+
+    One compiled program per network (`config.network()`: seeds and schedules share it).
+    Run op by op, flax's init compiled each of its operations alone (~100 programs for
+    its forward pass at the image shape): 9 s of a fresh process's start at 28² on a
+    2-core AVX2 CPU, against 3 s (benchmarks/NOTES.md)."""
+    return _init_variables(config.network(), key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_variables(network: DIRNetConfig, key: jax.Array) -> dict[str, Any]:
+    dummy = jnp.zeros((1, *network.image_shape, network.channels), jnp.float32)
+    return dict(Regressor(network).init(key, dummy, dummy, train=False))
 
 
 def apply(

@@ -41,7 +41,8 @@ def test_every_variant_shapes_and_identity_start(rng, name, base, grid):
     variables = init_variables(config, jax.random.key(0))
     x = jnp.asarray(rng.uniform(size=(2, *config.image_shape, 1)), jnp.float32)
     y = jnp.asarray(rng.uniform(size=(2, *config.image_shape, 1)), jnp.float32)
-    reg, stats = apply(config, variables, x, y, train=True)
+    # Compiled whole (op by op, the 14 cases took 84 s here against 70).
+    reg, stats = jax.jit(functools.partial(apply, config, train=True))(variables, x, y)
     assert reg.grid.shape == (2, *grid, 2)
     assert reg.displacement.shape == (2, *config.image_shape, 2)
     assert reg.warped.shape == y.shape
@@ -552,3 +553,16 @@ def test_regressor_sees_the_pair_in_order():
     assert not np.allclose(
         r.apply(variables, a, b, train=False), r.apply(variables, b, a, train=False)
     )
+
+
+def test_init_variables_is_flax_init_compiled_once_per_network():
+    key = jax.random.key(3)
+    dummy = jnp.zeros((1, *MNIST.image_shape, 1), jnp.float32)
+    want = dict(Regressor(MNIST).init(key, dummy, dummy, train=False))  # flax's, op by op
+    got = init_variables(MNIST, key)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)  # fused: an ulp at most
+    compiled = models._init_variables._cache_size()
+    init_variables(MNIST.replace(seed=5, num_steps=7, batch_size=3), key)  # run fields
+    assert models._init_variables._cache_size() == compiled
