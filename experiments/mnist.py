@@ -180,6 +180,7 @@ def run_digit(digit: int, data: dict, config: DIRNetConfig, root: Path, args) ->
         to_float(train_x[train_y == digit]),
         to_float(val_x[val_y == digit]),
         progress=args.progress,
+        steps_per_dispatch=args.steps_per_dispatch,
     )
 
     def evaluate() -> dict:

@@ -261,7 +261,10 @@ def variant_row(
     )
     if row is not None:
         return row
-    state = train.fit(config, run_dir, train_data, val_data, progress=args.progress)
+    state = train.fit(
+        config, run_dir, train_data, val_data, progress=args.progress,
+        steps_per_dispatch=args.steps_per_dispatch,
+    )  # fmt: skip
 
     def evaluate() -> dict:
         variables = {"params": state.params, "batch_stats": state.batch_stats}

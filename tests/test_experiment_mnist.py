@@ -44,6 +44,7 @@ def args_for(standin, workdir, **overrides):
         checkpoint_every=10,
         progress=False,
         compute_dtype="float32",
+        steps_per_dispatch=None,
     )
     return types.SimpleNamespace(**(values | overrides))
 
@@ -102,6 +103,7 @@ def test_test_pairs_exclude_the_fixed_image():
             "error: MNIST source /nonexistent/mnist.pkl.gz does not exist",
         ),
         (["--learning_rate=nan"], "--learning_rate is finite and ≥ 0"),
+        (["--steps_per_dispatch=0"], "--steps_per_dispatch=0: 0 is not a positive integer"),
         (["--workdir=README.md"], "error: [Errno 17] File exists: 'README.md'"),
     ],
 )
@@ -135,7 +137,7 @@ def test_sigterm_stops_with_a_checkpoint_and_its_exit_code(standin, tmp_path):
     cmd = [sys.executable, "-m", "experiments.mnist", f"--workdir={work}",
            f"--data_dir={standin / 'tfds'}", f"--mnist_pickle={standin / 'mnist.pkl.gz'}",
            "--digits=3", "--iterations=100000", "--batch_size=8", "--log_every=10",
-           "--checkpoint_every=100000", "--noprogress"]  # fmt: skip
+           "--checkpoint_every=100000", "--noprogress", "--steps_per_dispatch=1"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_training(work / "digit_3", [proc])
