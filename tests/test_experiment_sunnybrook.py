@@ -19,11 +19,13 @@ SPEC = phantom.CohortSpec(num_patients=3, slices=2, phases=6, size=64, spacing_m
 
 
 def args_for(tmp_path, **overrides):
+    # Single steps: one training program per variant to compile, not two (the MNIST
+    # experiment's test trains as `fit` does by default).
     values = dict(
         variant="C1", preset="cpu", scd_dir=None, data_dir=str(tmp_path / "tfds"),
         workdir=str(tmp_path / "run"), iterations=None, batch_size=8, learning_rate=1e-3,
         seed=0, log_every=10, checkpoint_every=10, elastix=True, summarize=False, progress=False,
-        in_memory=False, compute_dtype="float32",
+        in_memory=False, compute_dtype="float32", steps_per_dispatch=1,
     )  # fmt: skip
     return types.SimpleNamespace(**(values | overrides))
 

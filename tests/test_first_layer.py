@@ -12,6 +12,7 @@ from benchmarks import core
 from dirnet_jax import DIRNetConfig, first_layer, init_variables, models
 from tests.references import conv_elu_pool, registering
 
+pytestmark = pytest.mark.usefixtures("unoptimized_compiles")  # conftest: -O0 on a CPU
 ON_GPU = jax.default_backend() == "gpu"  # else the kernel runs in Pallas' interpreter
 
 

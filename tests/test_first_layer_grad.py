@@ -15,6 +15,7 @@ from dirnet_jax import first_layer_grad, models
 from dirnet_jax.elu import elu
 from tests.references import conv_same
 
+pytestmark = pytest.mark.usefixtures("unoptimized_compiles")  # conftest: -O0 on a CPU
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
 

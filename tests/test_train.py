@@ -49,7 +49,9 @@ def test_toy_training_raises_ncc(tmp_path, dtype):
     config = TOY.replace(
         num_steps=300, batch_size=16, log_every=50, checkpoint_every=300, compute_dtype=dtype
     )
-    train.fit(config, tmp_path, shifted_blobs(0, 64), shifted_blobs(1, 64), progress=False)
+    # Single steps: this network's only program (fit's default compiles two).
+    train.fit(config, tmp_path, shifted_blobs(0, 64), shifted_blobs(1, 64), progress=False,
+              steps_per_dispatch=1)  # fmt: skip
     records = wd.read_metrics(tmp_path)
     assert [r["step"] for r in records] == [50, 100, 150, 200, 250, 300]
     before, first, last = (
@@ -102,7 +104,7 @@ def append_then_die(path, record):
     os.kill(os.getpid(), signal.SIGKILL)
 
 workdir.append_metrics = append_then_die
-train.fit(config, sys.argv[1], shifted_blobs(0, 16), progress=False)
+train.fit(config, sys.argv[1], shifted_blobs(0, 16), progress=False, steps_per_dispatch=1)
 """
 
 
@@ -115,9 +117,13 @@ def test_kill_minus_nine_mid_record_then_rerun_resumes(tmp_path, pool):
     assert (run / wd.METRICS).read_text().count("\n") == 2  # and half of step 30's record
     assert [r["step"] for r in wd.read_metrics(run)] == [10, 20]
 
-    resumed = train.fit(TOY, run, pool, progress=False)  # the same command again
+    # The same command again, and one never killed: single steps as the script's (bit for
+    # bit only with the same programs).
+    resumed = train.fit(TOY, run, pool, progress=False, steps_per_dispatch=1)
     assert [r["step"] for r in wd.read_metrics(run)] == [10, 20, 30, 40]
-    uninterrupted = train.fit(TOY, tmp_path / "uninterrupted", pool, progress=False)
+    uninterrupted = train.fit(
+        TOY, tmp_path / "uninterrupted", pool, progress=False, steps_per_dispatch=1
+    )
     assert leaves_equal(resumed, uninterrupted)
 
 
@@ -126,7 +132,8 @@ import gc, sys, time
 from dirnet_jax import register, train
 from dirnet_jax.toy import shifted_blobs
 config = train.DIRNetConfig(**{config})
-for attempt in (lambda: train.fit(config, sys.argv[1], shifted_blobs(0, 16), progress=False),
+for attempt in (lambda: train.fit(config, sys.argv[1], shifted_blobs(0, 16), progress=False,
+                                  steps_per_dispatch=1),
                 lambda: register.load_model(sys.argv[1])):
     try:
         attempt()
@@ -182,7 +189,7 @@ config = train.DIRNetConfig(**{config})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))  # a 3×3×16×16 conv: 9 kB
 try:
-    train.fit(config, sys.argv[1], shifted_blobs(0, 16), progress=False)
+    train.fit(config, sys.argv[1], shifted_blobs(0, 16), progress=False, steps_per_dispatch=1)
 except train.CheckpointNotSaved as err:
     print(type(err).__name__, err)
 
@@ -293,11 +300,11 @@ with socket.socket() as s:
 jax.distributed.initialize(f"localhost:{port}", 1, 0)  # JAX's preemption service
 config = train.DIRNetConfig(**{config})
 pool = shifted_blobs(0, 16)
-train.fit(config, sys.argv[1], pool, progress=False)  # 40 steps
+train.fit(config, sys.argv[1], pool, progress=False, steps_per_dispatch=1)  # 40 steps
 os.kill(os.getpid(), signal.SIGTERM)  # between two runs: JAX's service catches it
 time.sleep(2)
 try:
-    train.fit(config.replace(num_steps=60), sys.argv[1], pool, progress=False)
+    train.fit(config.replace(num_steps=60), sys.argv[1], pool, progress=False, steps_per_dispatch=1)
 except train.Interrupted as stop:
     print(stop)
     sys.exit(stop.exit_code)
@@ -446,7 +453,8 @@ def test_workdir_from_before_a_config_field_existed_is_reused(tmp_path):
 
 
 def test_custom_similarity_plugs_in(tmp_path, pool):
-    state = train.fit(TOY.replace(similarity=mse_loss, num_steps=5), tmp_path, pool, progress=False)
+    config = TOY.replace(similarity=mse_loss, num_steps=5)  # its own programs: single steps
+    state = train.fit(config, tmp_path, pool, progress=False, steps_per_dispatch=1)
     assert int(state.step) == 5
     assert json.loads((tmp_path / "config.json").read_text())["similarity"].endswith("mse_loss")
 
@@ -474,7 +482,8 @@ def test_grouped_pairs_stay_within_a_group():
 
 def test_fit_on_grouped_pool(tmp_path):
     pool = shifted_blobs(0, 12).reshape(3, 4, 28, 28, 1)  # 3 "slices" × 4 "phases"
-    state = train.fit(TOY.replace(num_steps=10), tmp_path, pool, pool, progress=False)
+    config = TOY.replace(num_steps=10)  # grouped: its own programs, so single steps
+    state = train.fit(config, tmp_path, pool, pool, progress=False, steps_per_dispatch=1)
     assert int(state.step) == 10
     assert "val_loss" in wd.read_metrics(tmp_path)[-1]
 

@@ -19,6 +19,7 @@ from dirnet_jax import DIRNetConfig, dispatch, models, train_conv
 from dirnet_jax.train import _loss, create_train_state
 from tests.references import conv_same
 
+pytestmark = pytest.mark.usefixtures("unoptimized_compiles")  # conftest: -O0 on a CPU
 ON_GPU = jax.default_backend() == "gpu"  # else the kernels run in Pallas' interpreter
 INTERPRET = not ON_GPU
 # One TF32 product per tap (the default) on a GPU: ~1e-3 relative; exact in the interpreter.
