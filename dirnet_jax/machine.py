@@ -76,8 +76,9 @@ def cpu_vector() -> str:
     """The widest vector extension of the host CPU that XLA:CPU compiles for: "avx512f",
     "avx2", … from /proc/cpuinfo's flags; "" where unknown.
 
-    Host-CPU timings depend on it: the same 28² training step ran 445 steps/s on a 2-core
-    machine with AVX-512 and 150 on a 2-core AMD EPYC with AVX2 (benchmarks/NOTES.md)."""
+    Host-CPU timings depend on the processor: the same 28² training step ran 445 steps/s
+    on the 2-core CPU of the sessions up to 2026-11-27 (its model and extensions were not
+    recorded) and 150 on a 2-core AMD EPYC with AVX2 (benchmarks/NOTES.md)."""
     try:
         with open("/proc/cpuinfo") as f:
             line = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
