@@ -5,6 +5,15 @@ import numpy as np
 import pytest
 
 
+def run_folder(tmp_path_factory, name: str):
+    """basetemp/`name`: with pytest-xdist, that of this run's pytest-N folder, which its
+    workers share (each worker's basetemp is pytest-N/popen-gwK)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin made its factory
 def pytest_configure(config):
     """Programs of the test processes that took 1 s or more to compile go to XLA's
@@ -15,10 +24,7 @@ def pytest_configure(config):
     factory = getattr(config, "_tmp_path_factory", None)
     if factory is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
-    base = factory.getbasetemp()  # with xdist: this run's pytest-N/popen-gwK
-    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla-tests"
-    folder.mkdir(exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_compilation_cache_dir", str(run_folder(factory, "xla-tests")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
@@ -28,12 +34,7 @@ def cache_home(tmp_path_factory):
     one folder for this run, shared by pytest-xdist's workers (a program one worker's
     command compiled, the other's loads; jax's cache takes a file lock to write)."""
     old = os.environ.get("XDG_CACHE_HOME")
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is this run's pytest-N/popen-gwK
-        shared = tmp_path_factory.getbasetemp().parent / "cache"
-        shared.mkdir(exist_ok=True)
-    else:
-        shared = tmp_path_factory.mktemp("cache")
-    os.environ["XDG_CACHE_HOME"] = str(shared)
+    os.environ["XDG_CACHE_HOME"] = str(run_folder(tmp_path_factory, "cache"))
     yield
     if old is None:
         del os.environ["XDG_CACHE_HOME"]
