@@ -17,9 +17,10 @@ install:
 test:
 	$(BIN)/python -m pytest -q -m "not slow" -n auto --maxprocesses=4 --dist loadfile
 
-# Also the tests marked slow (the benchmark tools run whole; before a GPU lease).
+# Also the tests marked slow (the benchmark tools run whole), and everything compiled at
+# XLA:CPU's full optimization as users run (make test: LLVM -O0). Before a GPU lease.
 test-all:
-	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile --optimized
 
 lint:
 	$(BIN)/ruff check .

@@ -14,13 +14,32 @@ def run_folder(tmp_path_factory, name: str):
     return folder
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--optimized",
+        action="store_true",
+        help="on a CPU, compile at XLA's full optimization as users run (default: LLVM -O0)",
+    )
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin made its factory
 def pytest_configure(config):
-    """Programs of the test processes that took 1 s or more to compile go to XLA's
-    persistent cache, one folder for the run shared by pytest-xdist's workers: a training
-    step, flax's init or an interpreted kernel that two workers both compile is compiled
-    once. (The commands the tests start keep theirs as users' do: `cache_home`.) Set
-    before any test module is imported, so before anything compiles."""
+    """Set before any test module is imported, so before anything compiles:
+
+    * On a CPU, unless ``--optimized``: XLA compiles at LLVM -O0
+      (`jax_disable_most_optimizations`, also for the commands the tests start). The same
+      HLO programs and fusions, generated without LLVM's expensive passes: the suite's
+      compiles were most of its time (13:41 → 10:57 on a 2-core AVX2 CPU). `make test-all`
+      compiles as users run.
+    * Programs of the test processes that took 1 s or more to compile go to XLA's
+      persistent cache, one folder for the run shared by pytest-xdist's workers: a
+      training step, flax's init or an interpreted kernel that two workers both compile
+      is compiled once. (The commands the tests start keep theirs as users' do:
+      `cache_home`.)
+    """
+    if not config.getoption("--optimized") and jax.default_backend() == "cpu":
+        os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+        jax.config.update("jax_disable_most_optimizations", True)
     factory = getattr(config, "_tmp_path_factory", None)
     if factory is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
@@ -52,7 +71,8 @@ def unoptimized_compiles():
     """XLA:CPU compiles at -O0 while a module's tests last (`jax_disable_most_optimizations`;
     its compiled programs are dropped at the end), for the tests of our GPU kernels run by
     Pallas' interpreter on a CPU: they check the kernels' sums, not XLA:CPU's code, and
-    compiling was most of their time (-O0: 19 % less in all). On a GPU: unchanged."""
+    compiling was most of their time (-O0: 19 % less in all). Without `--optimized` the
+    whole suite compiles so already. On a GPU: unchanged."""
     if jax.default_backend() != "cpu":
         yield
         return
@@ -61,5 +81,6 @@ def unoptimized_compiles():
     try:
         yield
     finally:
-        jax.config.update("jax_disable_most_optimizations", before)
-        jax.clear_caches()
+        if not before:  # `--optimized`: the module's -O0 programs go
+            jax.config.update("jax_disable_most_optimizations", before)
+            jax.clear_caches()
