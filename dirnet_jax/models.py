@@ -768,7 +768,12 @@ def apply(
     *,
     train: bool = False,
 ) -> tuple[Registration, Any]:
-    """Register a batch of pairs.
+    """Register a batch of pairs: a pure function to call inside your own `jax.jit` (or
+    `jax.grad`). Outside one JAX runs it op by op: on the 2-core CPU, a 28² batch of 32
+    took 6.7 s at the first call and 120 ms after, against 0.76 s and 2.2 ms jitted.
+    `register` is the jitted inference call. It is not jitted here because what it
+    traces depends on `dispatch.split_over` and on this module's switches, which a
+    cached trace would not see.
 
     Args:
       config: the DIRNet's configuration.
