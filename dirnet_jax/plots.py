@@ -1,8 +1,8 @@
 """Figures: learning curves and tables of images, written atomically as PNG.
 
-matplotlib is imported by the functions that draw, not with this module: the commands
-import it, and a process that stops before its figures (a bad flag, a signal, a cluster's
-non-primary process) saved its 0.5–0.6 s of import on the 2-core CPU."""
+matplotlib is imported where a figure is drawn, not with this module: a command that stops
+before its figures (a bad flag, a signal, a cluster's non-primary process) skips its
+import, 0.5–0.6 s on the 2-core CPU."""
 
 from __future__ import annotations
 
