@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from tests import fake_scd
 
 tfds = pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("SimpleITK")
-from dirnet_jax.datasets import cardiac, scd  # noqa: E402
+from dirnet_jax.datasets import cardiac, mnist, scd  # noqa: E402
+from dirnet_jax.datasets.build import look  # noqa: E402
 
 
 def test_phantom_is_deterministic_and_hard_like_the_paper():
@@ -62,6 +64,24 @@ def test_phantom_builder_splits_by_patient(tmp_path):
     direct = phantom.generate_patient(spec, 2)
     np.testing.assert_array_equal(test["images"], direct["images"])
     np.testing.assert_array_equal(test["es_mask"], direct["es_mask"])
+
+
+def test_builders_leave_no_temporary_folders(tmp_path, monkeypatch):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    data = str(tmp_path / "tfds")
+    for make in (
+        lambda: mnist.DirnetMnist(data_dir=data),
+        lambda: cardiac.CardiacPhantom(data_dir=data),
+        lambda: cardiac.Sunnybrook(data_dir=data),
+    ):
+        builder, prepared = look(make)  # not prepared: TFDS would ask its bucket for the info
+        assert not prepared and builder.info.features is not None
+    assert list(tmp.iterdir()) == []
+    # TFDS's own method leaves its folder here: what the check above would catch.
+    tfds.core.DatasetInfo.initialize_from_bucket(builder.info)
+    assert [p.name[-4:] for p in tmp.iterdir()] == ["tfds"]
 
 
 def test_scd_reader_on_a_fake_tree(tmp_path):

@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import tensorflow_datasets as tfds
+
 LOCK = ".prepare.lock"
 # TFDS warnings that say nothing to our users: every builder but the default ones is made
 # from a custom config, and asking whether data is prepared warns of a variant folder with
@@ -17,6 +19,18 @@ LOCK = ".prepare.lock"
 # another job is writing: that job waits for the lock, then reads the finished data).
 CUSTOM_CONFIG = "Using custom data configuration"
 UNFINISHED = "Variant folder"
+
+
+class LocalInfo(tfds.core.DatasetInfo):
+    """`tfds.core.DatasetInfo` for a dataset prepared here, which TFDS's bucket never holds.
+
+    A builder whose data is not prepared yet asks the bucket (gs://tfds-data) for its info,
+    and TFDS 4.9.10 first makes a temporary folder that it never removes: every builder made
+    on a fresh data directory left an empty /tmp/tmp…tfds behind (hundreds over a sweep).
+    """
+
+    def initialize_from_bucket(self) -> None:
+        """Nothing to read: our datasets are not on the bucket (and it is offline here)."""
 
 
 @contextlib.contextmanager

