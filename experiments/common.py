@@ -24,6 +24,10 @@ def define_run_flags(*, workdir: str, iterations: int | None, checkpoint_every: 
     """Flags of every training experiment (each module adds its own)."""
     flags.DEFINE_string("workdir", workdir, "Where runs, results and figures go.")
     flags.DEFINE_string("data_dir", str(REPO_DATA), "TFDS data directory for prepared datasets.")
+    for name in ("workdir", "data_dir"):  # made when missing; a file there would fail later
+        flags.register_validator(
+            name, lambda p: not Path(p).exists() or Path(p).is_dir(), "is a file, not a folder"
+        )
     flags.DEFINE_integer("iterations", iterations, "Training iterations.", lower_bound=1)
     flags.DEFINE_integer("batch_size", 32, "Pairs per training batch.", lower_bound=1)
     flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")

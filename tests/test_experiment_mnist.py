@@ -104,7 +104,8 @@ def test_test_pairs_exclude_the_fixed_image():
         ),
         (["--learning_rate=nan"], "--learning_rate is finite and ≥ 0"),
         (["--steps_per_dispatch=0"], "--steps_per_dispatch=0: 0 is not a positive integer"),
-        (["--workdir=README.md"], "error: [Errno 17] File exists: 'README.md'"),
+        (["--workdir=README.md"], "--workdir=README.md: is a file, not a folder"),
+        (["--data_dir=README.md"], "--data_dir=README.md: is a file, not a folder"),
     ],
 )
 def test_bad_flags_exit_nonzero_with_one_line(tmp_path, flags, message):
