@@ -14,7 +14,7 @@ Writes to --workdir: results.json, results.md, fig2_learning_curves.png and
 fig2_registrations.png; digit_<d>/ holds each digit's run (config, metrics, checkpoints,
 evaluation), so an interrupted run resumes where it stopped.
 
-Runtime of the default run on a 2-core CPU: 3–4 minutes (training ~20 s per digit).
+Runtime of the default run on a 2-core CPU: 4–8½ minutes (training 20–50 s per digit).
 Result: mean NCC per digit rises from 0.31–0.54 before to 0.88–0.98 with DIRNet;
 SimpleElastix, optimising every pair for itself, reaches 0.93–0.98 on its 20 pairs per
 digit (the README has the table).
