@@ -76,6 +76,14 @@ def config_overrides(args: flags.FlagValues) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
+def tfds_progress(show: bool) -> None:
+    """TFDS's own progress bars (preparing a dataset: minutes for the synthetic cohort)
+    shown or not, as --progress says: --noprogress logs stay free of carriage returns."""
+    import tensorflow_datasets as tfds
+
+    tfds.display_progress_bar(show)
+
+
 def join_job(args: flags.FlagValues) -> None:
     """`jax.distributed.initialize` with the flags' coordinator, process count and index
     (None: found from the cluster's environment, SLURM's say); ValueError saying which

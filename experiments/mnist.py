@@ -263,6 +263,7 @@ def run(args) -> list[Path]:
     """The whole experiment for parsed flags; returns the output paths."""
     from dirnet_jax.datasets import mnist  # tensorflow-datasets only here
 
+    common.tfds_progress(args.progress)
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
     hosts.primary_first(lambda: mnist.prepare(args.data_dir, args.mnist_pickle), "mnist prepared")

@@ -124,6 +124,7 @@ def data_source(args, spec: phantom.CohortSpec | None, scd_size: int):
         return f"phantom:{spec.name}", lambda split: phantom.load_split(spec, split)
     from dirnet_jax.datasets import cardiac
 
+    common.tfds_progress(args.progress)
     builder = hosts.primary_first(
         lambda: cardiac.builder(args.data_dir, scd_dir=args.scd_dir, spec=spec, size=scd_size),
         "cardiac data prepared",

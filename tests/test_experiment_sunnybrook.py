@@ -36,8 +36,9 @@ def check_row(row, timed):
     assert ("sec_per_pair" in row) == timed
 
 
-def test_phantom_end_to_end(tmp_path):
+def test_phantom_end_to_end(tmp_path, capsys):
     paths = experiment.run(args_for(tmp_path), preset=TINY, spec=SPEC)
+    assert "Generating" not in capsys.readouterr().err  # TFDS's bars too follow --noprogress
     assert sorted(p.name for p in paths) == [
         "fig3_validation_loss.png", "fig4_example.png", "results.json", "results.md",
     ]  # fmt: skip
