@@ -13,7 +13,9 @@ cardiac net) and 28×28 (four convs, two downsamplings, the MNIST net): registra
 at batch 1 and 32 (and 512 on a GPU), training steps/s at batch 32 (a step on a given batch;
 pair sampling and step in one dispatch; and several steps per dispatch as `fit` runs them: 4
 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and memory per
-call. Each baseline is followed by the same network in PyTorch eager
+call. Each baseline is followed by the same network as a straightforward JAX prototype
+(benchmarks/prototype.py: flax's layers, map_coordinates, one jit per step; the kind of
+prototype the issue's targets were set against) and in PyTorch eager
 (benchmarks/torch_dirnet.py, if torch is installed), as ratios to DIRNet, and on a GPU by
 its A/B rows: registration with the first layer reading the stacked pair, by float32
 multiply-adds instead of one TF32 product, with the 128² layer by cuDNN instead of the
@@ -24,7 +26,8 @@ fused first layer buy), with bfloat16 activations; training with the first layer
 layer, with the later convs a product per tap (the taps form), with the training kernels
 off (`DIRNET_TRAIN_CONV=xla`), in bfloat16 with and without the later convs' kernels, and
 with every 3×3 conv by XLA's convolution (what `conv_taps` and the kernels buy together).
-`--ab=NAME,…` runs the baseline and those A/B rows alone. Then the
+`--ab=NAME,…` runs the baseline and those A/B rows alone (`prototype` and `PyTorch`
+name its twins). Then the
 other variants, and SimpleElastix per 256×256 pair with the paper's settings. Every 256×256
 row times the same synthetic cardiac ED/ES pairs (`timed_pairs`). Medians after warm-up,
 device work synchronised. Writes the table and the machine description to
@@ -401,6 +404,36 @@ def bench_torch(table: Table, config: DIRNetConfig, pairs, repeats: int) -> None
     )
 
 
+def bench_prototype(
+    table: Table, config: DIRNetConfig, pairs, batches, repeats: int
+) -> None:  # fmt: skip
+    """Rows of `benchmarks.prototype` (flax's layers, map_coordinates, one jit per step):
+    registration at each batch, one training step at batch 32, as ratios to ours."""
+    from benchmarks import prototype
+
+    size = config.image_shape[0]
+    variables = prototype.init(config, jax.random.key(config.seed))
+    register_fn = prototype.register_fn(config)
+    for b in batches:
+        fixed, moving = (jnp.asarray(a[:b]) for a in pairs)
+        first, sec = timed(lambda f=fixed, m=moving: register_fn(variables, f, m), repeats)
+        mb = compiled_mb(register_fn, variables, fixed, moving)
+        table.add("prototype", "baseline", size, f"register, batch {b}", first, sec, b,
+                  "pairs/s", mb)  # fmt: skip
+    tx, step = prototype.train_step(config)
+    fixed, moving = (jnp.asarray(a[:32]) for a in pairs)
+    state = [variables["params"], variables["batch_stats"], tx.init(variables["params"])]
+
+    def train():  # the state is donated by each call
+        params, batch_stats, opt_state, loss = step(*state, fixed, moving)
+        state[:] = [params, batch_stats, opt_state]
+        return loss
+
+    first, sec = timed(train, repeats)
+    mb = compiled_mb(step, *state, fixed, moving)
+    table.add("prototype", "baseline", size, "train step, batch 32", first, sec, 1, "steps/s", mb)
+
+
 def bench_elastix(table: Table, pairs, count: int) -> None:
     """SimpleElastix (the paper's settings) on the first `count` of the 256² pairs."""
     try:
@@ -558,6 +591,7 @@ def main(argv: list[str]) -> None:
             sys.exit("error: --ab: the A/B rows run on a GPU only")
         some_base = next(iter(bases.values()))
         known = {label for label, _ in gpu_ab_blocks(Table(), some_base, None, batches, 0)}
+        known |= {"prototype", "PyTorch"}  # the baseline's twins may be named too
         unknown = set(opts["ab"].split(",")) - known
         if unknown:
             sys.exit(f"error: --ab: no row {', '.join(sorted(unknown))}; "
@@ -570,6 +604,7 @@ def main(argv: list[str]) -> None:
         base, p, r = bases[size], pairs[size], repeats(size)
         rows = [
             ("baseline", lambda: bench_jax(table, "baseline", base, p, batches, r)),
+            ("prototype", lambda: bench_prototype(table, base, p, batches, r)),
             ("PyTorch", lambda: bench_torch(table, base, p, r)),
         ]
         if on_gpu:  # bfloat16 activations are for accelerators (slower on a CPU)
@@ -605,14 +640,14 @@ def main(argv: list[str]) -> None:
         save()
     if len(skipped) == len(blocks):  # no block ran, so none wrote it
         save()
-    order = {"jax": 0, "torch": 1, "elastix": 2}
+    order = {"jax": 0, "prototype": 1, "torch": 2, "elastix": 3}
     table.rows.sort(key=lambda r: (-r["size"], order[r["impl"]]))  # stable: variants in order
 
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
     host = f"{machine.host_cpu()}, {machine.cpu_vector() or 'vector extension unknown'}"
     print(f"\n{device}, jax {jax.__version__}, malloc: {machine.malloc()}; host: {host}")
     header = (
-        f"{'impl':7} {'variant':8} {'size':>4}  {'measure':24} {'median':>11} "
+        f"{'impl':9} {'variant':8} {'size':>4}  {'measure':24} {'median':>11} "
         f"{'rate':>17} {'1st call':>8} {'MiB':>7} {'vs jax':>7}"
     )
     print(header)
@@ -623,7 +658,7 @@ def main(argv: list[str]) -> None:
             mine = table.rate("jax", 256, "register, batch 1")
         ratio = f"{mine / r['per_sec']:6.1f}×" if mine else ""
         print(
-            f"{r['impl']:7} {r['variant']:8} {r['size']:>4}  {r['what']:24} "
+            f"{r['impl']:9} {r['variant']:8} {r['size']:>4}  {r['what']:24} "
             f"{r['median_ms']:9.2f}ms {r['per_sec']:9.1f} {r['unit']:>7} "
             f"{r['first_call_s']:7.2f}s {r['memory_mb']:7.0f} {ratio:>7}"
         )

@@ -191,10 +191,10 @@ def test_core_keeps_to_its_time_budget_and_prints_the_table(tmp_path, capsys):
     core.main(["--quick", "--seconds=0.001", f"--out={out}"])
     printed = capsys.readouterr().out
     assert (
-        "not run, the --seconds budget was spent: baseline 256², PyTorch 256², baseline 28², "
-        "PyTorch 28², SimpleElastix\n"
+        "not run, the --seconds budget was spent: baseline 256², prototype 256², PyTorch 256², "
+        "baseline 28², prototype 28², PyTorch 28², SimpleElastix\n"
     ) in printed
-    assert "impl    variant" in printed
+    assert "impl      variant" in printed
     assert json.loads(out.read_text())["rows"] == []
     core.main(["--variants=B1,C2", "--seconds=0.001", f"--out={out}"])
     printed = capsys.readouterr().out
@@ -280,6 +280,18 @@ def test_the_gpu_rows_run(monkeypatch):
         assert any(row["variant"] == f"baseline-{name}" for row in table.rows)
 
 
+def test_ab_keeps_the_baseline_and_the_rows_it_names(tmp_path, monkeypatch, capsys):
+    # --ab runs on a GPU only: here the backend's name says so, and the time budget is
+    # spent before the first block, so the list of blocks not run is the selection.
+    monkeypatch.setattr(core.jax, "default_backend", lambda: "gpu")
+    args = ["--sizes=28", "--seconds=1e-9", f"--out={tmp_path / 'core.json'}"]
+    core.main(["--ab=baseline-bf16,prototype", *args])
+    spent = "budget was spent: baseline 28², prototype 28², baseline-bf16 28²\n"
+    assert spent in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: --ab: no row prototypes; known: "):
+        core.main(["--ab=prototypes", *args])
+
+
 def test_core_reports_a_row_that_fails_and_goes_on(tmp_path, monkeypatch, capsys):
     def fails_at_256(table, name, config, *args):
         if config.image_shape[0] == 256:
@@ -287,6 +299,7 @@ def test_core_reports_a_row_that_fails_and_goes_on(tmp_path, monkeypatch, capsys
         table.add("jax", name, 28, "register, batch 1", 0.1, 1e-3, 1, "pairs/s")
 
     monkeypatch.setattr(core, "bench_jax", fails_at_256)
+    monkeypatch.setattr(core, "bench_prototype", lambda *args: None)
     monkeypatch.setattr(core, "bench_torch", lambda *args: None)
     monkeypatch.setattr(core, "bench_elastix", lambda *args, **kwargs: None)
     out = tmp_path / "core.json"

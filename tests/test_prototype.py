@@ -1,0 +1,76 @@
+"""benchmarks.prototype: a plain flax DIRNet that must compute what ours computes, so that
+its speed row compares the same model (and ours is checked end to end against it)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import core, prototype
+from dirnet_jax import DIRNetConfig, init_variables, variant
+from dirnet_jax.models import register
+from dirnet_jax.train import _loss, create_train_state
+
+MNIST_NET = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2, conv_layers=4)
+
+
+def relative_error(a, b):
+    return float(jnp.abs(a - b).max() / jnp.abs(a).max())
+
+
+@pytest.mark.parametrize("name", ["baseline", "A1", "B1"])
+def test_prototype_trains_and_registers_as_our_dirnet(rng, name):
+    config = variant(name, MNIST_NET)
+    variables = init_variables(config, jax.random.key(0))
+    mine = prototype.init(config, jax.random.key(0))
+    assert jax.tree.map(jnp.shape, mine) == jax.tree.map(jnp.shape, variables)
+    # A random output layer: a real displacement field, not the identity of the initial one.
+    params = dict(variables["params"])
+    kernel = params["output"]["kernel"]
+    params["output"] = {**params["output"], "kernel": 0.5 * rng.standard_normal(kernel.shape)}
+    fixed, moving = (rng.uniform(size=(8, 28, 28, 1)).astype(np.float32) for _ in range(2))
+
+    state = create_train_state(config).replace(batch_stats=variables["batch_stats"])
+    batch = {"fixed": fixed, "moving": moving}
+    ours = jax.jit(jax.value_and_grad(_loss, has_aux=True))
+    (loss, stats), grads = ours(params, state, batch)
+    theirs = jax.jit(jax.value_and_grad(prototype.loss_fn(config), has_aux=True))
+    (loss_p, stats_p), grads_p = theirs(params, variables["batch_stats"], fixed, moving)
+
+    assert abs(float(loss) - float(loss_p)) < 1e-6 and abs(float(loss)) > 1e-3
+    assert jax.tree.structure(grads) == jax.tree.structure(grads_p)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_p), strict=True):
+        assert relative_error(a, b) < 5e-5
+    for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_p), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    trained = {"params": params, "batch_stats": stats}
+    warped = register(config, trained, fixed, moving).warped
+    warped_p = prototype.register_fn(config)(trained, fixed, moving)
+    assert float(jnp.abs(warped - moving).max()) > 0.05  # the pairs did move
+    np.testing.assert_allclose(warped_p, warped, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [("A2", "downsampling"), ("B2", "transformer"), ("C1", "receptive_field"),
+     ("C2", "receptive_field")],
+)  # fmt: skip
+def test_prototype_refuses_what_it_does_not_build(name, field):
+    config = variant(name, MNIST_NET)
+    with pytest.raises(ValueError, match=f"differs in {field}$"):
+        prototype.init(config, jax.random.key(0))
+
+
+def test_prototype_rows_time_registration_and_a_training_step(rng, monkeypatch):
+    monkeypatch.setattr(core, "MIN_SECONDS", 0.01)
+    pairs = tuple(rng.uniform(size=(32, 28, 28, 1)).astype(np.float32) for _ in range(2))
+    table = core.Table()
+    core.bench_prototype(table, MNIST_NET, pairs, (1, 4), repeats=2)
+    rows = [(r["impl"], r["variant"], r["size"], r["what"], r["unit"]) for r in table.rows]
+    assert rows == [
+        ("prototype", "baseline", 28, "register, batch 1", "pairs/s"),
+        ("prototype", "baseline", 28, "register, batch 4", "pairs/s"),
+        ("prototype", "baseline", 28, "train step, batch 32", "steps/s"),
+    ]
+    assert all(r["per_sec"] > 0 and r["memory_mb"] > 0 for r in table.rows)
