@@ -404,9 +404,7 @@ def bench_torch(table: Table, config: DIRNetConfig, pairs, repeats: int) -> None
     )
 
 
-def bench_prototype(
-    table: Table, config: DIRNetConfig, pairs, batches, repeats: int
-) -> None:  # fmt: skip
+def bench_prototype(table: Table, config: DIRNetConfig, pairs, batches, repeats: int) -> None:
     """Rows of `benchmarks.prototype` (flax's layers, map_coordinates, one jit per step):
     registration at each batch, one training step at batch 32, as ratios to ours."""
     from benchmarks import prototype

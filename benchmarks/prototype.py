@@ -7,7 +7,7 @@ per-pair NCC as its formula, optax's Adam, the whole step in one `jax.jit`. None
 speed work: no fused layers, no `conv_taps`, no folded BatchNorm, no several steps per
 call. Its parameters are named as `dirnet_jax.models.Regressor`'s, so it runs on the same
 variables and gives the same losses, gradients and registrations within float32 rounding
-(`tests/test_benchmarks.py`). `benchmarks.core` times it next to ours: the issue's
+(`tests/test_prototype.py`). `benchmarks.core` times it next to ours: the issue's
 targets are ~2.5–3.4× its prototype's speed, and this one ran at its prototype's 28²
 training speed on the issue's CPU (benchmarks/NOTES.md).
 
@@ -148,6 +148,7 @@ def train_step(config: DIRNetConfig) -> tuple[optax.GradientTransformation, Call
 
 
 def register_fn(config: DIRNetConfig) -> Callable[..., jax.Array]:
-    """Jitted (variables, fixed, moving) → warped [B, H, W, 1], BatchNorm's running averages."""
+    """Jitted (variables, fixed, moving) → warped [B, H, W, 1]: inference, BatchNorm by its
+    running averages."""
     register = registration(config)
     return jax.jit(lambda variables, fixed, moving: register(variables, fixed, moving, False)[0])

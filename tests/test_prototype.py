@@ -22,8 +22,8 @@ def relative_error(a, b):
 def test_prototype_trains_and_registers_as_our_dirnet(rng, name):
     config = variant(name, MNIST_NET)
     variables = init_variables(config, jax.random.key(0))
-    mine = prototype.init(config, jax.random.key(0))
-    assert jax.tree.map(jnp.shape, mine) == jax.tree.map(jnp.shape, variables)
+    plain = prototype.init(config, jax.random.key(0))
+    assert jax.tree.map(jnp.shape, plain) == jax.tree.map(jnp.shape, variables)
     # A random output layer: a real displacement field, not the identity of the initial one.
     params = dict(variables["params"])
     kernel = params["output"]["kernel"]
