@@ -60,6 +60,7 @@ from dirnet_jax import (
     PAPER_VARIANTS,
     DIRNetConfig,
     init_variables,
+    layers,
     machine,
     models,
     variant,
@@ -188,16 +189,29 @@ def bench_register(table, name, config, pairs, batches, repeats, fn=register) ->
 
 @contextlib.contextmanager
 def swapped(name: str, value):
-    """`dirnet_jax.models.<name>` replaced by `value` while the context lasts: the other
-    side of a comparison on a GPU. A compiled program made before the swap is reused
-    unless the call traces anew: `in_swap` (`fresh_traces`), or, in the tests, a config of
-    its own seed for `register` (training's traces do not see the seed)."""
-    original = getattr(models, name)
-    setattr(models, name, value)
+    """`<name>` of `dirnet_jax.layers` or `dirnet_jax.models` (`home`) replaced by `value`
+    while the context lasts: the other side of a comparison on a GPU. A compiled program
+    made before the swap is reused unless the call traces anew: `in_swap`
+    (`fresh_traces`), or, in the tests, a config of its own seed for `register`
+    (training's traces do not see the seed)."""
+    module = home(name)
+    original = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        setattr(models, name, original)
+        setattr(module, name, original)
+
+
+def home(name: str):
+    """Which of `dirnet_jax.layers` (the layers and their switches) and `dirnet_jax.models`
+    (the regressor's own switches) holds `name`, where a swap of it is seen when a program
+    is traced; a one-line ValueError for a name that neither or both hold."""
+    holders = [module for module in (layers, models) if hasattr(module, name)]
+    if len(holders) != 1:
+        where = " and ".join(m.__name__ for m in holders) or "neither dirnet_jax.layers nor models"
+        raise ValueError(f"{name!r} to swap is in {where}")
+    return holders[0]
 
 
 def xla_conv(features: int, conv=None, **kwargs) -> nn.Module:
@@ -208,26 +222,26 @@ def xla_conv(features: int, conv=None, **kwargs) -> nn.Module:
 
 
 def xla_first_layer(x, kernel, bias, downsampling: str, dtype) -> jax.Array:
-    """`models.fused_first_layer` as XLA's loop on every backend, for
+    """`layers.fused_first_layer` as XLA's loop on every backend, for
     `swapped("fused_first_layer", xla_first_layer)`: what the Triton kernel buys."""
-    return models.conv_elu_pool2(x, kernel, bias, downsampling).astype(dtype)
+    return layers.conv_elu_pool2(x, kernel, bias, downsampling).astype(dtype)
 
 
 def unfused_first_layer(x, kernel, bias, downsampling: str, dtype) -> jax.Array:
-    """`models.fused_first_layer` as XLA's convolution, then ELU and pooling, for
+    """`layers.fused_first_layer` as XLA's convolution, then ELU and pooling, for
     `swapped("fused_first_layer", unfused_first_layer)`: inference's first layer unfused."""
     y = jax.lax.conv_general_dilated(
         x.astype(jnp.float32), kernel.astype(jnp.float32), (1, 1), "SAME",
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )  # fmt: skip
     y = models.elu_unguarded(y + bias.astype(jnp.float32))
-    return models.pool2(y, jnp.mean if downsampling == "avg" else jnp.max).astype(dtype)
+    return layers.pool2(y, jnp.mean if downsampling == "avg" else jnp.max).astype(dtype)
 
 
-# `models.fused_first_layer` with the Triton kernel's "broadcast" form on CUDA (float32
+# `layers.fused_first_layer` with the Triton kernel's "broadcast" form on CUDA (float32
 # multiply-adds, the default until run 7), for `swapped("fused_first_layer",
 # broadcast_first_layer)`: what the default "dot1" form (one TF32 product) buys.
-broadcast_first_layer = functools.partial(models.fused_first_layer, form="broadcast", num_warps=8)
+broadcast_first_layer = functools.partial(layers.fused_first_layer, form="broadcast", num_warps=8)
 
 
 @contextlib.contextmanager
@@ -253,7 +267,7 @@ register_default_graphs = jax.jit(
 
 @contextlib.contextmanager
 def swapped_all(swaps: dict):
-    """Each `models.<name>` of `swaps` replaced by its value while the context lasts."""
+    """Each `<name>` of `swaps` replaced by its value (`swapped`) while the context lasts."""
     with contextlib.ExitStack() as stack:
         for name, value in swaps.items():
             stack.enter_context(swapped(name, value))
@@ -281,7 +295,7 @@ def in_env(variable: tuple[str, str], bench, *args, **kwargs) -> None:
 
 
 def in_swap(swaps: dict, bench, *args, **kwargs) -> None:
-    """bench(*args, **kwargs) with each `models.<name>` of `swaps` swapped for its value,
+    """bench(*args, **kwargs) with each `<name>` of `swaps` swapped for its value (`swapped`),
     traced anew."""
     with swapped_all(swaps), fresh_traces():
         bench(*args, **kwargs)
@@ -551,7 +565,7 @@ def gpu_ab_blocks(table: Table, base: DIRNetConfig, p, batches, r) -> list[tuple
             table, "baseline-xlatrain", base, p, r)),
         # What the 128² layer's kernel buys: cuDNN's convolution, ELU and pooling there.
         ("baseline-xlapool", lambda: in_swap(
-            {"pooled_conv": models.xla_pooled_conv}, bench_register,
+            {"pooled_conv": layers.xla_pooled_conv}, bench_register,
             table, "baseline-xlapool", base, p, batches, r)),
         # What training's first layer at once buys: layer by layer (the first conv by
         # `conv_taps`, its kernel gradient by Triton).

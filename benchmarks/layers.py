@@ -9,23 +9,23 @@ the convolution and its gradients: our Triton kernels against what XLA does with
 
 Layer 1 (2 → 16 channels): dirnet_jax.first_layer in several forms against XLA's loop and
 XLA's unfused layer. Layer 2: dirnet_jax.pooled_layers against XLA's convolution, ELU and
-pooling (`models.xla_pooled_conv`), with one TF32 product per tap (as registration runs it
-on CUDA) and with three (float32).
-Training (the second layer's convolution, its input gradient and its kernel gradient, as
-one `jax.vjp`; batch 32 unless `--batch` says otherwise): dirnet_jax.train_conv against
-XLA's convolution and gradients (cuDNN), with one TF32 product per tap and with three.
-`--layer=train1`, the first conv in training (`models.conv_taps` and its kernel gradient,
-at `--size`; what trains when the first layer is layer by layer): XLA's kernel gradient
-(cuDNN's) against `train_conv.taps_kernel_grad_gpu`. `--layer=train1bn`, the first layer
-with its BatchNorm, ELU and pooling: layer by layer against at once
-(`models.first_layer_train`, as training runs it on CUDA). `--size` is the image size (the
-second layer's input is half of it). Rows: each implementation's median time per call, the
-bandwidth that time implies for the bytes a perfect kernel moves (the input read once, the
-pooled output written once), and the largest difference from XLA's version. Triton
-first-layer rows are named by the kernel's form, rows and warps per program, and ELU's
-expm1 ("exp": as exp − 1; "exp2": by exp2; "no expm1": left out, wrong values on purpose,
-to show what it costs). "copy" reads and writes the input once (its own bytes): the
-bandwidth ceiling. Off a GPU the Triton rows run in Pallas' interpreter.
+pooling (`dirnet_jax.layers.xla_pooled_conv`), with one TF32 product per tap (as
+registration runs it on CUDA) and with three (float32). Training (the second layer's
+convolution, its input gradient and its kernel gradient, as one `jax.vjp`; batch 32 unless
+`--batch` says otherwise): dirnet_jax.train_conv against XLA's convolution and gradients
+(cuDNN), with one TF32 product per tap and with three. `--layer=train1`, the first conv in
+training (`dirnet_jax.layers.conv_taps` and its kernel gradient, at `--size`; what trains
+when the first layer is layer by layer): XLA's kernel gradient (cuDNN's) against
+`train_conv.taps_kernel_grad_gpu`. `--layer=train1bn`, the first layer with its BatchNorm,
+ELU and pooling: layer by layer against at once (`dirnet_jax.layers.first_layer_train`, as
+training runs it on CUDA). `--size` is the image size (the second layer's input is half of
+it). Rows: each implementation's median time per call, the bandwidth that time implies for
+the bytes a perfect kernel moves (the input read once, the pooled output written once),
+and the largest difference from XLA's version. Triton first-layer rows are named by the
+kernel's form, rows and warps per program, and ELU's expm1 ("exp": as exp − 1; "exp2": by
+exp2; "no expm1": left out, wrong values on purpose, to show what it costs). "copy" reads
+and writes the input once (its own bytes): the bandwidth ceiling. Off a GPU the Triton
+rows run in Pallas' interpreter.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from dirnet_jax import (
     pooled_layers,
     train_conv,
 )
+from dirnet_jax import layers as dirnet_layers
 from dirnet_jax.workdir import atomic_write_text
 
 FLAGS = {"size": "256", "batch": "", "layer": "1", "min_seconds": "", "out": ""}
@@ -101,7 +102,7 @@ def first_layer_impls(on_gpu: bool) -> dict:
         )
 
     impls = {
-        "xla loop": jax.jit(lambda x, k, b: models.conv_elu_pool2(x, k, b, "avg")),
+        "xla loop": jax.jit(lambda x, k, b: dirnet_layers.conv_elu_pool2(x, k, b, "avg")),
         "xla unfused": jax.jit(
             lambda x, k, b: core.unfused_first_layer(x, k, b, "avg", jnp.float32)
         ),
@@ -116,7 +117,7 @@ def first_layer_impls(on_gpu: bool) -> dict:
     return impls
 
 
-# (TF32 products, warps per program) of `pooled_layers`: as `models.pooled_conv` runs it
+# (TF32 products, warps per program) of `pooled_layers`: as `dirnet_jax.layers.pooled_conv` runs it
 # (run 7: 0.90 ms with one product, 1.42 with three), and at 2 warps (run 7: 1.21; 8
 # warps 1.67).
 POOLED_SHAPES = [(1, pooled_layers.WARPS), (3, pooled_layers.WARPS), (1, 2)]
@@ -134,7 +135,7 @@ def pooled_layer_impls(on_gpu: bool) -> dict:
     """{name: jitted fn(x, kernel, bias)} for a later layer; XLA's first."""
     return {
         "xla conv, elu, pool": jax.jit(
-            lambda x, k, b: models.xla_pooled_conv(x, k, b, "avg", jnp.float32)
+            lambda x, k, b: dirnet_layers.xla_pooled_conv(x, k, b, "avg", jnp.float32)
         ),
         **dict(pooled_kernel(*shape, on_gpu) for shape in POOLED_SHAPES),
     }
@@ -183,10 +184,10 @@ def first_conv_train_impls(on_gpu: bool) -> dict:
     grads = functools.partial(with_grads, input_grad=False)
 
     def triton(*grad_shape):
-        return grads(train_conv.with_taps_grad(models.conv_taps, not on_gpu, grad_shape))
+        return grads(train_conv.with_taps_grad(dirnet_layers.conv_taps, not on_gpu, grad_shape))
 
     impls = {
-        "taps, xla kernel grad": grads(models.conv_taps),
+        "taps, xla kernel grad": grads(dirnet_layers.conv_taps),
         "xla conv and kernel grad": grads(train_conv.xla_conv),
         "taps, triton kernel grad": triton(),
     }
@@ -199,10 +200,10 @@ def first_layer_train_impls(on_gpu: bool) -> dict:
     """{name: jitted fn(x, kernel, g) → (pooled, mean, var, and the gradients of kernel,
     scale and bias for the pooled gradient g)} for training's first layer with its
     BatchNorm (batch statistics), ELU and average pooling: layer by layer (as it trains off
-    CUDA), against at once (`models.first_layer_train`, first_layer_grad's kernels, as it
+    CUDA), against at once (`dirnet_jax.layers.first_layer_train`, first_layer_grad's kernels, as it
     trains on CUDA: three TF32 products, `first_layer_grad.GRAD_SHAPES[3]`)."""
     scale, bias = jnp.linspace(0.5, 1.5, 16), jnp.linspace(-0.2, 0.2, 16)
-    options = dict(downsampling="avg", conv=models.conv_taps_train, dtype=jnp.float32)
+    options = dict(downsampling="avg", conv=dirnet_layers.conv_taps_train, dtype=jnp.float32)
 
     def grads(layer):
         def fn(x, kernel, g):
@@ -217,10 +218,10 @@ def first_layer_train_impls(on_gpu: bool) -> dict:
     grad_shape = first_layer_grad.GRAD_SHAPES[passes]
     name = "at once as trained, kernel grad rows={} block={} warps={}".format(*grad_shape)
     name += f", {passes} TF32 product{'s' * (passes > 1)}" if passes else ""
-    at_once = functools.partial(models.first_layer_train, **options, interpret=not on_gpu,
+    at_once = functools.partial(dirnet_layers.first_layer_train, **options, interpret=not on_gpu,
                                 grad_shape=grad_shape, passes=passes)  # fmt: skip
     return {
-        "layer by layer": grads(functools.partial(models._first_layer_reference, **options)),
+        "layer by layer": grads(functools.partial(dirnet_layers._first_layer_reference, **options)),
         name: grads(at_once),
     }
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import core
-from dirnet_jax import init_variables, machine, models
+from dirnet_jax import init_variables, layers, machine
 from dirnet_jax.models import register, registrar
 from dirnet_jax.workdir import atomic_write_text
 
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> None:
     base = core.base_config(size)
     fixed, moving = (jnp.asarray(a[:1]) for a in core.timed_pairs(size, 1))
     variables = init_variables(base, jax.random.key(0))
-    # Each twin compiles under its swaps (`models.<name>` → value), traced anew; the
+    # Each twin compiles under its swaps (`core.swapped`: name → value), traced anew; the
     # compiled program then keeps what it traced.
     # bfloat16 twice: whether its 128² layer's kernel (the default since run 9, for batch
     # 512) leaves one pair no slower than cuDNN's.
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     twins = {
         "register": (register, {}, base),
         "XLA's first layer": (register, {"fused_first_layer": core.xla_first_layer}, base),
-        "cuDNN's 128² layer": (register, {"pooled_conv": models.xla_pooled_conv}, base),
+        "cuDNN's 128² layer": (register, {"pooled_conv": layers.xla_pooled_conv}, base),
         "CUDA graphs from 5 kernels": (core.register_default_graphs, {}, base),
         "bfloat16": (register, {}, bf16),
         "bfloat16, cuDNN's 128² layer": (register, {"INFER_POOLED_DTYPES": ("float32",)}, bf16),

@@ -11,7 +11,7 @@ Runs the call a few times to warm up, traces `--calls` more, and prints, for eac
 of the trace (the host; on a GPU also the device), the operations with the largest time
 per call: XLA fusions, convolutions and library calls, named as in the compiled HLO
 (`--hlo=FILE` writes `jax.jit(...).lower(...).compile().as_text()`, which says what each
-fusion holds). `--swap=NAME=VALUE` profiles with `dirnet_jax.models.NAME` set to the
+fusion holds). `--swap=NAME=VALUE` profiles with NAME of `dirnet_jax.layers` or `.models` set to the
 Python literal VALUE (one choice, as benchmarks.core's A/B rows swap it). On XLA:CPU,
 convolutions run on a thread pool: their events time the launch, not the work.
 `--calls=0` runs the warm-up calls alone, untraced: the workload for a profiler outside
@@ -36,7 +36,7 @@ import numpy as np
 
 from benchmarks import core
 from benchmarks.core import base_config
-from dirnet_jax import DIRNetConfig, init_variables, models, variant
+from dirnet_jax import DIRNetConfig, init_variables, variant
 from dirnet_jax.models import register
 from dirnet_jax.train import create_train_state, data_key, train_steps
 from dirnet_jax.workdir import atomic_write_text
@@ -72,8 +72,10 @@ def config_of(opts: dict[str, str]) -> DIRNetConfig:
 def swap_of(value: str) -> dict:
     """--swap's NAME=VALUE as {NAME: VALUE} for `core.swapped_all`, or a one-line exit."""
     name, _, literal = value.partition("=")
-    if not hasattr(models, name):
-        sys.exit(f"error: --swap: dirnet_jax.models has no {name!r}")
+    try:
+        core.home(name)
+    except ValueError as err:
+        sys.exit(f"error: --swap: {err}")
     try:
         return {name: ast.literal_eval(literal)}
     except (ValueError, SyntaxError):

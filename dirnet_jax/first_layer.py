@@ -2,7 +2,7 @@
 Triton backend): it reads the images once and writes only the pooled activations.
 
 On an H200 (256², batch 512; benchmarks/NOTES.md) XLA's own fusion of the same layer
-(`models.conv_elu_pool2`) took 1.6 ms, plus 0.35 ms for the strided slices it reads; this
+(`layers.conv_elu_pool2`) took 1.6 ms, plus 0.35 ms for the strided slices it reads; this
 kernel takes 0.94 ms, and a whole `register` call 3.9 ms instead of 4.6. It does the same
 sums in the same order in float32, and computes ELU's expm1 as exp − 1 (`EXPM1`; within
 about 1.2e-7 of it, 0.3 ms less than libdevice's expm1).
@@ -23,7 +23,7 @@ or one. `dot1`, one TF32 product (the precision of XLA's own convolution on a GP
 default precision, ~3e-4 of the largest value), is inference's default on CUDA: on an
 H200 (run 7, batch 512) 0.87 ms against 1.31 for the broadcast form and 1.12 for `dot`,
 and `register` 189,700 pairs/s against 173,500. `dot`, three products (float32's
-accuracy), runs training's forward (`models.TRAIN_FIRST_LAYER_FORWARD`), and
+accuracy), runs training's forward (`layers.TRAIN_FIRST_LAYER_FORWARD`), and
 `first_layer_grad` uses the same matrix.
 """
 
@@ -306,7 +306,7 @@ def conv_elu_pool2_gpu(
     interpret: bool = False,
     form: str = FORM,
 ) -> jax.Array:
-    """`models.conv_elu_pool2` for 2-D images as one Triton kernel (see `applies`).
+    """`layers.conv_elu_pool2` for 2-D images as one Triton kernel (see `applies`).
 
     Args:
       x: [B, H, W, Cin]; kernel: [3, 3, Cin, Cout]; bias: [Cout].
@@ -389,7 +389,7 @@ def conv_elu_pool2_pair_gpu(
 
     Args:
       fixed, moving: [B, H, W, C] each; kernel: [3, 3, 2·C, Cout] (fixed's channels first,
-        as `models.stack_channels`); the rest as `conv_elu_pool2_gpu`.
+        as `layers.stack_channels`); the rest as `conv_elu_pool2_gpu`.
 
     Returns:
       [B, H/2, W/2, Cout].

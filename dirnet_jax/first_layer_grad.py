@@ -1,7 +1,7 @@
 """Training's first layer, ``pool2(elu(BatchNorm(conv3×3(x))))`` with the batch's
 statistics, as GPU kernels (Pallas, Triton backend) that never write its full-resolution
 values: the statistics' sums, and the backward pass's sums and kernel gradient.
-`models.first_layer_train` runs them on CUDA where they take the shape (float32 training's
+`layers.first_layer_train` runs them on CUDA where they take the shape (float32 training's
 default there since run 6: 0.64 ms for the layer against 0.82 layer by layer).
 
 Why: in a 256² training step at batch 32 on an H200, the first layer's full-resolution
@@ -116,7 +116,7 @@ def _conv_window(x_ref, w_refs, b, r, tw, cin, passes, interpret, start=0):
 def _grad_y(z, mul, shift, g, pool):
     """g_y at the four window positions from the conv z (4 × [W/2, F]) and the pooled
     gradient g [W/2, F]: the gradients of pooling and of ELU (1 where y > 0, exp(y)
-    elsewhere), as autodiff of `models.pool2` and `elu` gives them."""
+    elsewhere), as autodiff of `layers.pool2` and `elu` gives them."""
     y = [zk * mul + shift for zk in z]
     positive = [yk > 0 for yk in y]
     exp = [jnp.exp(jnp.where(p, 0.0, yk)) for p, yk in zip(positive, y, strict=True)]

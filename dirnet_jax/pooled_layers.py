@@ -3,7 +3,7 @@ many-channel activations, as one GPU kernel each (Pallas, Triton backend). On an
 took the 128² layer in 0.97 ms with one TF32 product (1.47 with three) against cuDNN's
 1.74, and lifted batch 512 from 145,000 to 168,700 pairs/s; on every layer it takes, 160,300
 (cuDNN is faster at 64² and 32², where one row of 32 or 16 pooled columns is a small
-product; benchmarks/NOTES.md). So `models.pooled_conv` takes it on CUDA for the 128² layer,
+product; benchmarks/NOTES.md). So `layers.pooled_conv` takes it on CUDA for the 128² layer,
 with one product.
 
 Why: at 256², batch 512 on an H200, the second layer (16 → 16 channels at 128²) took 1.3

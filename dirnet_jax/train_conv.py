@@ -31,7 +31,7 @@ and their output is the row's memory as it lies. Its kernel gradient multiplies 
 transposed, by the output gradient of both columns: per kernel row one [4·Cin, 2·Cout]
 product a step instead of three [Cin, Cout].
 
-The first conv (two input channels, fixed and moving, at full resolution; `models.conv_taps`)
+The first conv (two input channels, fixed and moving, at full resolution; `layers.conv_taps`)
 gets its kernel gradient from `taps_kernel_grad_gpu` (`with_taps_grad`): the same sums as
 float32 products and additions, as two channels make no matrix product (~3e-6 of the
 largest value at 256², batch 32, where XLA's TF32 gradient is off by 3e-4). It reads the
@@ -390,7 +390,7 @@ def taps_kernel_grad_gpu(
 
 def with_taps_grad(forward, interpret: bool = False, grad_shape: tuple[int, ...] = ()):
     """`forward(x, kernel)` (a SAME, stride-1 3×3 convolution of few input channels, such as
-    `models.conv_taps`) with its kernel gradient by `taps_kernel_grad_gpu` on CUDA where
+    `layers.conv_taps`) with its kernel gradient by `taps_kernel_grad_gpu` on CUDA where
     `applies_few` takes the shape; forward's own gradients elsewhere, and its input
     gradient always (training never asks for the images' gradient, so XLA drops it).
 

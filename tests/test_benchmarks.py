@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import core, flags, layers, one_pair, profile
 from dirnet_jax import DIRNetConfig, init_variables, models, variant
+from dirnet_jax import layers as dirnet_layers
 from dirnet_jax.models import Regressor, register
 from dirnet_jax.train import create_train_state, data_key, train_steps
 
@@ -36,12 +37,12 @@ def test_profile_swaps_a_models_constant_while_it_profiles(capsys, monkeypatch):
     # is in force while the call traces.
     seen = []
     transform = models.transform
-    monkeypatch.setattr(models, "transform", lambda *a: seen.append(models.INFER_FIRST_LAYER_PAIR)
-                        or transform(*a))  # fmt: skip
+    pair = lambda: dirnet_layers.INFER_FIRST_LAYER_PAIR  # noqa: E731
+    monkeypatch.setattr(models, "transform", lambda *a: seen.append(pair()) or transform(*a))
     profile.main(["--size=28", "--batch=2", "--calls=1", "--top=3",
                   "--swap=INFER_FIRST_LAYER_PAIR=False"])  # fmt: skip
     assert "register baseline with INFER_FIRST_LAYER_PAIR=False 28²" in capsys.readouterr().out
-    assert seen and not any(seen) and models.INFER_FIRST_LAYER_PAIR is True
+    assert seen and not any(seen) and dirnet_layers.INFER_FIRST_LAYER_PAIR is True
 
 
 def test_profile_without_calls_runs_the_warm_up_untraced(capsys, monkeypatch):
@@ -155,6 +156,21 @@ def test_swapped_xla_conv_replaces_conv_taps_by_a_convolution_while_it_lasts():
     with core.swapped("TapConv", core.xla_conv):
         assert convolutions() == taps + 1
     assert convolutions() == taps
+
+
+def test_a_swap_goes_to_the_module_that_reads_the_name():
+    # The layers' own choices live in dirnet_jax.layers, the regressor's in models; a
+    # swap set on the other module would trace as before and time the same program twice.
+    assert core.home("pooled_conv") is dirnet_layers
+    assert core.home("INFER_POOLED_DTYPES") is dirnet_layers
+    assert core.home("TRAIN_CONV_FORM") is models
+    with core.swapped("TRAIN_CONV_FORM", "taps"), core.swapped("POOLED_KERNEL_MIN_WIDTH", 0):
+        assert (models.TRAIN_CONV_FORM, dirnet_layers.POOLED_KERNEL_MIN_WIDTH) == ("taps", 0)
+    assert (models.TRAIN_CONV_FORM, dirnet_layers.POOLED_KERNEL_MIN_WIDTH) == ("pairs", 128)
+    with pytest.raises(ValueError, match=r"^'NOT_THERE' to swap is in neither dirnet_jax\.layers"):
+        core.home("NOT_THERE")
+    with pytest.raises(ValueError, match=r"^'elu' to swap is in dirnet_jax\.layers and dirnet_jax"):
+        core.home("elu")  # both import it: a swap of one would not reach the other
 
 
 def test_an_ab_row_traces_training_again_though_its_state_keeps_no_seed():

@@ -88,7 +88,7 @@ KERNELS_SPLIT = r"""
 import functools, json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from dirnet_jax import dispatch, models, train_conv
+from dirnet_jax import dispatch, layers, train_conv
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 split = NamedSharding(mesh, PartitionSpec("data"))
 rng = np.random.default_rng(0)
@@ -96,14 +96,14 @@ def normal(*shape, scale=1.0):
     return jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
 cases = {  # each kernel's call (interpreted), its arguments (the batch first)
     "first_layer_train": (functools.partial(
-        models.first_layer_train, downsampling="avg", conv=models.conv_taps,
+        layers.first_layer_train, downsampling="avg", conv=layers.conv_taps,
         dtype=jnp.float32, interpret=True, passes=3),
         (normal(8, 16, 32, 2), normal(3, 3, 2, 16, scale=0.5), normal(16) + 2, normal(16))),
     "conv3x3": (functools.partial(train_conv.conv3x3, interpret=True),
                 (normal(8, 4, 16, 16), normal(3, 3, 16, 16, scale=0.2))),
-    "taps_grad": (train_conv.with_taps_grad(models.conv_taps, interpret=True),
+    "taps_grad": (train_conv.with_taps_grad(layers.conv_taps, interpret=True),
                   (normal(8, 8, 16, 2), normal(3, 3, 2, 16))),
-    "pooled_conv": (functools.partial(models.pooled_conv, downsampling="max",
+    "pooled_conv": (functools.partial(layers.pooled_conv, downsampling="max",
                                       dtype=jnp.float32, interpret=True),
                     (normal(8, 2, 256, 16), normal(3, 3, 16, 16, scale=0.2), normal(16))),
 }

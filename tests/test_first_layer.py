@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import core
-from dirnet_jax import DIRNetConfig, first_layer, init_variables, models
+from dirnet_jax import DIRNetConfig, first_layer, init_variables, layers, models
 from tests.references import conv_elu_pool, registering
 
 pytestmark = pytest.mark.usefixtures("unoptimized_compiles")  # conftest: -O0 on a CPU
@@ -40,7 +40,7 @@ def test_kernel_is_conv_elu_pool(rng, shape, cout, downsampling, rows):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # The same sums in the same order as XLA's loop: closer to it than to the reference.
     np.testing.assert_allclose(
-        got, models.conv_elu_pool2(x, kernel, bias, downsampling), rtol=3e-6, atol=3e-6
+        got, layers.conv_elu_pool2(x, kernel, bias, downsampling), rtol=3e-6, atol=3e-6
     )
 
 
@@ -70,11 +70,11 @@ def test_every_form_of_the_kernel_is_conv_elu_pool(rng, form, expm1):
 @pytest.mark.parametrize("channels,form,downsampling", [(1, "dot1", "avg"), (2, "dot", "max")])
 def test_pair_kernel_is_the_layer_of_the_stacked_pair(rng, channels, form, downsampling):
     # The pair read as two images (`conv_elu_pool2_pair_gpu`, the default) against the
-    # layer of their stacked copy; fixed's channels first, as `models.stack_channels`.
+    # layer of their stacked copy; fixed's channels first, as `layers.stack_channels`.
     fixed, moving = (jnp.asarray(rng.normal(size=(2, 8, 32, channels)), jnp.float32)
                      for _ in "fm")  # fmt: skip
     _, kernel, bias = random_layer(rng, (2, 8, 32, 2 * channels), 16)
-    expected = conv_elu_pool(models.stack_channels(fixed, moving), kernel, bias, downsampling)
+    expected = conv_elu_pool(layers.stack_channels(fixed, moving), kernel, bias, downsampling)
     got = first_layer.conv_elu_pool2_pair_gpu(
         fixed, moving, kernel, bias, downsampling, interpret=not ON_GPU, form=form
     )
@@ -89,7 +89,7 @@ def test_pair_kernel_is_the_layer_of_the_stacked_pair(rng, channels, form, downs
 
 
 def test_pair_kernel_takes_what_its_dispatch_says():
-    # `pair_applies` is the one rule for both: models.fused_first_layer_pair dispatches by it,
+    # `pair_applies` is the one rule for both: layers.fused_first_layer_pair dispatches by it,
     # conv_elu_pool2_pair_gpu refuses what it does not take.
     assert first_layer.pair_applies((2, 8, 32, 1), 16, "avg", "dot1")
     assert first_layer.pair_applies((2, 8, 32, 2), 16, "max", "dot")
@@ -112,7 +112,7 @@ def test_register_reading_the_pair_registers_alike():
     with core.swapped("INFER_FIRST_LAYER_PAIR", False), core.fresh_traces():
         stacked = models.register(config, variables, *pairs)
     assert float(jnp.abs(stacked.grid).max()) > 0.5  # the first layer matters to it
-    interpreted = functools.partial(models.fused_first_layer_pair, interpret=not ON_GPU)
+    interpreted = functools.partial(layers.fused_first_layer_pair, interpret=not ON_GPU)
     with core.swapped("fused_first_layer_pair", interpreted), core.fresh_traces():
         got = models.register(config, variables, *pairs)
     np.testing.assert_allclose(got.grid, stacked.grid, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
 """Training's first layer as GPU kernels (`first_layer_grad`, float32's on CUDA): the batch
 statistics' sums, the backward pass's sums and the kernel gradient, in Pallas'
 interpreter off a GPU (compiled on one), against XLA's convolution at full precision and
-autodiff of `models.pool2` and `elu`; then `models.first_layer_train` with them against
+autodiff of `layers.pool2` and `elu`; then `layers.first_layer_train` with them against
 autodiff of the layer computed layer by layer."""
 
 import functools
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dirnet_jax import first_layer_grad, models
+from dirnet_jax import first_layer_grad, layers
 from dirnet_jax.elu import elu
 from tests.references import conv_same
 
@@ -35,7 +35,7 @@ def grad_y(z, mul, shift, g, downsampling):
     """The gradient of Σ g · pool2(elu(z·mul + shift)) with respect to y = z·mul + shift."""
     reduce = jnp.mean if downsampling == "avg" else jnp.max
     y = z * mul + shift
-    return jax.vjp(lambda y: models.pool2(elu(y), reduce), y)[1](g)[0]
+    return jax.vjp(lambda y: layers.pool2(elu(y), reduce), y)[1](g)[0]
 
 
 SHAPES = [((2, 8, 32, 2), 16), ((1, 6, 32, 3), 4)]

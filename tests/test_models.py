@@ -14,20 +14,10 @@ import pytest
 from jax.test_util import check_grads
 from scipy.ndimage import correlate
 
-from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, apply, init_variables, models, variant
+from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, apply, init_variables, layers, models, variant
 from dirnet_jax.batchnorm import BatchNorm
-from dirnet_jax.models import (
-    Regressor,
-    TapConv,
-    conv_elu_pool2,
-    conv_taps,
-    fold_batchnorm,
-    pairs_per_pass,
-    pool2,
-    register,
-    register_batched,
-    stack_channels,
-)
+from dirnet_jax.layers import TapConv, conv_elu_pool2, conv_taps, pool2, stack_channels
+from dirnet_jax.models import Regressor, fold_batchnorm, pairs_per_pass, register, register_batched
 
 MNIST = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2)
 CARDIAC = DIRNetConfig()  # 256×256, four downsamplings
@@ -302,7 +292,7 @@ def test_training_computes_the_first_conv_by_taps(rng, name, monkeypatch):
     assert convolutions(train=True) == convolutions(train=False) - 1
     grid, stats = run(variables)
     flax_conv = lambda features, conv=None, **kw: nn.Conv(features, (3, 3), **kw)  # noqa: E731
-    monkeypatch.setattr(models, "TapConv", flax_conv)
+    monkeypatch.setattr(layers, "TapConv", flax_conv)
     expected_grid, expected_stats = run(variables)
     np.testing.assert_allclose(grid, expected_grid, rtol=1e-4, atol=1e-5)
     jax.tree.map(
@@ -336,7 +326,7 @@ def test_first_layer_at_once_trains_alike(rng, name, passes, monkeypatch):
     monkeypatch.setattr(models, "train_first_layer_conv", None)
     (expected, expected_stats), expected_grads = run()
     monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_PLATFORMS", (models.default_platform(),))
-    monkeypatch.setattr(models, "train_first_layer_conv", models.conv_taps)
+    monkeypatch.setattr(models, "train_first_layer_conv", layers.conv_taps)
     monkeypatch.setattr(models, "TRAIN_FIRST_LAYER_PASSES", passes)
     (got, stats), grads = run()
     traced = str(jax.make_jaxpr(loss)(variables["params"]))
@@ -391,11 +381,11 @@ def test_first_layer_train_gradients_are_the_reference_layers(rng, downsampling,
                        for shape in [(3, 8, 16, 16), (16,), (16,)])  # fmt: skip
     args = (x, kernel, scale, bias)
     fused = functools.partial(
-        models.first_layer_train, downsampling=downsampling, conv=conv_taps,
+        layers.first_layer_train, downsampling=downsampling, conv=conv_taps,
         dtype=jnp.float32, interpret=kernels, passes=passes,
     )  # fmt: skip
     reference = functools.partial(
-        models._first_layer_reference, downsampling=downsampling, conv=conv_taps,
+        layers._first_layer_reference, downsampling=downsampling, conv=conv_taps,
         dtype=jnp.float32,
     )  # fmt: skip
     got, got_vjp = jax.vjp(fused, *args)
@@ -476,7 +466,7 @@ def test_pool2_max_splits_ties_as_jnp_max(rng):
 
 POOL_MAX_AT_O0 = """
 import jax, jax.numpy as jnp, numpy as np
-from dirnet_jax.models import pool2
+from dirnet_jax.layers import pool2
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.normal(size=(4, 32, 32, 8)), jnp.float32)
 s = jnp.asarray(rng.uniform(0.5, 2, 8), jnp.float32)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import core
-from dirnet_jax import DIRNetConfig, init_variables, models, pooled_layers, tf32
+from dirnet_jax import DIRNetConfig, init_variables, layers, models, pooled_layers, tf32
 from tests.references import conv_elu_pool, registering
 
 pytestmark = pytest.mark.usefixtures("unoptimized_compiles")  # conftest: -O0 on a CPU
@@ -88,12 +88,12 @@ CONFIG = DIRNetConfig(image_shape=(64, 64), num_downsamplings=2)
 
 def test_dirnet_with_the_kernel_registers_alike(monkeypatch):
     variables, pairs = registering(CONFIG)
-    with core.swapped("pooled_conv", models.xla_pooled_conv):
+    with core.swapped("pooled_conv", layers.xla_pooled_conv):
         default = models.register(CONFIG.replace(seed=6), variables, *pairs)
-    # `models.pooled_conv`'s kernel branch on every layer it takes (the 32² one here), on
+    # `layers.pooled_conv`'s kernel branch on every layer it takes (the 32² one here), on
     # every backend, interpreted off a GPU.
-    monkeypatch.setattr(models, "POOLED_KERNEL_MIN_WIDTH", 0)
-    interpreted = functools.partial(models.pooled_conv, interpret=not ON_GPU)
+    monkeypatch.setattr(layers, "POOLED_KERNEL_MIN_WIDTH", 0)
+    interpreted = functools.partial(layers.pooled_conv, interpret=not ON_GPU)
     with core.swapped("pooled_conv", interpreted):
         kernel = models.register(CONFIG.replace(seed=7), variables, *pairs)
     largest = float(jnp.abs(default.grid).max())
@@ -113,9 +113,9 @@ def test_bfloat16_dirnet_with_the_kernel_is_as_close_to_float32_as_xlas(monkeypa
     full = models.register(CONFIG, variables, *pairs)
     half = CONFIG.replace(compute_dtype="bfloat16")
     xla = models.register(half, variables, *pairs)
-    monkeypatch.setattr(models, "POOLED_KERNEL_MIN_WIDTH", 0)
-    monkeypatch.setattr(models, "INFER_POOLED_DTYPES", ("float32", "bfloat16"))
-    interpreted = functools.partial(models.pooled_conv, interpret=not ON_GPU)
+    monkeypatch.setattr(layers, "POOLED_KERNEL_MIN_WIDTH", 0)
+    monkeypatch.setattr(layers, "INFER_POOLED_DTYPES", ("float32", "bfloat16"))
+    interpreted = functools.partial(layers.pooled_conv, interpret=not ON_GPU)
     with core.swapped("pooled_conv", interpreted):
         kernel = models.register(half.replace(seed=8), variables, *pairs)
     errors = [float(jnp.abs(r.grid - full.grid).max()) for r in (xla, kernel)]
@@ -140,9 +140,9 @@ def test_registration_lowers_the_kernel_for_cuda_only(
     # 256² with four poolings: the first layer's kernel, then this one on the 128² layer
     # (inputs at least POOLED_KERNEL_MIN_WIDTH wide), or on the 128², 64² and 32² ones
     # (the 16² layer's half width, 8, is too narrow); in the dtypes INFER_POOLED_DTYPES names.
-    monkeypatch.setattr(models, "POOLED_KERNEL_MIN_WIDTH", min_width)
+    monkeypatch.setattr(layers, "POOLED_KERNEL_MIN_WIDTH", min_width)
     if dtypes is not None:
-        monkeypatch.setattr(models, "INFER_POOLED_DTYPES", dtypes)
+        monkeypatch.setattr(layers, "INFER_POOLED_DTYPES", dtypes)
     config = DIRNetConfig(
         image_shape=(256, 256), num_downsamplings=4, compute_dtype=compute_dtype,
         seed=9000 + min_width + len(dtypes or ()),

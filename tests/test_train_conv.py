@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import core
-from dirnet_jax import DIRNetConfig, dispatch, models, train_conv
+from dirnet_jax import DIRNetConfig, dispatch, layers, models, train_conv
 from dirnet_jax.train import _loss, create_train_state
 from tests.references import conv_same
 
@@ -115,9 +115,9 @@ def test_taps_kernel_gradient_is_the_convolutions(rng, shape):
         assert dw.shape == kernel.shape and dw.dtype == jnp.float32
         np.testing.assert_allclose(dw, expected[1], rtol=1e-5, atol=1e-6 * scale)
     # As the first conv's gradients: the input gradient XLA's, the kernel's the kernel's.
-    conv = train_conv.with_taps_grad(models.conv_taps, interpret=INTERPRET)
+    conv = train_conv.with_taps_grad(layers.conv_taps, interpret=INTERPRET)
     y, vjp = jax.vjp(conv, x, kernel)
-    np.testing.assert_allclose(y, models.conv_taps(x, kernel), rtol=0, atol=0)
+    np.testing.assert_allclose(y, layers.conv_taps(x, kernel), rtol=0, atol=0)
     for got, want in zip(vjp(g), expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))
     with pytest.raises(ValueError, match="does not take"):
@@ -127,7 +127,7 @@ def test_taps_kernel_gradient_is_the_convolutions(rng, shape):
 def test_taps_kernel_gradient_leaves_no_convolution_on_cuda():
     # Training asks for the kernel's gradient only: on CUDA the Triton kernel and no cuDNN
     # convolution at all (XLA's kernel gradient lives in the other platforms' branch).
-    conv = train_conv.with_taps_grad(models.conv_taps)
+    conv = train_conv.with_taps_grad(layers.conv_taps)
     x = jax.ShapeDtypeStruct((2, 64, 64, 2), jnp.float32)
     kernel = jax.ShapeDtypeStruct((3, 3, 2, 16), jnp.float32)
     traced = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2), 1)).trace(x, kernel)
@@ -180,9 +180,9 @@ def interpreted(monkeypatch):
     """Training's kernels on every backend, interpreted off a GPU (compiled on one); returns
     the first conv's (for `train_first_layer_conv`)."""
     conv3x3 = functools.partial(train_conv.conv3x3, interpret=INTERPRET)
-    taps = train_conv.with_taps_grad(models.conv_taps, INTERPRET)
+    taps = train_conv.with_taps_grad(layers.conv_taps, INTERPRET)
     monkeypatch.setattr(train_conv, "conv3x3", conv3x3)
-    monkeypatch.setattr(models, "conv_taps_train", taps)
+    monkeypatch.setattr(layers, "conv_taps_train", taps)
     return taps
 
 
