@@ -63,7 +63,7 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
   # prints the tracebacks of what failed.
   # Full float32 convolutions and products, as on the CPU the tolerances were set on (the
   # GPU's default is TF32-like; the timings below use the default).
-  local m=tests/test_models.py end=$((SECONDS + ${TESTS_SECONDS:-120}))
+  local m=tests/test_models.py l=tests/test_layers.py end=$((SECONDS + ${TESTS_SECONDS:-120}))
   local first=(
     tests/test_train_conv.py::test_dirnet_trains_alike_with_the_kernels
     tests/test_train_conv.py::test_bfloat16_training_with_the_kernels_is_as_close_to_float32_as_xlas
@@ -76,10 +76,10 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
   # Run 9's 240 s ended in test_pooled_layers.py, after the two files that come last now.
   local rest=(
     tests/test_pooled_layers.py tests/test_first_layer.py
-    $m::test_first_layer_train_gradients_are_the_reference_layers
+    $l::test_first_layer_train_gradients_are_the_reference_layers
     $m::test_folded_batchnorm_gives_the_same_grid
-    $m::test_fused_first_layer_is_conv_elu_pool $m::test_conv_taps_is_a_zero_padded_correlation
-    $m::test_conv_taps_gradients_are_the_convolutions $m::test_training_computes_the_first_conv_by_taps
+    $l::test_fused_first_layer_is_conv_elu_pool $l::test_conv_taps_is_a_zero_padded_correlation
+    $l::test_conv_taps_gradients_are_the_convolutions $m::test_training_computes_the_first_conv_by_taps
     $m::test_bfloat16_activations_register_within_bfloat16_precision tests/test_batchnorm.py
     tests/test_bspline.py tests/test_resample.py tests/test_tps.py tests/test_losses.py
     tests/test_first_layer_grad.py tests/test_train_conv.py

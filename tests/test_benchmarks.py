@@ -2,6 +2,9 @@
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -397,3 +400,21 @@ def test_one_pair_interleaves_register_and_its_twins(tmp_path, capsys):
     for arg in ("--size=64", "--rounds=0", "--calls=x", "--bad=1"):
         with pytest.raises(SystemExit, match="error: "):
             one_pair.main([arg])
+
+
+def test_gpu_sh_names_tests_that_exist():
+    # A test id gpu.sh's `tests` names that pytest cannot find fails the whole run it is in,
+    # and a lease is minutes: the ids are collected here, as gpu.sh passes them.
+    script = Path("benchmarks/gpu.sh").read_text()
+    paths = dict(re.findall(r"\b(\w)=(tests/\w+\.py)", script.split("local first=(")[0]))
+    ids = []
+    for array in ("first", "rest"):
+        body = script.split(f"local {array}=(")[1].split("\n  )")[0]
+        words = [w for line in body.splitlines() for w in line.split("#")[0].split()]
+        ids += [re.sub(r"\$(\w)\b", lambda m: paths[m.group(1)], w) for w in words]
+    assert len(ids) > 10 and all(i.startswith("tests/") for i in ids), ids
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
