@@ -81,8 +81,9 @@ TRAIN_CONV_FORM = "pairs"
 # (`dispatch.default_platform()` when the step is traced: CUDA, not ROCm, where its
 # kernels would fall back to XLA's slower path), in float32 with the training kernels on
 # and where first_layer_grad's kernels take the shape (256², not 28²). On an H200 (run 6,
-# with the forms below) 840 steps/s against 701 layer by layer; on a CPU, and on the H200
-# with XLA's gradients (run 5), it was slower, so there it stays layer by layer.
+# with TRAIN_FIRST_LAYER_PASSES and `layers.TRAIN_FIRST_LAYER_FORWARD`) 840 steps/s against
+# 701 layer by layer; on a CPU, and on the H200 with XLA's gradients (run 5), it was
+# slower, so there it stays layer by layer.
 train_first_layer_conv: Callable[[jax.Array, jax.Array], jax.Array] | None = layers.conv_taps_train
 TRAIN_FIRST_LAYER_PLATFORMS = ("cuda",)
 # How first_layer_grad's kernels compute the conv and the kernel gradient: 3, three TF32
@@ -299,8 +300,8 @@ def apply(
     `jax.grad`). Outside one JAX runs it op by op: on the 2-core CPU, a 28² batch of 32
     took 6.7 s at the first call and 120 ms after, against 0.76 s and 2.2 ms jitted.
     `register` is the jitted inference call. It is not jitted here because what it
-    traces depends on `dispatch.split_over` and on this module's switches, which a
-    cached trace would not see.
+    traces depends on `dispatch.split_over` and on the switches of this module and of
+    `dirnet_jax.layers`, which a cached trace would not see.
 
     Args:
       config: the DIRNet's configuration.
