@@ -11,12 +11,12 @@ Runs the call a few times to warm up, traces `--calls` more, and prints, for eac
 of the trace (the host; on a GPU also the device), the operations with the largest time
 per call: XLA fusions, convolutions and library calls, named as in the compiled HLO
 (`--hlo=FILE` writes `jax.jit(...).lower(...).compile().as_text()`, which says what each
-fusion holds). `--swap=NAME=VALUE` profiles with NAME of `dirnet_jax.layers` or `.models` set to the
-Python literal VALUE (one choice, as benchmarks.core's A/B rows swap it). On XLA:CPU,
-convolutions run on a thread pool: their events time the launch, not the work.
-`--calls=0` runs the warm-up calls alone, untraced: the workload for a profiler outside
-(Nsight Compute, `benchmarks/gpu.sh ncu`), which cannot share the GPU's counters with
-JAX's.
+fusion holds). `--swap=NAME=VALUE` profiles with the switch NAME (of `dirnet_jax.layers`
+or `dirnet_jax.models`) set to the Python literal VALUE (one choice, as benchmarks.core's
+A/B rows swap it). On XLA:CPU, convolutions run on a thread pool: their events time the
+launch, not the work. `--calls=0` runs the warm-up calls alone, untraced: the workload for
+a profiler outside (Nsight Compute, `benchmarks/gpu.sh ncu`), which cannot share the GPU's
+counters with JAX's.
 """
 
 from __future__ import annotations
