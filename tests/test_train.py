@@ -64,6 +64,19 @@ def test_toy_training_raises_ncc(tmp_path, dtype):
     assert records[-1]["train_loss"] < records[0]["train_loss"]
 
 
+def test_volume_training_raises_ncc(tmp_path):
+    # 3-D (16³, a 4³ grid) through fit, as 2-D above: the kernels are N-dimensional.
+    config = TOY.replace(image_shape=(16, 16, 16), num_steps=60, log_every=20,
+                         checkpoint_every=60, num_val_pairs=8)  # fmt: skip
+    pool, val = (shifted_blobs(seed, 32, (16, 16, 16), max_shift=2.0) for seed in (0, 1))
+    train.fit(config, tmp_path, pool, val, progress=False, steps_per_dispatch=1)
+    records = wd.read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [20, 40, 60]
+    before, last = records[0]["val_ncc_before"], records[-1]["val_ncc_after"]
+    assert last > before + 0.1, (before, last)
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
 def test_same_seed_same_parameters(tmp_path, pool):
     a = train.fit(TOY, tmp_path / "a", pool, progress=False)
     b = train.fit(TOY, tmp_path / "b", pool, progress=False)
