@@ -65,6 +65,7 @@ from dirnet_jax import (
     models,
     variant,
 )
+from dirnet_jax.elu import elu_unguarded
 from dirnet_jax.models import Registration, Regressor, register, transform
 from dirnet_jax.preprocess import minmax
 from dirnet_jax.train import (
@@ -234,7 +235,7 @@ def unfused_first_layer(x, kernel, bias, downsampling: str, dtype) -> jax.Array:
         x.astype(jnp.float32), kernel.astype(jnp.float32), (1, 1), "SAME",
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )  # fmt: skip
-    y = models.elu_unguarded(y + bias.astype(jnp.float32))
+    y = elu_unguarded(y + bias.astype(jnp.float32))
     return layers.pool2(y, jnp.mean if downsampling == "avg" else jnp.max).astype(dtype)
 
 

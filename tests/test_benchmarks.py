@@ -35,7 +35,7 @@ def test_profile_names_the_compiled_operations(tmp_path, capsys, what):
     assert all(f"%{name.strip().split(': ')[-1]} = " in program for _, name in times)
 
 
-def test_profile_swaps_a_models_constant_while_it_profiles(capsys, monkeypatch):
+def test_profile_swaps_a_switch_while_it_profiles(capsys, monkeypatch):
     # A choice swapped as benchmarks.core's A/B rows swap it, then put back; the swap
     # is in force while the call traces.
     seen = []
