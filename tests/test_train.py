@@ -19,7 +19,8 @@ import pytest
 
 from dirnet_jax import DIRNetConfig, train
 from dirnet_jax import workdir as wd
-from dirnet_jax.losses import mse_loss
+from dirnet_jax.losses import mse_loss, ncc_loss
+from dirnet_jax.register import load_model
 from dirnet_jax.toy import shifted_blobs
 
 TOY = DIRNetConfig(
@@ -470,6 +471,14 @@ def test_custom_similarity_plugs_in(tmp_path, pool):
     state = train.fit(config, tmp_path, pool, progress=False, steps_per_dispatch=1)
     assert int(state.step) == 5
     assert json.loads((tmp_path / "config.json").read_text())["similarity"].endswith("mse_loss")
+    # Recorded by name: the same function resumes, another is refused (README, Extend it),
+    # and the register command loads the run (it needs no loss).
+    state = train.fit(config.replace(num_steps=6), tmp_path, pool, progress=False,
+                      steps_per_dispatch=1)  # fmt: skip
+    assert int(state.step) == 6
+    with pytest.raises(ValueError, match=r"similarity: '.*mse_loss' there, '.*ncc_loss' now"):
+        train.fit(config.replace(similarity=ncc_loss), tmp_path, pool, progress=False)
+    assert load_model(tmp_path).config.similarity.endswith("mse_loss")
 
 
 def test_sample_pairs_distinct_and_reproducible():
