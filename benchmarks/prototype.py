@@ -11,7 +11,10 @@ variables and gives the same losses, gradients and registrations within float32 
 targets are ~2.5–3.4× its prototype's speed, and this one ran at its prototype's 28²
 training speed on the issue's CPU (benchmarks/NOTES.md).
 
-The baseline's network, A1 (max pooling) and B1 (quadratic B-spline) only.
+Every paper variant, 2-D, float32, the NCC loss and the edge boundary: A2's downsampling
+is a strided `nn.Conv`, C1's extra convs and C2's dense head are flax's layers in the
+paper's order, and B2's field is one product with `dirnet_jax.tps.tps_matrix` (tested
+against scipy's RBFInterpolator on its own).
 """
 
 from __future__ import annotations
@@ -28,26 +31,22 @@ from jax.scipy.ndimage import map_coordinates
 
 from dirnet_jax import DIRNetConfig
 from dirnet_jax.bspline import bspline_matrix
+from dirnet_jax.tps import tps_matrix
 
 
 def check(config: DIRNetConfig) -> None:
     """Raise ValueError for what the prototype does not build."""
     baseline = DIRNetConfig()
     differs = [
-        name for name in ("receptive_field", "boundary", "compute_dtype", "similarity",
-                          "channels")
+        name for name in ("boundary", "compute_dtype", "similarity", "channels")
         if getattr(config, name) != getattr(baseline, name)
     ]  # fmt: skip
-    if config.downsampling not in ("avg", "max"):
-        differs.append("downsampling")
-    if config.transformer not in ("cubic", "quadratic"):
-        differs.append("transformer")
     if len(config.image_shape) != 2:
         differs.append("image_shape")
     if differs:
         raise ValueError(
-            "the prototype builds the baseline's 2-D network, A1 and B1 only; this config "
-            f"differs in {', '.join(differs)}"
+            "the prototype builds 2-D float32 networks of one channel trained by NCC with the "
+            f"edge boundary; this config differs in {', '.join(differs)}"
         )
 
 
@@ -59,20 +58,38 @@ class Regressor(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         cfg = self.config
-        pool = nn.avg_pool if cfg.downsampling == "avg" else nn.max_pool
 
-        def block(x, size):
-            x = nn.Conv(cfg.features, (size, size), use_bias=False)(x)
+        def block(x, layer):  # layer (no bias) → BatchNorm → ELU
             norm = nn.BatchNorm(use_running_average=not train, momentum=cfg.bn_momentum,
                                 epsilon=1e-5)  # fmt: skip
-            return nn.elu(norm(x))
+            return nn.elu(norm(layer(x)))
 
+        def conv(x, size, **kwargs):
+            return block(x, nn.Conv(cfg.features, (size, size), use_bias=False, **kwargs))
+
+        def downsample(x):
+            if cfg.downsampling == "strided":
+                return conv(x, 2, strides=(2, 2), padding="VALID")
+            pool = nn.avg_pool if cfg.downsampling == "avg" else nn.max_pool
+            return pool(x, (2, 2), strides=(2, 2))
+
+        overlap = cfg.receptive_field == "overlap"  # C1: a conv before and after the last
+        last = cfg.num_downsamplings - 1
         for i in range(cfg.num_conv_layers):
-            x = block(x, 3)
+            x = conv(x, 3)
             if i < cfg.num_downsamplings:
-                x = pool(x, (2, 2), strides=(2, 2))
-        x = block(block(x, 1), 1)
+                x = conv(x, 3) if overlap and i == last else x
+                x = downsample(x)
+                x = conv(x, 3) if overlap and i == last else x
         init = nn.initializers.normal(1e-5)
+        if cfg.receptive_field == "global":  # C2: two dense layers, a dense output
+            batch, grid = x.shape[0], x.shape[1:3]
+            x = x.reshape(batch, -1)
+            for _ in range(2):
+                x = block(x, nn.Dense(cfg.dense_features, use_bias=False))
+            out = nn.Dense(grid[0] * grid[1] * 2, kernel_init=init, name="output")(x)
+            return out.reshape(batch, *grid, 2)
+        x = conv(conv(x, 1), 1)
         return nn.Conv(2, (1, 1), kernel_init=init, name="output")(x)
 
 
@@ -91,9 +108,20 @@ def registration(config: DIRNetConfig) -> Callable[..., tuple[jax.Array, Any]]:
     net = Regressor(config)
     height, width = config.image_shape
     grid_h, grid_w = height >> config.num_downsamplings, width >> config.num_downsamplings
-    order = 3 if config.transformer == "cubic" else 2
-    rows = jnp.asarray(bspline_matrix(height, grid_h, order))  # [H, grid_h]
-    cols = jnp.asarray(bspline_matrix(width, grid_w, order))
+    if config.transformer == "tps":
+        matrix = jnp.asarray(tps_matrix((height, width), (grid_h, grid_w)))  # [control, H·W]
+    else:
+        order = 3 if config.transformer == "cubic" else 2
+        rows = jnp.asarray(bspline_matrix(height, grid_h, order))  # [H, grid_h]
+        cols = jnp.asarray(bspline_matrix(width, grid_w, order))
+
+    def field_of(grid):  # [B, grid_h, grid_w, 2] → [B, H, W, 2]
+        if config.transformer == "tps":
+            flat = jnp.einsum("np,bnc->bpc", matrix, grid.reshape(grid.shape[0], -1, 2),
+                              precision="highest")  # fmt: skip
+            return flat.reshape(grid.shape[0], height, width, 2)
+        return jnp.einsum("hk,bklc,wl->bhwc", rows, grid, cols, precision="highest")
+
     ii, jj = jnp.meshgrid(*(jnp.arange(n, dtype=jnp.float32) for n in (height, width)),
                           indexing="ij")  # fmt: skip
 
@@ -107,8 +135,7 @@ def registration(config: DIRNetConfig) -> Callable[..., tuple[jax.Array, Any]]:
             grid, updated = net.apply(variables, x, True, mutable=["batch_stats"])
         else:
             grid, updated = net.apply(variables, x, False), None
-        field = jnp.einsum("hk,bklc,wl->bhwc", rows, grid, cols, precision="highest")
-        return jax.vmap(warp_one)(moving, field), updated
+        return jax.vmap(warp_one)(moving, field_of(grid)), updated
 
     return register
 
