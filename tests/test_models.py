@@ -189,10 +189,12 @@ def test_folded_batchnorm_gives_the_same_grid(rng, name):
         fold_batchnorm(variables)
 
 
-@pytest.mark.parametrize("name", list(PAPER_VARIANTS))
-def test_every_variant_registers_volumes_as_its_unfolded_regressor(rng, name):
+@pytest.mark.parametrize("name", ["baseline", "A2", "B2", "C2"])
+def test_volumes_register_as_the_unfolded_regressor(rng, name):
     # 3-D end to end: `register` (BatchNorm folded, the first layer fused, passes on a CPU)
-    # against the regressor as it is trained, in inference mode, and the spline and warp.
+    # against the regressor as it is trained, in inference mode, and the spline and warp;
+    # the variants whose inference takes another path (A2's first conv by taps, its strided
+    # convs; B2's thin-plate matrix; C2's dense head). All seven train in 3-D above.
     config = variant(name, VOLUME.replace(features=8, dense_features=32))
     variables = perturbed(config)
     fixed, moving = (jnp.asarray(rng.uniform(size=(3, 8, 8, 8, 1)), jnp.float32) for _ in "fm")
