@@ -74,7 +74,7 @@ def test_volume_training_raises_ncc(tmp_path):
     records = wd.read_metrics(tmp_path)
     assert [r["step"] for r in records] == [20, 40, 60]
     before, last = records[0]["val_ncc_before"], records[-1]["val_ncc_after"]
-    assert last > before + 0.1, (before, last)
+    assert last > before + 0.08, (before, last)  # 0.78 → 0.90 here
     assert records[-1]["train_loss"] < records[0]["train_loss"]
 
 
