@@ -157,8 +157,10 @@ def train_steps(
     Returns (state, [steps] losses).
     """
 
-    def body(state):
-        batch = sample_pairs(jax.random.fold_in(key, state.step + 1), pool, batch_size, grouped)
+    def pairs(step):
+        return sample_pairs(jax.random.fold_in(key, step), pool, batch_size, grouped)
+
+    def body(state, batch):
         if sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, sharding)
         state, metrics = _train_step(state, batch)
@@ -167,10 +169,17 @@ def train_steps(
     split = sharding is not None and len(sharding.device_set) > 1
     with dispatch.split_over(sharding) if split else contextlib.nullcontext():
         if steps > 1 and jax.default_backend() != "cpu":
-            return jax.lax.scan(lambda state, _: body(state), state, length=steps)
+
+            def scanned(state, _):
+                return body(state, pairs(state.step + 1))
+
+            return jax.lax.scan(scanned, state, length=steps)
+        # Every step's pairs drawn at once, the same values as one draw per step: at 28² on
+        # a 2-core CPU the batched draw made the step 7-9 % faster (benchmarks/NOTES.md).
+        batches = jax.vmap(pairs)(state.step + 1 + jnp.arange(steps))
         losses = []
-        for _ in range(steps):
-            state, loss = body(state)
+        for s in range(steps):
+            state, loss = body(state, jax.tree.map(lambda b, s=s: b[s], batches))
             losses.append(loss)
         return state, jnp.stack(losses)
 
