@@ -10,6 +10,7 @@ import pytest
 
 from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, apply, init_variables, layers, models, variant
 from dirnet_jax.batchnorm import BatchNorm
+from dirnet_jax.config import TRANSFORMERS
 from dirnet_jax.models import Regressor, fold_batchnorm, pairs_per_pass, register, register_batched
 
 MNIST = DIRNetConfig(image_shape=(28, 28), num_downsamplings=2)
@@ -34,6 +35,11 @@ def test_every_variant_shapes_and_identity_start(rng, name, base, grid):
     # An untrained DIRNet is (nearly) the identity.
     assert float(jnp.abs(reg.displacement).max()) < 0.05
     np.testing.assert_allclose(reg.warped, y, atol=0.05)
+
+
+def test_every_transformer_name_has_its_function():
+    # config names them without importing JAX; models maps each name to its function.
+    assert set(models.TRANSFORM_FNS) == set(TRANSFORMERS)
 
 
 def test_variants_are_data():
