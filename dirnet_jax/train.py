@@ -152,7 +152,8 @@ def train_steps(
     several devices XLA splits the step, and our kernels run on each device's slice
     (`dispatch.split_over`: XLA's partitioner cannot split their calls).
     On accelerators the steps are a `lax.scan`; on XLA:CPU, which ran a scanned step 3×
-    (28×28) to 10× (128×128) slower, they are unrolled into straight-line code.
+    (28×28) to 10× (128×128) slower, they are unrolled into straight-line code, with every
+    step's pairs drawn before the first.
 
     Returns (state, [steps] losses).
     """
@@ -175,7 +176,7 @@ def train_steps(
 
             return jax.lax.scan(scanned, state, length=steps)
         # Every step's pairs drawn at once, the same values as one draw per step: at 28² on
-        # a 2-core CPU the batched draw made the step 7-9 % faster (benchmarks/NOTES.md).
+        # a 2-core CPU the step ran ~7 % faster than with a draw inside it (NOTES.md).
         batches = jax.vmap(pairs)(state.step + 1 + jnp.arange(steps))
         losses = []
         for s in range(steps):
