@@ -450,7 +450,29 @@ def main(args) -> int:
         raise RegistrationError("give --fixed and --moving, or --pairs")
     out = Path(args.out)
     model = load_model(args.checkpoint)
-    _check_writable(out)
+    made = _missing_folders(out)
+    try:
+        _check_writable(out)
+        return _register_to(model, args, out)
+    finally:
+        for folder in made:  # the folders made here, if nothing was written to them
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """`path` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _register_to(model: Model, args, out: Path) -> int:
+    """`main` once the model is loaded and `out` is writable."""
     if args.pairs:
         rows, errors = read_pairs_csv(args.pairs, out)
     else:
@@ -465,7 +487,11 @@ def main(args) -> int:
 
     try:
         records, failed = register_files(
-            model, rows, batch_size=args.batch_size, progress=args.progress, on_group=save
+            model,
+            rows,
+            batch_size=args.batch_size,
+            progress=args.progress and len(rows) > 1,  # no bar for one pair
+            on_group=save,
         )
     except KeyboardInterrupt:
         listed = f"; {summary} lists them" if args.pairs and finished else ""

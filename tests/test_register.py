@@ -304,13 +304,26 @@ def test_bad_input_one_line_nonzero_nothing_written(model_dir, pair, tmp_path, c
     err = capsys.readouterr().err
     assert code == 1
     assert message in err and err.count("\n") == 1, err
-    assert files_in(out) == []
+    assert not out.exists()  # not even the folder the command made for its outputs
 
 
 def test_empty_csv(model_dir, tmp_path):
     (tmp_path / "pairs.csv").write_text("fixed,moving\n")
     with pytest.raises(cli.RegistrationError, match="has no pairs"):
         cli.main(args(model_dir, tmp_path / "out", pairs=str(tmp_path / "pairs.csv")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_run_removes_only_the_folders_it_made(model_dir, pair, tmp_path, capsys):
+    np.save(tmp_path / "f.npy", pair[0])
+    bad = dict(fixed=str(tmp_path / "f.npy"), moving=str(tmp_path / "nope.npy"))
+    assert cli.main(args(model_dir, tmp_path / "a" / "b" / "out", **bad)) == 1
+    assert not (tmp_path / "a").exists()
+    there = tmp_path / "there"
+    there.mkdir()
+    assert cli.main(args(model_dir, there / "out", **bad)) == 1
+    assert there.is_dir() and not (there / "out").exists()
+    assert capsys.readouterr().err.count("nope.npy does not exist") == 2
 
 
 def test_bad_work_directories(model_dir, tmp_path):
