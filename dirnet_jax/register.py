@@ -450,25 +450,9 @@ def main(args) -> int:
         raise RegistrationError("give --fixed and --moving, or --pairs")
     out = Path(args.out)
     model = load_model(args.checkpoint)
-    made = _missing_folders(out)
-    try:
+    with wd.unused_folders_removed(out):
         _check_writable(out)
         return _register_to(model, args, out)
-    finally:
-        for folder in made:  # the folders made here, if nothing was written to them
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-
-
-def _missing_folders(path: Path) -> list[Path]:
-    """`path` and its ancestors that do not exist yet, deepest first."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
 
 
 def _register_to(model: Model, args, out: Path) -> int:

@@ -93,6 +93,24 @@ def atomic_outputs() -> Iterator[None]:
             Path(tmp).unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def unused_folders_removed(path: str | os.PathLike) -> Iterator[None]:
+    """Remove `path`, and those of its ancestors missing when the block began, if the block
+    leaves them empty: a command that stops before writing anything leaves no folders."""
+    made, folder = [], Path(path)
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
+    try:
+        yield
+    finally:
+        for folder in made:  # deepest first; one that is not empty keeps those above it
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename."""
     with atomic_output(path) as tmp, open(tmp, "w") as f:

@@ -14,6 +14,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from dirnet_jax import compile_cache, hosts, train
+from dirnet_jax import workdir as wd
 from dirnet_jax.config import COMPUTE_DTYPES, DIRNetConfig
 from dirnet_jax.models import Registration, register, register_batched
 
@@ -113,7 +114,8 @@ def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
             if FLAGS.distributed:
                 join_job(FLAGS)
                 FLAGS.progress &= hosts.is_primary()  # one progress bar per job
-            paths = run(FLAGS)
+            with wd.unused_folders_removed(FLAGS.workdir):
+                paths = run(FLAGS)
         except (
             OSError,  # a work directory that is a file, or not writable; a full disk
             ValueError,

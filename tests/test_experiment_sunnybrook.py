@@ -142,3 +142,4 @@ def test_missing_scd_dir_is_one_line(tmp_path):
     assert (
         proc.stderr.strip().splitlines()[-1] == f"error: --scd_dir {tmp_path}/nope is not a folder"
     )
+    assert list(tmp_path.iterdir()) == []  # the work directory it made is gone again
