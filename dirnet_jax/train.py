@@ -441,13 +441,18 @@ def fit(
     if chunk < 1:
         raise ValueError(f"steps_per_dispatch must be at least 1, not {chunk}")
     primary = hosts.is_primary()  # the one process that writes config and metrics
-    # Every process checks the stored config (and fails alike), after process 0 wrote it.
-    workdir = hosts.primary_first(lambda: wd.claim(workdir, config), f"claim {workdir}")
+    # The inputs are checked before the work directory is claimed: a call that fails them
+    # leaves no config.json that a corrected call would then be refused by.
     replicated, split = data_parallel(config)
-    pool = jax.device_put(as_image_pool(config, train_images, "training images"), replicated)
-    val_batch = None
+    train_pool = as_image_pool(config, train_images, "training images")
+    val_pool = None
     if val_images is not None:
         val_pool = as_image_pool(config, val_images, "validation images")
+    # Every process checks the stored config (and fails alike), after process 0 wrote it.
+    workdir = hosts.primary_first(lambda: wd.claim(workdir, config), f"claim {workdir}")
+    pool = jax.device_put(train_pool, replicated)
+    val_batch = None
+    if val_pool is not None:
         val_key = jax.random.fold_in(jax.random.key(config.seed), 2)
         val_batch = sample_pairs(
             val_key, val_pool, config.num_val_pairs, grouped=is_grouped(config, val_pool)

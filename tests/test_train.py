@@ -521,7 +521,15 @@ def test_fit_on_grouped_pool(tmp_path):
 )
 def test_bad_training_images(tmp_path, images, message):
     with pytest.raises(ValueError, match=message):
-        train.fit(TOY, tmp_path, images, progress=False)
+        train.fit(TOY, tmp_path / "w", images, progress=False)
+    # Nothing claimed: a corrected call with other settings is not refused for a config.json.
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_validation_images_claim_nothing(tmp_path, pool):
+    with pytest.raises(ValueError, match="validation images have shape"):
+        train.fit(TOY, tmp_path / "w", pool, pool[..., :20, :], progress=False)
+    assert not (tmp_path / "w").exists()
 
 
 def test_atomic_write_replaces_files_only(tmp_path):
