@@ -400,8 +400,9 @@ def _register_group(
     for (row, images), result in zip(loaded, results, strict=True):
         fixed: LoadedImage = images[0]
         try:
-            row.out.mkdir(parents=True, exist_ok=True)
-            with wd.atomic_outputs():  # a pair's files all new, or all as they were
+            # A pair's files all new, or all as they were; no folder made for none.
+            with wd.unused_folders_removed(row.out), wd.atomic_outputs():
+                row.out.mkdir(parents=True, exist_ok=True)
                 written = [
                     imageio.write_image(row.out / "warped", result.warped, fixed),
                     imageio.write_displacement(

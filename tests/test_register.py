@@ -142,6 +142,13 @@ def test_an_output_that_itk_cuts_short_is_an_error_not_a_file(model_dir, pair, t
     assert files_in(out) == ["displacement.nii.gz", "warped.nii.gz"]
     assert (out / "warped.nii.gz").read_bytes() == b"an earlier run's"
 
+    # A pair of a CSV that cannot be written leaves no folder of its own, only the summary.
+    (tmp_path / "pairs.csv").write_text("f.nii.gz,m.nii.gz\n")
+    listed = tmp_path / "listed"
+    assert cli.main(args(model_dir, listed, pairs=str(tmp_path / "pairs.csv"))) != 0
+    assert "No space left on device" in capsys.readouterr().err
+    assert [p.name for p in listed.iterdir()] == ["summary.csv"]
+
 
 @pytest.mark.parametrize("kind", ["npy", "dcm"])
 def test_numpy_and_dicom_pairs(model_dir, pair, tmp_path, kind):
