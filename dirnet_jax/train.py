@@ -443,6 +443,7 @@ def fit(
     primary = hosts.is_primary()  # the one process that writes config and metrics
     # The inputs are checked before the work directory is claimed: a call that fails them
     # leaves no config.json that a corrected call would then be refused by.
+    get_loss(config.similarity)  # an unknown name fails here, with the names it knows
     replicated, split = data_parallel(config)
     train_pool = as_image_pool(config, train_images, "training images")
     val_pool = None

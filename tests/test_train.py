@@ -526,9 +526,11 @@ def test_bad_training_images(tmp_path, images, message):
     assert not (tmp_path / "w").exists()
 
 
-def test_bad_validation_images_claim_nothing(tmp_path, pool):
+def test_bad_validation_images_or_similarity_claim_nothing(tmp_path, pool):
     with pytest.raises(ValueError, match="validation images have shape"):
         train.fit(TOY, tmp_path / "w", pool, pool[..., :20, :], progress=False)
+    with pytest.raises(ValueError, match="unknown similarity 'nc'; choose one of"):
+        train.fit(TOY.replace(similarity="nc"), tmp_path / "w", pool, progress=False)
     assert not (tmp_path / "w").exists()
 
 
