@@ -38,15 +38,16 @@ def check(config: DIRNetConfig) -> None:
     """Raise ValueError for what the prototype does not build."""
     baseline = DIRNetConfig()
     differs = [
-        name for name in ("boundary", "compute_dtype", "similarity", "channels")
+        name for name in ("boundary", "compute_dtype", "similarity", "channels",
+                          "regularizer_weight")
         if getattr(config, name) != getattr(baseline, name)
     ]  # fmt: skip
     if len(config.image_shape) != 2:
         differs.append("image_shape")
     if differs:
         raise ValueError(
-            "the prototype builds 2-D float32 networks of one channel trained by NCC with the "
-            f"edge boundary; this config differs in {', '.join(differs)}"
+            "the prototype builds 2-D float32 networks of one channel trained by NCC alone "
+            f"with the edge boundary; this config differs in {', '.join(differs)}"
         )
 
 

@@ -51,6 +51,10 @@ class DIRNetConfig:
     boundary: str = "edge"  # edge | zeros, see dirnet_jax.resample
     # Training.
     similarity: str | Callable = "ncc"  # a name in losses.SIMILARITIES, or a loss function
+    # A smoothness penalty on the displacement field (a name in losses.REGULARIZERS, or a
+    # function), added to the similarity times regularizer_weight. 0, the paper's: none.
+    regularizer: str | Callable = "bending"
+    regularizer_weight: float = 0.0
     batch_size: int = 32
     learning_rate: float = 1e-4
     num_steps: int = 10_000
@@ -92,6 +96,10 @@ class DIRNetConfig:
         # Every comparison with NaN is false, so these refuse NaN too.
         if not (0 <= self.learning_rate < math.inf):
             raise ValueError(f"learning_rate must be finite and ≥ 0, got {self.learning_rate}")
+        if not (0 <= self.regularizer_weight < math.inf):
+            raise ValueError(
+                f"regularizer_weight must be finite and ≥ 0, got {self.regularizer_weight}"
+            )
         if not (0 <= self.bn_momentum <= 1):
             raise ValueError(f"bn_momentum must be in [0, 1], got {self.bn_momentum}")
 
@@ -126,11 +134,12 @@ class DIRNetConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields; a loss function is recorded by its qualified name."""
+        """JSON-ready fields; a loss or regularizer function is recorded by its qualified
+        name."""
         out = dataclasses.asdict(self)
-        if callable(self.similarity):
-            fn = self.similarity
-            out["similarity"] = f"{fn.__module__}.{getattr(fn, '__qualname__', repr(fn))}"
+        for name in ("similarity", "regularizer"):
+            if callable(fn := getattr(self, name)):
+                out[name] = f"{fn.__module__}.{getattr(fn, '__qualname__', repr(fn))}"
         out["image_shape"] = list(self.image_shape)
         return out
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from dirnet_jax import dispatch, hosts, orbax_reports
 from dirnet_jax import workdir as wd
 from dirnet_jax.config import DIRNetConfig
-from dirnet_jax.losses import get_loss, ncc
+from dirnet_jax.losses import get_loss, get_regularizer, ncc, objective
 from dirnet_jax.models import apply, init_variables
 
 Batch = dict[str, jax.Array]  # {'fixed', 'moving'}: [B, *spatial, C]
@@ -111,8 +111,7 @@ def sample_pairs(
 def _loss(params, state: TrainState, batch: Batch):
     variables = {"params": params, "batch_stats": state.batch_stats}
     reg, batch_stats = apply(state.config, variables, batch["fixed"], batch["moving"], train=True)
-    loss = get_loss(state.config.similarity)(batch["fixed"], reg.warped).mean()
-    return loss, batch_stats
+    return objective(state.config, batch["fixed"], reg).mean(), batch_stats
 
 
 def _train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -187,14 +186,19 @@ def train_steps(
 
 @jax.jit
 def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-    """Inference-mode metrics on a batch of pairs: {'loss', 'ncc_before', 'ncc_after'}."""
+    """Inference-mode metrics on a batch of pairs: {'loss', 'ncc_before', 'ncc_after'}, and
+    'regularizer' (unweighted) when the config weights one."""
+    config = state.config
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    reg, _ = apply(state.config, variables, batch["fixed"], batch["moving"])
-    return {
-        "loss": get_loss(state.config.similarity)(batch["fixed"], reg.warped).mean(),
+    reg, _ = apply(config, variables, batch["fixed"], batch["moving"])
+    metrics = {
+        "loss": objective(config, batch["fixed"], reg).mean(),
         "ncc_before": ncc(batch["fixed"], batch["moving"]).mean(),
         "ncc_after": ncc(batch["fixed"], reg.warped).mean(),
     }
+    if config.regularizer_weight:
+        metrics["regularizer"] = get_regularizer(config.regularizer)(reg.displacement).mean()
+    return metrics
 
 
 def as_image_pool(config: DIRNetConfig, images: Any, name: str = "images") -> jax.Array:
@@ -444,6 +448,7 @@ def fit(
     # The inputs are checked before the work directory is claimed: a call that fails them
     # leaves no config.json that a corrected call would then be refused by.
     get_loss(config.similarity)  # an unknown name fails here, with the names it knows
+    get_regularizer(config.regularizer)
     replicated, split = data_parallel(config)
     train_pool = as_image_pool(config, train_images, "training images")
     val_pool = None

@@ -125,6 +125,9 @@ def test_config_validation():
         with pytest.raises(ValueError, match="learning_rate must be finite and ≥ 0"):
             DIRNetConfig(learning_rate=rate)
     assert DIRNetConfig(learning_rate=0.0).learning_rate == 0  # a run that only evaluates
+    for weight in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="regularizer_weight must be finite and ≥ 0"):
+            DIRNetConfig(regularizer_weight=weight)
     for momentum in (float("nan"), -0.1, 1.5):
         with pytest.raises(ValueError, match=r"bn_momentum must be in \[0, 1\]"):
             DIRNetConfig(bn_momentum=momentum)

@@ -56,7 +56,8 @@ def test_prototype_trains_and_registers_as_our_dirnet(rng, name):
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [({"boundary": "zeros"}, "boundary"), ({"compute_dtype": "bfloat16"}, "compute_dtype"),
-     ({"similarity": "mse"}, "similarity"), ({"image_shape": (8, 8, 8)}, "image_shape")],
+     ({"similarity": "mse"}, "similarity"), ({"image_shape": (8, 8, 8)}, "image_shape"),
+     ({"regularizer_weight": 1.0}, "regularizer_weight")],
 )  # fmt: skip
 def test_prototype_refuses_what_it_does_not_build(overrides, field):
     config = MNIST_NET.replace(**overrides)

@@ -19,7 +19,8 @@ import pytest
 
 from dirnet_jax import DIRNetConfig, train
 from dirnet_jax import workdir as wd
-from dirnet_jax.losses import mse_loss, ncc_loss
+from dirnet_jax.losses import bending_energy, mse_loss, ncc_loss
+from dirnet_jax.models import register
 from dirnet_jax.register import load_model
 from dirnet_jax.toy import shifted_blobs
 
@@ -466,11 +467,16 @@ def test_workdir_from_before_a_config_field_existed_is_reused(tmp_path):
         wd.claim(tmp_path, TOY.replace(compute_dtype="bfloat16"))
 
 
-def test_custom_similarity_plugs_in(tmp_path, pool):
-    config = TOY.replace(similarity=mse_loss, num_steps=5)  # its own programs: single steps
+def test_custom_similarity_and_regularizer_plug_in(tmp_path, pool):
+    # Its own programs: single steps.
+    config = TOY.replace(
+        similarity=mse_loss, regularizer=smoothness, regularizer_weight=0.1, num_steps=5
+    )
     state = train.fit(config, tmp_path, pool, progress=False, steps_per_dispatch=1)
     assert int(state.step) == 5
-    assert json.loads((tmp_path / "config.json").read_text())["similarity"].endswith("mse_loss")
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert stored["similarity"].endswith("mse_loss")
+    assert stored["regularizer"] == f"{__name__}.smoothness"
     # Recorded by name: the same function resumes, another is refused (README, Extend it),
     # and the register command loads the run (it needs no loss).
     state = train.fit(config.replace(num_steps=6), tmp_path, pool, progress=False,
@@ -478,7 +484,40 @@ def test_custom_similarity_plugs_in(tmp_path, pool):
     assert int(state.step) == 6
     with pytest.raises(ValueError, match=r"similarity: '.*mse_loss' there, '.*ncc_loss' now"):
         train.fit(config.replace(similarity=ncc_loss), tmp_path, pool, progress=False)
+    with pytest.raises(ValueError, match=r"regularizer_weight: 0\.1 there, 0\.2 now"):
+        train.fit(config.replace(regularizer_weight=0.2), tmp_path, pool, progress=False)
     assert load_model(tmp_path).config.similarity.endswith("mse_loss")
+
+
+def smoothness(displacement):
+    """[B, H, W, 2] → [B]: a regularizer of our own, as a user would write one."""
+    return jnp.mean(jnp.diff(displacement, axis=1) ** 2, axis=(1, 2, 3))
+
+
+def test_a_weighted_regularizer_smooths_the_fields(tmp_path):
+    # The same toy run without and with a bending penalty: the penalised fields bend ~20×
+    # less (0.0034 against 0.00015 here) and NCC still rises; the validation loss is the
+    # weighted sum of the terms reported.
+    pool, val = shifted_blobs(0, 32), shifted_blobs(1, 16)
+    bends = []
+    for weight in (0.0, 100.0):
+        config = TOY.replace(num_steps=60, log_every=20, checkpoint_every=60,
+                             regularizer_weight=weight)  # fmt: skip
+        state = train.fit(config, tmp_path / str(weight), pool, val, progress=False,
+                          steps_per_dispatch=1)  # fmt: skip
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        reg = register(config, variables, val[:8], val[8:])
+        bends.append(float(bending_energy(reg.displacement).mean()))
+        records = wd.read_metrics(tmp_path / str(weight))
+        first, last = records[0], records[-1]
+        assert last["val_ncc_after"] > first["val_ncc_before"] + 0.02, (first, last)
+        assert ("val_regularizer" in last) == bool(weight)
+    assert last["val_loss"] == pytest.approx(
+        -last["val_ncc_after"] + 100.0 * last["val_regularizer"], rel=1e-5
+    )
+    assert bends[1] < 0.1 * bends[0], bends
+    stored = json.loads((tmp_path / "100.0" / "config.json").read_text())
+    assert (stored["regularizer"], stored["regularizer_weight"]) == ("bending", 100.0)
 
 
 def test_sample_pairs_distinct_and_reproducible():
