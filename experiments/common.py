@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from dirnet_jax import compile_cache, hosts, train
 from dirnet_jax import workdir as wd
 from dirnet_jax.config import COMPUTE_DTYPES, DIRNetConfig
+from dirnet_jax.losses import REGULARIZERS
 from dirnet_jax.models import Registration, register, register_batched
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "tfds"
@@ -34,6 +35,15 @@ def define_run_flags(*, workdir: str, iterations: int | None, checkpoint_every: 
     flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
     flags.register_validator(  # lower_bound would let nan through
         "learning_rate", lambda r: 0 <= r < math.inf, "--learning_rate is finite and ≥ 0"
+    )
+    flags.DEFINE_enum(
+        "regularizer", "bending", sorted(REGULARIZERS), "Smoothness penalty on the field."
+    )
+    flags.DEFINE_float(
+        "regularizer_weight", 0.0, "Weight of --regularizer in the loss; 0 (the paper's): none."
+    )
+    flags.register_validator(
+        "regularizer_weight", lambda w: 0 <= w < math.inf, "--regularizer_weight is finite and ≥ 0"
     )
     flags.DEFINE_integer("seed", 0, "Seed of initialisation and pair sampling.")
     flags.DEFINE_integer("log_every", 100, "Iterations between validation losses.", lower_bound=1)
@@ -72,9 +82,19 @@ def define_run_flags(*, workdir: str, iterations: int | None, checkpoint_every: 
 
 def config_overrides(args: flags.FlagValues) -> dict[str, Any]:
     """The DIRNetConfig fields that the run flags set."""
-    names = ("batch_size", "learning_rate", "seed", "log_every", "checkpoint_every",
-             "compute_dtype")  # fmt: skip
+    names = ("batch_size", "learning_rate", "regularizer", "regularizer_weight", "seed",
+             "log_every", "checkpoint_every", "compute_dtype")  # fmt: skip
     return {name: getattr(args, name) for name in names}
+
+
+def objective_label(config: dict[str, Any]) -> str:
+    """What a run minimised, from its config's `to_dict`: "−NCC", or "−NCC + 100 × bending"
+    where a regularizer is weighted."""
+    similarity = config.get("similarity", "ncc")
+    label = {"ncc": "−NCC", "mse": "MSE"}.get(similarity, similarity)
+    if weight := config.get("regularizer_weight"):
+        label += f" + {weight:g} × {config.get('regularizer', 'bending')}"
+    return label
 
 
 def tfds_progress(show: bool) -> None:

@@ -8,7 +8,8 @@ four 3×3 convs with the third and fourth downsampling removed → 7×7 control 
 4 px; batch 32; Adam; validation NCC logged), then registers every test image of the digit to
 one randomly chosen fixed test image, and registers the first `--elastix_pairs` of those pairs
 with SimpleElastix too (B-spline, 4 px final grid, two resolutions, 100 iterations each,
-normalized correlation).
+normalized correlation). ``--regularizer_weight`` adds a smoothness penalty of the field to
+the loss (none in the paper).
 
 Writes to --workdir: results.json, results.md, fig2_learning_curves.png and
 fig2_registrations.png; digit_<d>/ holds each digit's run (config, metrics, checkpoints,
@@ -214,7 +215,8 @@ def write_outputs(root: Path, results: dict[int, dict], config: DIRNetConfig) ->
     }
     paths = [root / "results.json", root / "results.md"]
     wd.atomic_write_text(paths[0], json.dumps(table, indent=2) + "\n")
-    wd.atomic_write_text(paths[1], results_markdown(table["digits"]))
+    loss = common.objective_label(table["config"])
+    wd.atomic_write_text(paths[1], f"Trained on {loss}.\n\n" + results_markdown(table["digits"]))
 
     curves = {}
     for d in digits:
@@ -222,7 +224,7 @@ def write_outputs(root: Path, results: dict[int, dict], config: DIRNetConfig) ->
         curves[f"digit {d}"] = ([r["step"] for r in records], [r["val_loss"] for r in records])
     paths.append(root / "fig2_learning_curves.png")
     plots.learning_curves(
-        curves, paths[-1], ylabel="validation loss (−NCC)", title="DIRNet per MNIST digit"
+        curves, paths[-1], ylabel=f"validation loss ({loss})", title="DIRNet per MNIST digit"
     )
     paths.append(root / "fig2_registrations.png")
     plots.image_table(

@@ -24,7 +24,9 @@ Writes to --workdir: results.json, results.md (Table 1), fig3_validation_loss.pn
 fig4_example.png; <variant>/ and elastix/ hold each run and its cached evaluation. Runs of
 several variants (e.g. one cluster job each) into one work directory are gathered into one
 table; ``--summarize`` only gathers, and on a directory of such work directories (one per
-seed of a sweep) also writes summary.md: every method over the runs, mean ± sd.
+seed of a sweep) also writes summary.md: every method over the runs, mean ± sd. Runs
+summarized together must differ only in seed (`check_summarizable`).
+``--regularizer_weight`` adds a smoothness penalty to the loss (none in the paper).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -343,6 +345,7 @@ def run(
         runs = {d: found for d in subdirs if (found := gather(d, settings))}
         if not runs:
             return write_outputs(root, pairs, settings, data, preset_name)
+        check_summarizable(runs)  # before anything is written
         paths = [p for d in runs for p in write_outputs(d, pairs, settings, data, preset_name)]
         if gather(root, settings):
             paths += write_outputs(root, pairs, settings, data, preset_name)
@@ -351,7 +354,15 @@ def run(
     return hosts.on_primary(outputs, "outputs") or []
 
 
-def gather(root: Path, settings: dict) -> dict[str, tuple[dict, np.ndarray]]:
+class Evaluated(NamedTuple):
+    """A method's evaluation cached in its folder."""
+
+    row: dict  # Table 1's measures
+    example: np.ndarray  # the warped example image of Fig 4
+    config: dict | None  # the DIRNet's `DIRNetConfig.to_dict`; None for SimpleElastix
+
+
+def gather(root: Path, settings: dict) -> dict[str, Evaluated]:
     """Every evaluated run under root made from the same data and preset."""
     found = {}
     for name in ["elastix", *VARIANTS]:
@@ -359,14 +370,41 @@ def gather(root: Path, settings: dict) -> dict[str, tuple[dict, np.ndarray]]:
         if path.exists():
             stored = json.loads(path.read_text())
             if all(stored["settings"].get(k) == v for k, v in settings.items()):
-                found[name] = (stored["row"], np.load(root / name / "example.npy"))
+                example = np.load(root / name / "example.npy")
+                found[name] = Evaluated(stored["row"], example, stored["settings"].get("config"))
     return found
+
+
+# Config fields in which runs summarized together may differ: none changes what is trained.
+SUMMARY_FREE_FIELDS = frozenset({"seed", "log_every", "checkpoint_every", "max_checkpoints",
+                                 "num_val_pairs"})  # fmt: skip
+
+
+def check_summarizable(runs: dict[Path, dict[str, Evaluated]]) -> None:
+    """ValueError naming two runs of one variant whose configs differ in more than
+    SUMMARY_FREE_FIELDS (a sweep of another setting, a longer run): their mean over runs
+    would mix settings."""
+    defaults = DIRNetConfig().to_dict()  # for fields newer than a run's config
+    for name in VARIANTS:
+        configs = [(run.name, defaults | got[name].config) for run, got in runs.items()
+                   if name in got and got[name].config is not None]  # fmt: skip
+        for run, config in configs[1:]:
+            first, first_config = configs[0]
+            differs = sorted(k for k in config if k not in SUMMARY_FREE_FIELDS
+                             and config[k] != first_config.get(k))  # fmt: skip
+            if differs:
+                raise ValueError(
+                    f"--summarize: the {name} runs {first} and {run} differ in "
+                    f"{', '.join(differs)}, not only in seed; summarize each setting's runs "
+                    "in a folder of their own"
+                )
 
 
 def write_outputs(root: Path, pairs: Pairs, settings: dict, data: str, preset: str) -> list[Path]:
     runs = gather(root, settings)
     before = mask_rows(pairs.moving_mask, pairs)
-    rows = {"before": before} | {name: row for name, (row, _) in runs.items()}
+    rows = {"before": before} | {name: run.row for name, run in runs.items()}
+    configs = {name: run.config for name, run in runs.items() if run.config is not None}
     results = {
         "data": data,
         "preset": preset,
@@ -382,7 +420,7 @@ def write_outputs(root: Path, pairs: Pairs, settings: dict, data: str, preset: s
         root / "fig4_example.png",
     ]
     wd.atomic_write_text(paths[0], json.dumps(results, indent=2) + "\n")
-    wd.atomic_write_text(paths[1], table_markdown(rows, data, preset, len(pairs)))
+    wd.atomic_write_text(paths[1], table_markdown(rows, data, preset, len(pairs), configs))
 
     curves = {}
     for name in VARIANTS:
@@ -392,8 +430,10 @@ def write_outputs(root: Path, pairs: Pairs, settings: dict, data: str, preset: s
         if records:
             curves[name] = ([r["step"] for r in records], [r["val_loss"] for r in records])
     if curves:
+        losses = {common.objective_label(configs.get(name, {})) for name in curves}
+        loss = losses.pop() if len(losses) == 1 else "each variant's objective"
         plots.learning_curves(
-            curves, paths[2], ylabel="validation loss (−NCC)", title="DIRNet variants"
+            curves, paths[2], ylabel=f"validation loss ({loss})", title="DIRNet variants"
         )
     else:
         paths.remove(paths[2])
@@ -402,8 +442,8 @@ def write_outputs(root: Path, pairs: Pairs, settings: dict, data: str, preset: s
     view = heart_window(pairs.fixed_mask[k] | pairs.moving_mask[k])
     fixed, moving = pairs.fixed[k][view], pairs.moving[k][view]
     dirnet_name = next((n for n in ("C1", *VARIANTS) if n in runs), None)
-    dirnet = runs[dirnet_name][1][view] if dirnet_name else None
-    elx = runs["elastix"][1][view] if "elastix" in runs else None
+    dirnet = runs[dirnet_name].example[view] if dirnet_name else None
+    elx = runs["elastix"].example[view] if "elastix" in runs else None
 
     def diff(image):
         return None if image is None else np.abs(image - fixed)
@@ -427,12 +467,15 @@ def write_summary(
     mean over the pairs."""
     rows = {}
     for name in ["elastix", *VARIANTS]:
-        per_run = {run.name: got[name][0] for run, got in runs.items() if name in got}
+        per_run = {run.name: got[name].row for run, got in runs.items() if name in got}
         if per_run:
             rows[name] = {
                 key: summarize([row[key]["mean"] for row in per_run.values()])
                 for key in ("dice", "hd95_mm", "mad_mm")
             } | {"runs": sorted(per_run)}
+            config = next(got[name].config for got in runs.values() if name in got)
+            if config is not None:  # the runs' config (check_summarizable), but the seed
+                rows[name]["config"] = {k: v for k, v in config.items() if k != "seed"}
     summary = {
         "data": data,
         "preset": preset,
@@ -461,7 +504,7 @@ def summary_markdown(summary: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for name, row in summary["rows"].items():
-        label = "SimpleElastix" if name == "elastix" else dirnet_label(name)
+        label = "SimpleElastix" if name == "elastix" else dirnet_label(name, row.get("config"))
         lines.append(
             f"| {label} | {len(row['runs'])} | {fmt(row['dice'], 3)} | {fmt(row['hd95_mm'])} | "
             f"{fmt(row['mad_mm'])} |"
@@ -481,13 +524,19 @@ def heart_window(mask: np.ndarray, half: int | None = None) -> tuple[slice, slic
     )
 
 
-def dirnet_label(name: str) -> str:
-    """ "DIRNet A1 (downsampling: max)": the variant's overrides of the baseline."""
-    overrides = ", ".join(f"{k}: {v}" for k, v in PAPER_VARIANTS.get(name, {}).items())
-    return f"DIRNet {name}" + (f" ({overrides})" if overrides else "")
+def dirnet_label(name: str, config: dict | None = None) -> str:
+    """ "DIRNet A1 (downsampling: max)": the variant's overrides of the baseline, and a
+    weighted regularizer if its config has one ("DIRNet B1 (transformer: quadratic,
+    100 × bending)")."""
+    parts = [f"{k}: {v}" for k, v in PAPER_VARIANTS.get(name, {}).items()]
+    if config and (weight := config.get("regularizer_weight")):
+        parts.append(f"{weight:g} × {config.get('regularizer', 'bending')}")
+    return f"DIRNet {name}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def table_markdown(rows: dict[str, dict], data: str, preset: str, n_pairs: int) -> str:
+def table_markdown(
+    rows: dict[str, dict], data: str, preset: str, n_pairs: int, configs: dict[str, dict]
+) -> str:
     def fmt(s):
         return f"{s['mean']:.2f} ± {s['std']:.2f}"
 
@@ -508,7 +557,7 @@ def table_markdown(rows: dict[str, dict], data: str, preset: str, n_pairs: int) 
             f"{row.get('timed_on', '–')}"
         )
         lines.append(
-            f"| {label.get(name) or dirnet_label(name)} | {fmt(row['dice'])} | "
+            f"| {label.get(name) or dirnet_label(name, configs.get(name))} | {fmt(row['dice'])} | "
             f"{fmt(row['hd95_mm'])} | "
             f"{fmt(row['mad_mm'])} | {times} |"
         )

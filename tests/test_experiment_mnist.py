@@ -14,8 +14,9 @@ import pytest
 
 pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("SimpleITK")
-from dirnet_jax import train
+from dirnet_jax import DIRNetConfig, train
 from dirnet_jax import workdir as wd
+from experiments import common
 from experiments import mnist as experiment
 from tests.test_mnist_data import write_standin
 
@@ -38,6 +39,8 @@ def args_for(standin, workdir, **overrides):
         iterations=20,
         batch_size=8,
         learning_rate=1e-3,
+        regularizer="bending",
+        regularizer_weight=0.0,
         seed=0,
         elastix_pairs=2,
         log_every=10,
@@ -71,7 +74,8 @@ def test_end_to_end_outputs(standin, tmp_path):
         assert row["sec_per_pair_dirnet"] > 0 and row["sec_per_pair_elastix"] > 0
         assert row["train_seconds"] > 0
     table = (tmp_path / "results.md").read_text()
-    assert table.count("\n") == 4 and "SimpleElastix" in table
+    assert table.startswith("Trained on −NCC.\n\n") and "SimpleElastix" in table
+    assert table.count("\n") == 6  # the line above, a blank line, the header, two digits
     assert (tmp_path / "digit_3" / "checkpoints").is_dir()
 
     # A rerun reuses every digit's checkpoint and evaluation: the same numbers.
@@ -86,6 +90,14 @@ def test_learning_curves_come_from_validation(standin, tmp_path):
     assert all("val_loss" in r for r in records)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["digits"]["1"]["ncc_elastix"] is None
+
+
+def test_objective_label_names_what_was_minimised():
+    config = DIRNetConfig()
+    assert common.objective_label(config.to_dict()) == "−NCC"
+    weighted = config.replace(regularizer="diffusion", regularizer_weight=0.25)
+    assert common.objective_label(weighted.to_dict()) == "−NCC + 0.25 × diffusion"
+    assert common.objective_label({}) == "−NCC"  # a config from before the field
 
 
 def test_test_pairs_exclude_the_fixed_image():
@@ -104,6 +116,7 @@ def test_test_pairs_exclude_the_fixed_image():
         ),
         (["--learning_rate=nan"], "--learning_rate is finite and ≥ 0"),
         (["--steps_per_dispatch=0"], "--steps_per_dispatch=0: 0 is not a positive integer"),
+        (["--regularizer_weight=-1"], "--regularizer_weight is finite and ≥ 0"),
         (["--workdir=README.md"], "--workdir=README.md: is a file, not a folder"),
         (["--data_dir=README.md"], "--data_dir=README.md: is a file, not a folder"),
     ],

@@ -1,6 +1,7 @@
 """`python -m experiments.sunnybrook` end to end on a tiny synthetic cohort and a fake SCD tree."""
 
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -24,8 +25,9 @@ def args_for(tmp_path, **overrides):
     values = dict(
         variant="C1", preset="cpu", scd_dir=None, data_dir=str(tmp_path / "tfds"),
         workdir=str(tmp_path / "run"), iterations=None, batch_size=8, learning_rate=1e-3,
-        seed=0, log_every=10, checkpoint_every=10, elastix=True, summarize=False, progress=False,
-        in_memory=False, compute_dtype="float32", steps_per_dispatch=1,
+        regularizer="bending", regularizer_weight=0.0, seed=0, log_every=10,
+        checkpoint_every=10, elastix=True, summarize=False, progress=False, in_memory=False,
+        compute_dtype="float32", steps_per_dispatch=1,
     )  # fmt: skip
     return types.SimpleNamespace(**(values | overrides))
 
@@ -92,6 +94,26 @@ def test_sweep_of_seeds_is_summarized_over_runs(tmp_path):
     table = (sweep / "summary.md").read_text()
     assert "| DIRNet C1 (receptive_field: overlap) | 2 |" in table
     assert "| SimpleElastix | 1 |" in table
+
+    # A run of another setting (here a weighted regularizer) is not averaged in as a seed:
+    # one line, and the outputs stay as they were. Its own table names the regularizer.
+    shutil.copytree(sweep / "seed1", sweep / "weighted")
+    path = sweep / "weighted" / "C1" / "evaluation.json"
+    stored = json.loads(path.read_text())
+    stored["settings"]["config"] |= {"regularizer": "diffusion", "regularizer_weight": 0.5}
+    path.write_text(json.dumps(stored))
+    outputs = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    summarize = args_for(tmp_path, workdir=str(sweep), summarize=True)
+    message = ("--summarize: the C1 runs seed0 and weighted differ in regularizer, "
+               "regularizer_weight, not only in seed")  # fmt: skip
+    with pytest.raises(ValueError, match=f"^{message}; summarize each setting's runs"):
+        experiment.run(summarize, preset=TINY, spec=SPEC)
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == outputs
+    shutil.move(sweep / "weighted", tmp_path / "weighted")
+    experiment.run(args_for(tmp_path, workdir=str(tmp_path / "weighted"), summarize=True),
+                   preset=TINY, spec=SPEC)  # fmt: skip
+    table = (tmp_path / "weighted" / "results.md").read_text()
+    assert "| DIRNet C1 (receptive_field: overlap, 0.5 × diffusion) |" in table
 
 
 def test_summarize_without_runs_is_one_line_and_prepares_nothing(tmp_path):
