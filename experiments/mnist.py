@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from dirnet_jax import DIRNetConfig, hosts, machine, plots, train
 from dirnet_jax import workdir as wd
 from dirnet_jax.losses import ncc
-from dirnet_jax.metrics import summarize
+from dirnet_jax.metrics import folded_fraction, summarize
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -114,6 +114,7 @@ def evaluate_digit(
         "fixed_test_index": fixed_id,
         "ncc_before": summarize(ncc_before),
         "ncc_dirnet": summarize(ncc_dirnet),
+        "folded_dirnet": summarize(folded_fraction(reg.displacement)),
         "sec_per_pair_dirnet": dirnet_seconds,  # batches of 256
         "sec_single_pair_dirnet": single,  # latency of one pair
     }
@@ -243,10 +244,13 @@ def results_markdown(rows: dict[str, dict]) -> str:
     def fmt(s):
         return "–" if s is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
 
+    def percent(s):  # an evaluation cached before the column: –
+        return "–" if s is None else f"{100 * s['mean']:.2f}"
+
     lines = [
-        "| digit | pairs | NCC before | NCC DIRNet | elastix pairs | DIRNet on those | "
-        "SimpleElastix | ms/pair DIRNet | ms/pair elastix | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| digit | pairs | NCC before | NCC DIRNet | folded % DIRNet | elastix pairs | "
+        "DIRNet on those | SimpleElastix | ms/pair DIRNet | ms/pair elastix | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d, r in rows.items():
         elx_ms = (
@@ -254,6 +258,7 @@ def results_markdown(rows: dict[str, dict]) -> str:
         )
         lines.append(
             f"| {d} | {r['ncc_before']['n']} | {fmt(r['ncc_before'])} | {fmt(r['ncc_dirnet'])} | "
+            f"{percent(r.get('folded_dirnet'))} | "
             f"{r['ncc_elastix']['n'] if r['ncc_elastix'] else 0} | "
             f"{fmt(r.get('ncc_dirnet_elastix_pairs'))} | {fmt(r['ncc_elastix'])} | "
             f"{1e3 * r['sec_per_pair_dirnet']:.3f} | {elx_ms} | {r['train_seconds']:.0f} |"

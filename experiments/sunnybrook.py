@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, hosts, machine, plots, train, variant
 from dirnet_jax import workdir as wd
 from dirnet_jax.datasets import phantom
-from dirnet_jax.metrics import mask_metrics, summarize
+from dirnet_jax.metrics import folded_fraction, mask_metrics, summarize
 from dirnet_jax.preprocess import downsample, downsample_mask, minmax
 from dirnet_jax.resample import warp
 from experiments import common
@@ -187,6 +187,7 @@ def evaluate_dirnet(
         _warp_masks(pairs.moving_mask[..., None].astype(np.int32), reg.displacement)
     )
     row = mask_rows(warped_masks[..., 0], pairs) | {
+        "folded": summarize(folded_fraction(reg.displacement)),
         "sec_per_pair": single,
         "sec_per_pair_batched": batched,
         "timed_on": machine.timed_on(),
@@ -548,10 +549,12 @@ def table_markdown(
         f"Data: {data}, preset: {preset}, {n_pairs} test pairs (ED→ES and ES→ED).",
         "",
         "| | Dice | 95th pct. surface distance (mm) | mean abs. surface distance (mm) "
-        "| ms/pair | ms/pair batched | timed on |",
-        "|---|---|---|---|---|---|---|",
+        "| folded % | ms/pair | ms/pair batched | timed on |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
+        # Jacobian determinant ≤ 0: DIRNet's rows (not one cached before the column).
+        folded = f"{100 * row['folded']['mean']:.2f}" if "folded" in row else "–"
         times = (
             f"{ms(row, 'sec_per_pair')} | {ms(row, 'sec_per_pair_batched')} | "
             f"{row.get('timed_on', '–')}"
@@ -559,7 +562,7 @@ def table_markdown(
         lines.append(
             f"| {label.get(name) or dirnet_label(name, configs.get(name))} | {fmt(row['dice'])} | "
             f"{fmt(row['hd95_mm'])} | "
-            f"{fmt(row['mad_mm'])} | {times} |"
+            f"{fmt(row['mad_mm'])} | {folded} | {times} |"
         )
     return "\n".join(lines) + "\n"
 

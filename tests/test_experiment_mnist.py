@@ -69,12 +69,14 @@ def test_end_to_end_outputs(standin, tmp_path):
     for row in results["digits"].values():
         assert row["ncc_before"]["n"] == 5  # six test images: one fixed, five moving
         assert row["ncc_elastix"]["n"] == 2
-        for key in ("ncc_before", "ncc_dirnet", "ncc_elastix"):
+        for key in ("ncc_before", "ncc_dirnet", "ncc_elastix", "folded_dirnet"):
             assert set(row[key]) == {"mean", "std", "n"} and np.isfinite(row[key]["mean"])
+        assert row["folded_dirnet"]["n"] == 5 and 0 <= row["folded_dirnet"]["mean"] <= 1
         assert row["sec_per_pair_dirnet"] > 0 and row["sec_per_pair_elastix"] > 0
         assert row["train_seconds"] > 0
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("Trained on −NCC.\n\n") and "SimpleElastix" in table
+    assert "| NCC DIRNet | folded % DIRNet |" in table
     assert table.count("\n") == 6  # the line above, a blank line, the header, two digits
     assert (tmp_path / "digit_3" / "checkpoints").is_dir()
 
