@@ -72,6 +72,11 @@ def test_end_to_end_outputs(standin, tmp_path):
         for key in ("ncc_before", "ncc_dirnet", "ncc_elastix", "folded_dirnet"):
             assert set(row[key]) == {"mean", "std", "n"} and np.isfinite(row[key]["mean"])
         assert row["folded_dirnet"]["n"] == 5 and 0 <= row["folded_dirnet"]["mean"] <= 1
+    for digit in ("3", "7"):  # Fig 2's fourth row: where the fields fold, over the pairs
+        share = np.load(tmp_path / f"digit_{digit}" / "figure.npz")["folded_share"]
+        assert share.shape == (28, 28) and share.min() >= 0 and share.max() <= 1
+        folded = results["digits"][digit]["folded_dirnet"]["mean"]  # the same pixels
+        np.testing.assert_allclose(share.mean(), folded, rtol=1e-6, atol=1e-12)
         assert row["sec_per_pair_dirnet"] > 0 and row["sec_per_pair_elastix"] > 0
         assert row["train_seconds"] > 0
     table = (tmp_path / "results.md").read_text()
