@@ -389,8 +389,10 @@ def check_summarizable(runs: dict[Path, dict[str, Evaluated]]) -> None:
     for name in VARIANTS:
         configs = [(run.name, defaults | got[name].config) for run, got in runs.items()
                    if name in got and got[name].config is not None]  # fmt: skip
+        if len(configs) < 2:
+            continue
+        first, first_config = configs[0]
         for run, config in configs[1:]:
-            first, first_config = configs[0]
             differs = sorted(k for k in config if k not in SUMMARY_FREE_FIELDS
                              and config[k] != first_config.get(k))  # fmt: skip
             if differs:
