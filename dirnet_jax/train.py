@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import time
+import warnings
 from typing import Any
 
 import flax.struct
@@ -433,7 +434,8 @@ def fit(
         same). Default `default_steps_per_dispatch()`.
 
     Returns:
-      The final TrainState.
+      The final TrainState: the stored one, with a warning, if `workdir` already holds more
+      than ``num_steps`` steps.
 
     Raises:
       FloatingPointError: the loss became NaN or infinite (names the step and the last
@@ -477,6 +479,12 @@ def fit(
         start = int(state.step)
         if primary:
             wd.truncate_metrics(workdir, start)
+            if start > config.num_steps:  # a run shortened by hand, not a finished one rerun
+                warnings.warn(
+                    f"{workdir} holds step {start}, past num_steps={config.num_steps}: "
+                    f"nothing to train, and the state returned is step {start}'s",
+                    stacklevel=2,
+                )
         key = data_key(config)
         grouped = is_grouped(config, pool)
         logged: list[float] = []  # checked losses since the last metrics record

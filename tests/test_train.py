@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -95,9 +96,17 @@ def test_resume_continues_from_checkpoint(tmp_path, pool):
     assert int(resumed.step) == 40
     assert leaves_equal(full, resumed)
     assert [r["step"] for r in wd.read_metrics(tmp_path / "run")] == [10, 20, 30, 40]
-    # A finished run restarted does no more work.
-    again = train.fit(TOY, tmp_path / "run", pool, progress=False)
+    # A finished run restarted does no more work, silently; asked for fewer steps than it
+    # holds, it says so (the state returned is the stored one).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = train.fit(TOY, tmp_path / "run", pool, progress=False)
     assert leaves_equal(full, again)
+    message = f"{tmp_path / 'run'} holds step 40, past num_steps=30: nothing to train"
+    with pytest.warns(UserWarning, match=f"^{re.escape(message)}"):
+        shorter = train.fit(TOY.replace(num_steps=30), tmp_path / "run", pool, progress=False)
+    assert int(shorter.step) == 40 and leaves_equal(full, shorter)
+    assert [r["step"] for r in wd.read_metrics(tmp_path / "run")] == [10, 20, 30, 40]
 
 
 KILLED_RUN = """
