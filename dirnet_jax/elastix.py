@@ -77,7 +77,10 @@ def _native_stdout_silenced():
 class ElastixResult(NamedTuple):
     warped: np.ndarray  # [*spatial] float32 moving image in the fixed frame
     labels: np.ndarray | None  # [*spatial] moving labels warped by nearest neighbour
-    seconds: float  # wall time of the registration (not of the label warp)
+    seconds: float  # wall time of the registration (not of the label warp or the field)
+    # [*spatial, ndim] float32: in pixels, components in axis order, warped(x) =
+    # moving(x + u(x)), as DIRNet's (transformix's field is x-y ordered, in mm)
+    displacement: np.ndarray
 
 
 def register_pair(
@@ -116,16 +119,28 @@ def register_pair(
             elx.Execute()
         seconds = time.perf_counter() - start
         warped = sitk.GetArrayFromImage(elx.GetResultImage()).astype(np.float32)
-        labels = None
-        if moving_labels is not None:
-            transform = elx.GetTransformParameterMap()[0]
-            transform["FinalBSplineInterpolationOrder"] = ("0",)
+        transform = elx.GetTransformParameterMap()[0]
+
+        def transformix(moving_image, field=False):
             trx = sitk.TransformixImageFilter()
             trx.LogToConsoleOff()
             trx.SetOutputDirectory(tmp)
             trx.SetTransformParameterMap(transform)
-            trx.SetMovingImage(image(moving_labels))
-            trx.Execute()
-            warped_labels = sitk.GetArrayFromImage(trx.GetResultImage())
+            trx.SetMovingImage(moving_image)
+            if field:
+                trx.ComputeDeformationFieldOn()
+            with _native_stdout_silenced():
+                trx.Execute()
+            return trx
+
+        field = sitk.GetArrayFromImage(transformix(image(moving), True).GetDeformationField())
+        pixel = np.ones(fixed.ndim) if spacing is None else np.asarray(spacing, np.float64)
+        displacement = (field[..., ::-1] / pixel).astype(np.float32)
+        labels = None
+        if moving_labels is not None:
+            transform["FinalBSplineInterpolationOrder"] = ("0",)
+            warped_labels = sitk.GetArrayFromImage(
+                transformix(image(moving_labels)).GetResultImage()
+            )
             labels = np.rint(warped_labels).astype(np.asarray(moving_labels).dtype)
-    return ElastixResult(warped, labels, seconds)
+    return ElastixResult(warped, labels, seconds, displacement)

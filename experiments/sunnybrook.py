@@ -200,7 +200,7 @@ def evaluate_elastix(
 ) -> tuple[dict[str, Any], np.ndarray]:
     from dirnet_jax import elastix
 
-    warped, masks, seconds = [], [], []
+    warped, masks, seconds, fields = [], [], [], []
     for i in tqdm(range(len(pairs)), desc="SimpleElastix", disable=not progress, leave=False):
         spacing = tuple(float(s) for s in pairs.spacing[i])
         params = elastix.bspline_parameters(
@@ -216,7 +216,9 @@ def evaluate_elastix(
         warped.append(result.warped)
         masks.append(result.labels)
         seconds.append(result.seconds)
+        fields.append(result.displacement)
     row = mask_rows(np.stack(masks), pairs) | {
+        "folded": summarize(folded_fraction(np.stack(fields))),
         "sec_per_pair": float(np.mean(seconds)),
         "timed_on": machine.host_cpu(),
     }
@@ -555,7 +557,7 @@ def table_markdown(
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        # Jacobian determinant ≤ 0: DIRNet's rows (not one cached before the column).
+        # Jacobian determinant ≤ 0 (not in a row cached before the column).
         folded = f"{100 * row['folded']['mean']:.2f}" if "folded" in row else "–"
         times = (
             f"{ms(row, 'sec_per_pair')} | {ms(row, 'sec_per_pair_batched')} | "

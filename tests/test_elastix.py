@@ -39,3 +39,17 @@ def test_register_pair_aligns_and_leaves_no_files(tmp_path, monkeypatch):
 def test_shape_mismatch():
     with pytest.raises(ValueError, match="differ in shape"):
         elastix.register_pair(np.zeros((8, 8)), np.zeros((8, 9)), elastix.bspline_parameters(4))
+
+
+def test_displacement_is_in_pixels_and_axis_order_as_dirnet_s():
+    # Moving = fixed moved down 2 rows: warped(x) = moving(x + u) = fixed(x) needs u = (2, 0)
+    # px, whatever the pixel size (transformix gives x-y ordered millimetres).
+    fixed = shifted_blobs(0, 1, shape=(32, 32), max_shift=0)[0, ..., 0]
+    moving = np.roll(fixed, 2, axis=0)
+    for spacing, grid_mm in ((None, 4.0), ((2.0, 0.5), 8.0)):
+        result = elastix.register_pair(
+            fixed, moving, elastix.bspline_parameters(grid_mm), spacing=spacing
+        )
+        assert result.displacement.shape == (32, 32, 2)
+        blobs = fixed > 0.3
+        np.testing.assert_allclose(np.median(result.displacement[blobs], axis=0), [2, 0], atol=0.05)

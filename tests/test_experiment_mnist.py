@@ -72,6 +72,8 @@ def test_end_to_end_outputs(standin, tmp_path):
         for key in ("ncc_before", "ncc_dirnet", "ncc_elastix", "folded_dirnet"):
             assert set(row[key]) == {"mean", "std", "n"} and np.isfinite(row[key]["mean"])
         assert row["folded_dirnet"]["n"] == 5 and 0 <= row["folded_dirnet"]["mean"] <= 1
+        for key in ("folded_elastix", "folded_dirnet_elastix_pairs"):  # elastix's 2 pairs
+            assert row[key]["n"] == 2 and 0 <= row[key]["mean"] <= 1
     for digit in ("3", "7"):  # Fig 2's fourth row: where the fields fold, over the pairs
         share = np.load(tmp_path / f"digit_{digit}" / "figure.npz")["folded_share"]
         assert share.shape == (28, 28) and share.min() >= 0 and share.max() <= 1
@@ -82,6 +84,7 @@ def test_end_to_end_outputs(standin, tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("Trained on −NCC.\n\n") and "SimpleElastix" in table
     assert "| NCC DIRNet | folded % DIRNet |" in table
+    assert "| SimpleElastix | folded % DIRNet, elastix |" in table
     assert table.count("\n") == 6  # the line above, a blank line, the header, two digits
     assert (tmp_path / "digit_3" / "checkpoints").is_dir()
 
