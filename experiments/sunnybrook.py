@@ -474,9 +474,11 @@ def write_summary(
     for name in ["elastix", *VARIANTS]:
         per_run = {run.name: got[name].row for run, got in runs.items() if name in got}
         if per_run:
+            # The folded share only where every run has it (rows cached before it lack it).
+            keys = ["dice", "hd95_mm", "mad_mm"]
+            keys += ["folded"] * all("folded" in row for row in per_run.values())
             rows[name] = {
-                key: summarize([row[key]["mean"] for row in per_run.values()])
-                for key in ("dice", "hd95_mm", "mad_mm")
+                key: summarize([row[key]["mean"] for row in per_run.values()]) for key in keys
             } | {"runs": sorted(per_run)}
             config = next(got[name].config for got in runs.values() if name in got)
             if config is not None:  # the runs' config (check_summarizable), but the seed
@@ -505,14 +507,17 @@ def summary_markdown(summary: dict) -> str:
         "Each row: mean ± sd over runs of the run's mean over the pairs (before "
         f"registration: Dice {fmt(before['dice'], 3)} over the pairs).",
         "",
-        "| | runs | Dice | 95th pct. surface distance (mm) | mean abs. surface distance (mm) |",
-        "|---|---|---|---|---|",
+        "| | runs | Dice | 95th pct. surface distance (mm) | mean abs. surface distance (mm) "
+        "| folded % |",
+        "|---|---|---|---|---|---|",
     ]
     for name, row in summary["rows"].items():
         label = "SimpleElastix" if name == "elastix" else dirnet_label(name, row.get("config"))
+        folded = row.get("folded")
+        folded = "–" if folded is None else fmt({k: 100 * folded[k] for k in ("mean", "std")})
         lines.append(
             f"| {label} | {len(row['runs'])} | {fmt(row['dice'], 3)} | {fmt(row['hd95_mm'])} | "
-            f"{fmt(row['mad_mm'])} |"
+            f"{fmt(row['mad_mm'])} | {folded} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -102,10 +102,27 @@ def test_sweep_of_seeds_is_summarized_over_runs(tmp_path):
     dice = [rows["C1"]["dice"]["mean"] for rows in per_seed]
     assert c1["dice"]["mean"] == pytest.approx(np.mean(dice))
     assert c1["dice"]["std"] == pytest.approx(np.std(dice)) and c1["dice"]["n"] == 2
+    folded = [rows["C1"]["folded"]["mean"] for rows in per_seed]
+    assert c1["folded"]["mean"] == pytest.approx(np.mean(folded)) and c1["folded"]["n"] == 2
     assert summary["before"] == per_seed[0]["before"]
     table = (sweep / "summary.md").read_text()
-    assert "| DIRNet C1 (receptive_field: overlap) | 2 |" in table
+    c1_line = next(line for line in table.splitlines() if line.startswith("| DIRNet C1 "))
+    assert c1_line.startswith("| DIRNet C1 (receptive_field: overlap) | 2 |")
+    percent = f"{100 * np.mean(folded):.2f} ± {100 * np.std(folded):.2f}"
+    assert c1_line.endswith(f" | {percent} |")
     assert "| SimpleElastix | 1 |" in table
+
+    # A run evaluated before the folded share was measured: the summary has none for C1.
+    path = sweep / "seed1" / "C1" / "evaluation.json"
+    stored = json.loads(path.read_text())
+    del stored["row"]["folded"]
+    path.write_text(json.dumps(stored))
+    experiment.run(args_for(tmp_path, workdir=str(sweep), summarize=True), preset=TINY,
+                   spec=SPEC)  # fmt: skip
+    assert "folded" not in json.loads((sweep / "summary.json").read_text())["rows"]["C1"]
+    c1_line = next(line for line in (sweep / "summary.md").read_text().splitlines()
+                   if line.startswith("| DIRNet C1 "))  # fmt: skip
+    assert c1_line.endswith(" | – |")
 
     # A run of another setting (here a weighted regularizer) is not averaged in as a seed:
     # one line, and the outputs stay as they were. Its own table names the regularizer.
