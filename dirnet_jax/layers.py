@@ -155,6 +155,8 @@ def conv_elu_pool2(
     Returns:
       [B, *spatial / 2, Cout] float32 (accumulated in float32 whatever the inputs).
     """
+    if downsampling not in ("avg", "max"):
+        raise ValueError(f"conv_elu_pool2 pools by avg or max, not {downsampling!r}")
     half = tuple(n // 2 for n in x.shape[1:-1])
     padded = _pad_same(x.astype(jnp.float32), kernel.shape[0])
     kernel = kernel.astype(jnp.float32)
@@ -164,9 +166,7 @@ def conv_elu_pool2(
     ]
     if downsampling == "avg":
         return sum(window[1:], window[0]) / len(window)
-    if downsampling == "max":
-        return functools.reduce(jnp.maximum, window)
-    raise ValueError(f"conv_elu_pool2 pools by avg or max, not {downsampling!r}")
+    return functools.reduce(jnp.maximum, window)
 
 
 def fused_first_layer(

@@ -38,7 +38,8 @@ def test_fused_first_layer_is_conv_elu_pool(rng, shape, downsampling):
     )
     pool = nn.avg_pool if downsampling == "avg" else nn.max_pool
     expected = pool(nn.elu(conv + bias), (2,) * ndim, strides=(2,) * ndim)
-    got = conv_elu_pool2(x, kernel, bias, downsampling)
+    # Compiled whole: op by op, its ~200 operations compiled one by one took 2-8 s.
+    got = jax.jit(conv_elu_pool2, static_argnums=3)(x, kernel, bias, downsampling)
     assert got.shape == expected.shape and float(jnp.abs(expected).max()) > 1
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="avg or max"):
@@ -123,11 +124,17 @@ def test_first_layer_train_gradients_are_the_reference_layers(rng, downsampling,
         layers._first_layer_reference, downsampling=downsampling, conv=conv_taps,
         dtype=jnp.float32,
     )  # fmt: skip
-    got, got_vjp = jax.vjp(fused, *args)
-    expected, expected_vjp = jax.vjp(reference, *args)
+
+    @functools.partial(jax.jit, static_argnums=0)  # op by op: ~200 programs compiled, 8 s
+    def values_and_grads(layer, args, cotangents):
+        values, vjp = jax.vjp(layer, *args)
+        return values, vjp(cotangents)
+
+    got, got_grads = values_and_grads(fused, args, cotangents)
+    expected, expected_grads = values_and_grads(reference, args, cotangents)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    for a, b in zip(got_vjp(cotangents), expected_vjp(cotangents), strict=True):
+    for a, b in zip(got_grads, expected_grads, strict=True):
         assert float(jnp.abs(b).max()) > 1  # every gradient non-trivial
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6 * float(jnp.abs(b).max()))
 

@@ -18,6 +18,12 @@ CARDIAC = DIRNetConfig()  # 256×256, four downsamplings
 VOLUME = DIRNetConfig(image_shape=(8, 8, 8), num_downsamplings=1)  # 3-D: [B, D, H, W, C]
 
 
+def compiled(fn, *args, **kwargs):
+    """fn(*args, **kwargs) as one compiled program (fn's non-array arguments bound): op by
+    op, each of a network's ~100 operations compiles alone (~3-5 s of such a test)."""
+    return jax.jit(functools.partial(fn, **kwargs))(*args)
+
+
 @pytest.mark.parametrize("name", list(PAPER_VARIANTS))
 @pytest.mark.parametrize("base,grid", [(MNIST, (7, 7)), (CARDIAC, (16, 16)), (VOLUME, (4, 4, 4))])
 def test_every_variant_shapes_and_identity_start(rng, name, base, grid):
@@ -185,10 +191,11 @@ def test_folded_batchnorm_gives_the_same_grid(rng, name):
     config = variant(name, MNIST.replace(features=8, dense_features=32))
     variables = perturbed(config)
     fixed, moving = (rng.uniform(size=(3, 28, 28, 1)).astype(np.float32) for _ in range(2))
-    plain = Regressor(config).apply(variables, fixed, moving, train=False)
+    plain = compiled(Regressor(config).apply, variables, fixed, moving, train=False)
     folded_vars = fold_batchnorm(variables)
     assert not any(k.startswith("BatchNorm") for k in folded_vars["params"])
-    folded = Regressor(config, folded=True).apply(folded_vars, fixed, moving, train=False)
+    folded = compiled(Regressor(config, folded=True).apply, folded_vars, fixed, moving,
+                      train=False)  # fmt: skip
     assert float(jnp.abs(plain).max()) > 0.1
     np.testing.assert_allclose(folded, plain, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="inference mode"):
@@ -209,10 +216,10 @@ def test_volumes_register_as_the_unfolded_regressor(rng, name):
     fixed, moving = (jnp.asarray(rng.uniform(size=(3, 8, 8, 8, 1)), jnp.float32) for _ in "fm")
     reg = register(config, variables, fixed, moving)
     assert reg.grid.shape == (3, 4, 4, 4, 3) and reg.displacement.shape == (3, 8, 8, 8, 3)
-    grid = Regressor(config).apply(variables, fixed, moving, train=False)
+    grid = compiled(Regressor(config).apply, variables, fixed, moving, train=False)
     assert float(jnp.abs(grid).max()) > 0.1
     np.testing.assert_allclose(reg.grid, grid, rtol=1e-5, atol=1e-5)
-    expected = models.transform(config, grid, moving)
+    expected = compiled(functools.partial(models.transform, config), grid, moving)
     np.testing.assert_allclose(reg.displacement, expected.displacement, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(reg.warped, expected.warped, rtol=1e-5, atol=1e-5)
 
@@ -225,8 +232,9 @@ def test_training_computes_the_first_conv_by_taps(rng, name, monkeypatch):
     variables = perturbed(config)
     fixed, moving = (jnp.asarray(rng.uniform(size=(4, 28, 28, 1)), jnp.float32) for _ in "ab")
 
-    def run(variables, train=True):
-        return Regressor(config).apply(variables, fixed, moving, train=train, mutable=True)
+    def run(variables, train=True):  # traced anew at each call: after the monkeypatch too
+        apply = Regressor(config).apply
+        return compiled(apply, variables, fixed, moving, train=train, mutable=True)
 
     def convolutions(train):
         text = jax.jit(functools.partial(run, train=train)).lower(variables).as_text()
@@ -337,8 +345,9 @@ def test_bfloat16_activations_register_within_bfloat16_precision(rng, name):
     config = variant(name, MNIST.replace(features=8, dense_features=32))
     variables = perturbed(config)
     fixed, moving = (rng.uniform(size=(3, 28, 28, 1)).astype(np.float32) for _ in range(2))
-    full = apply(config, variables, fixed, moving)[0]
-    half = apply(config.replace(compute_dtype="bfloat16"), variables, fixed, moving)[0]
+    full = compiled(functools.partial(apply, config), variables, fixed, moving)[0]
+    half = config.replace(compute_dtype="bfloat16")
+    half = compiled(functools.partial(apply, half), variables, fixed, moving)[0]
     assert all(a.dtype == jnp.float32 for a in half)  # spline and warp in float32
     scale = float(jnp.abs(full.grid).max())
     error = float(jnp.abs(half.grid - full.grid).max())
@@ -351,7 +360,7 @@ def test_register_in_chunks_equals_one_pass(rng, chunk):
     config = MNIST.replace(features=8)
     variables = perturbed(config)
     fixed, moving = (rng.uniform(size=(7, 28, 28, 1)).astype(np.float32) for _ in range(2))
-    whole = apply(config, variables, fixed, moving)[0]
+    whole = compiled(functools.partial(apply, config), variables, fixed, moving)[0]
     assert float(jnp.abs(whole.displacement).max()) > 0.1
     chunked = register(config, variables, fixed, moving, chunk=chunk)  # 3 + 3 + 1 for 3
     for a, b in zip(chunked, whole, strict=True):
@@ -395,10 +404,8 @@ def test_regressor_sees_the_pair_in_order():
     variables = init_variables(config, jax.random.key(0))
     a = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 28, 28, 1)), jnp.float32)
     b = jnp.roll(a, 3, axis=1)
-    r = Regressor(config)
-    assert not np.allclose(
-        r.apply(variables, a, b, train=False), r.apply(variables, b, a, train=False)
-    )
+    r = jax.jit(functools.partial(Regressor(config).apply, train=False))
+    assert not np.allclose(r(variables, a, b), r(variables, b, a))
 
 
 def test_init_variables_is_flax_init_compiled_once_per_network():
