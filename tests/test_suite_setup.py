@@ -30,3 +30,10 @@ def test_slow_compiles_go_to_one_cache_for_the_run():
     assert jax.config.values["jax_persistent_cache_min_compile_time_secs"] == 1.0
     # pytest-xdist's workers share it: it sits beside their own folders, not in one.
     assert not os.path.basename(os.path.dirname(folder)).startswith("popen-gw")
+
+
+def test_the_longest_files_named_first_exist():
+    from tests.conftest import LONGEST_FIRST
+
+    here = os.path.dirname(__file__)
+    assert [name for name in LONGEST_FIRST if not os.path.isfile(os.path.join(here, name))] == []
