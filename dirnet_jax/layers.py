@@ -64,16 +64,30 @@ def _window_max(x: jax.Array, axis: tuple[int, ...]) -> jax.Array:
 
 @_window_max.defjvp
 def _window_max_jvp(axis, primals, tangents):
-    # jnp.max's rule, but its count of the window's values equal to the maximum is taken
-    # as at least 1. XLA may compute x anew in each fusion that reads it and round the
-    # copies differently (mul and add fused into one FMA in one copy only): then no value
-    # equals the maximum, jnp.max's rule divides 0 by 0, and training stops on a NaN (A1 at
-    # LLVM -O0 on the CPU: 28 % of the windows). Such a window's gradient is 0 instead.
     (x,), (t,) = primals, tangents
     top = jnp.max(x, axis=axis, keepdims=True)
-    at = (x == top).astype(t.dtype)
-    count = jnp.maximum(jnp.sum(at, axis=axis), 1)
-    return jnp.squeeze(top, axis), jnp.sum(t * at, axis=axis) / count
+    return jnp.squeeze(top, axis), jnp.sum(t * _window_weights(x, top, axis), axis=axis)
+
+
+def _window_weights(x: jax.Array, top: jax.Array, axis: tuple[int, ...]) -> jax.Array:
+    """Each value's share [x.shape] of its window's gradient (window: `axis`; top: the
+    windows' maxima, kept dims): split evenly between the values equal to top, as
+    jnp.max's rule; all to the window's first largest value where none equals top.
+
+    XLA may compute x anew in each fusion that reads it and round the copies differently
+    (mul and add fused into one FMA in one copy only; `optimization_barrier` does not stop
+    it): then no value of a window equals the maximum computed from the other copy.
+    jnp.max's rule divides 0 by 0 there (A1's gradients were NaN at LLVM -O0 on the CPU:
+    28 % of the windows); a count taken as at least 1 gives such a window no gradient.
+    Its first largest value instead is the maximum up to that rounding."""
+    at = (x == top).astype(x.dtype)
+    count = jnp.sum(at, axis=axis, keepdims=True)
+    window = tuple(range(x.ndim - len(axis), x.ndim))  # the window's axes moved last
+    moved = jnp.moveaxis(x, axis, window)
+    flat = moved.reshape(*moved.shape[: -len(axis)], -1)
+    first = jax.nn.one_hot(jnp.argmax(flat, axis=-1), flat.shape[-1], dtype=x.dtype)
+    first = jnp.moveaxis(first.reshape(moved.shape), window, axis)
+    return jnp.where(count > 0, at / jnp.maximum(count, 1), first)
 
 
 def stack_channels(a: jax.Array, b: jax.Array) -> jax.Array:
