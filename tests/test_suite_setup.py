@@ -5,7 +5,10 @@ import subprocess
 import sys
 
 import jax
+import jaxlib.version
 import pytest
+
+from tests import conftest
 
 
 def test_a_cpu_compiles_at_o0_unless_optimized(request):
@@ -16,10 +19,15 @@ def test_a_cpu_compiles_at_o0_unless_optimized(request):
         assert jax.config.values["jax_disable_most_optimizations"] == said
         return
     assert jax.config.values["jax_disable_most_optimizations"]
+    # With the jaxlib they were measured with, XLA:CPU's older emitters too.
+    older = jaxlib.version.__version__ in conftest.OLDER_EMITTERS_JAXLIB
+    assert (conftest.OLDER_EMITTERS in os.environ.get("XLA_FLAGS", "")) == older
     # The commands the tests start compile so too.
-    code = "import jax; print(jax.config.values['jax_disable_most_optimizations'])"
+    code = ("import jax, os; print(jax.config.values['jax_disable_most_optimizations'], "
+            "os.environ.get('XLA_FLAGS'))")  # fmt: skip
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert child.stdout.strip() == "True", child.stderr[-2000:]
+    assert child.stdout.split()[0] == "True", child.stderr[-2000:]
+    assert (conftest.OLDER_EMITTERS in child.stdout) == older
 
 
 def test_slow_compiles_go_to_one_cache_for_the_run():
@@ -33,7 +41,7 @@ def test_slow_compiles_go_to_one_cache_for_the_run():
 
 
 def test_the_longest_files_named_first_exist():
-    from tests.conftest import LONGEST_FIRST
-
     here = os.path.dirname(__file__)
-    assert [name for name in LONGEST_FIRST if not os.path.isfile(os.path.join(here, name))] == []
+    missing = [name for name in conftest.LONGEST_FIRST
+               if not os.path.isfile(os.path.join(here, name))]  # fmt: skip
+    assert missing == []
