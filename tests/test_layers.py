@@ -18,6 +18,7 @@ from scipy.ndimage import correlate
 
 from dirnet_jax import layers
 from dirnet_jax.layers import TapConv, conv_elu_pool2, conv_taps, pool2, stack_channels
+from tests import conftest
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 6, 2), (3, 4, 6, 2, 3)])
@@ -198,7 +199,7 @@ for got, expected in zip(grads, want):
 
 # XLA:CPU's older emitters (where this jaxlib still has them) round the copies
 # differently in most windows: there a count of at least 1 gave wrong gradients.
-@pytest.mark.parametrize("xla_flags", ["", "--xla_cpu_use_fusion_emitters=false"])
+@pytest.mark.parametrize("xla_flags", ["", conftest.OLDER_EMITTERS])
 def test_pool2_max_gradient_is_right_where_xla_rounds_copies_differently(xla_flags):
     # At LLVM -O0 XLA:CPU computes x·s + 0.1 once for the maximum and again, rounded
     # otherwise, where the gradient compares with it: jnp.max's rule gave NaN for s, and a
