@@ -2,7 +2,8 @@
 
 `fit` runs the loop: pairs are drawn from a pool of images with ``fold_in(key, step)`` so a
 resumed run sees the same pairs as an uninterrupted one, checkpoints are saved every
-``checkpoint_every`` steps and restored when present, metrics go to ``metrics.jsonl``, and a
+``checkpoint_every`` steps and restored when present, metrics go to ``metrics.jsonl`` (given
+validation images, its first record is step 0's: the untrained network), and a
 non-finite loss stops training with an error naming the step (never checkpointed). SIGTERM
 (a cluster's time limit or preemption) or Ctrl-C stops it after the running call, with a
 checkpoint of the step it reached (`Interrupted`).
@@ -477,8 +478,8 @@ def fit(
         # reads its own replica (a restored array cannot be moved to another host's devices).
         state = restore_latest(mngr, jax.device_put(create_train_state(config), replicated))
         start = int(state.step)
-        if primary:
-            wd.truncate_metrics(workdir, start)
+        if primary:  # a resumed run logs again what came after its checkpoint; a fresh
+            wd.truncate_metrics(workdir, start if start else -1)  # one starts a fresh log
             if start > config.num_steps:  # a run shortened by hand, not a finished one rerun
                 warnings.warn(
                     f"{workdir} holds step {start}, past num_steps={config.num_steps}: "
@@ -496,10 +497,14 @@ def fit(
             desc=f"training to {workdir}",
             dynamic_ncols=True,
         )
-        tick = time.perf_counter()
         pending: list[jax.Array] = []  # losses not yet checked on the host
         step = saved = start
         with bar, hosts.stop_requests() as requested:
+            if start == 0 and val_batch is not None:  # where the learning curves start
+                record = {"step": 0, **_validation(state, val_batch)}
+                if primary:
+                    wd.append_metrics(workdir, record)
+            tick = time.perf_counter()
             while (signum := requested()) is None and step < config.num_steps:
                 # Whole chunks up to the next log, checkpoint or end, then single steps:
                 # two traces at most.
@@ -530,9 +535,7 @@ def fit(
                         "steps_per_sec": len(logged) / (now - tick),
                     }
                     if val_batch is not None:
-                        record.update(
-                            {f"val_{k}": float(v) for k, v in eval_step(state, val_batch).items()}
-                        )
+                        record.update(_validation(state, val_batch))
                     if primary:
                         wd.append_metrics(workdir, record)
                     bar.set_postfix(loss=f"{record['train_loss']:.4f}")
@@ -549,6 +552,11 @@ def fit(
                 raise Interrupted(signum, step, config.num_steps, mngr.directory)
         mngr.wait_until_finished()
     return state
+
+
+def _validation(state: TrainState, val_batch: Batch) -> dict[str, float]:
+    """`eval_step`'s metrics as a metrics record's ``val_*`` entries."""
+    return {f"val_{k}": float(v) for k, v in eval_step(state, val_batch).items()}
 
 
 class Interrupted(BaseException):

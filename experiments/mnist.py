@@ -157,6 +157,8 @@ def train_seconds(records: list[dict[str, Any]]) -> float:
     """Training time summed over logged intervals (so over every resumed session too)."""
     total, last = 0.0, 0
     for r in records:
+        if "steps_per_sec" not in r:  # step 0's validation, before training
+            continue
         total += (r["step"] - last) / r["steps_per_sec"]
         last = r["step"]
     return total

@@ -96,9 +96,11 @@ def test_end_to_end_outputs(standin, tmp_path):
 def test_learning_curves_come_from_validation(standin, tmp_path):
     experiment.run(args_for(standin, tmp_path, digits=["1"], elastix_pairs=0))
     records = [json.loads(line) for line in (tmp_path / "digit_1" / "metrics.jsonl").open()]
-    assert [r["step"] for r in records] == [10, 20]
+    assert [r["step"] for r in records] == [0, 10, 20]  # from the untrained network on
     assert all("val_loss" in r for r in records)
     results = json.loads((tmp_path / "results.json").read_text())
+    seconds = 10 / records[1]["steps_per_sec"] + 10 / records[2]["steps_per_sec"]
+    assert results["digits"]["1"]["train_seconds"] == pytest.approx(seconds)
     assert results["digits"]["1"]["ncc_elastix"] is None
 
 

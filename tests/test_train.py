@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,15 +57,15 @@ def test_toy_training_raises_ncc(tmp_path, dtype):
     train.fit(config, tmp_path, shifted_blobs(0, 64), shifted_blobs(1, 64), progress=False,
               steps_per_dispatch=1)  # fmt: skip
     records = wd.read_metrics(tmp_path)
-    assert [r["step"] for r in records] == [50, 100, 150, 200, 250, 300]
+    assert [r["step"] for r in records] == [0, 50, 100, 150, 200, 250, 300]
     before, first, last = (
         records[0]["val_ncc_before"],
-        records[0]["val_ncc_after"],
+        records[1]["val_ncc_after"],
         records[-1]["val_ncc_after"],
     )
     assert last > before + 0.15, (before, last)  # ~0.76 → ~0.96 on this toy set
     assert last > first
-    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert records[-1]["train_loss"] < records[1]["train_loss"]
 
 
 def test_volume_training_raises_ncc(tmp_path):
@@ -74,10 +75,10 @@ def test_volume_training_raises_ncc(tmp_path):
     pool, val = (shifted_blobs(seed, 32, (16, 16, 16), max_shift=2.0) for seed in (0, 1))
     train.fit(config, tmp_path, pool, val, progress=False, steps_per_dispatch=1)
     records = wd.read_metrics(tmp_path)
-    assert [r["step"] for r in records] == [20, 40, 60]
+    assert [r["step"] for r in records] == [0, 20, 40, 60]
     before, last = records[0]["val_ncc_before"], records[-1]["val_ncc_after"]
     assert last > before + 0.08, (before, last)  # 0.78 → 0.90 here
-    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert records[-1]["train_loss"] < records[1]["train_loss"]
 
 
 def test_same_seed_same_parameters(tmp_path, pool):
@@ -107,6 +108,27 @@ def test_resume_continues_from_checkpoint(tmp_path, pool):
         shorter = train.fit(TOY.replace(num_steps=30), tmp_path / "run", pool, progress=False)
     assert int(shorter.step) == 40 and leaves_equal(full, shorter)
     assert [r["step"] for r in wd.read_metrics(tmp_path / "run")] == [10, 20, 30, 40]
+
+
+def test_validation_is_logged_from_step_0_once(tmp_path, pool):
+    # The untrained network's validation opens the log (where the learning curves start):
+    # its displacements are ~1e-5 px, so it registers nothing yet. A resumed run does not
+    # log step 0 again; one started afresh (no checkpoint) starts a fresh log.
+    run = tmp_path / "run"
+    train.fit(TOY.replace(num_steps=20), run, pool, pool, progress=False)
+    initial, *trained = wd.read_metrics(run)
+    assert initial.keys() == {"step", "val_loss", "val_ncc_before", "val_ncc_after"}
+    assert initial["step"] == 0
+    assert initial["val_ncc_after"] == pytest.approx(initial["val_ncc_before"], abs=1e-4)
+    assert initial["val_loss"] == pytest.approx(-initial["val_ncc_after"], rel=1e-6)
+    assert [r["val_ncc_before"] for r in trained] == [initial["val_ncc_before"]] * 2
+    assert [r["step"] for r in trained] == [10, 20] and "train_loss" in trained[0]
+
+    train.fit(TOY, run, pool, pool, progress=False)
+    assert [r["step"] for r in wd.read_metrics(run)] == [0, 10, 20, 30, 40]
+    shutil.rmtree(run / "checkpoints")  # as if killed before its first checkpoint
+    train.fit(TOY.replace(num_steps=10), run, pool, pool, progress=False)
+    assert [r["step"] for r in wd.read_metrics(run)] == [0, 10]
 
 
 KILLED_RUN = """
@@ -447,7 +469,7 @@ def test_several_steps_per_dispatch_train_the_same(tmp_path, pool):
     for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(chunked.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     steps = [[r["step"] for r in wd.read_metrics(tmp_path / d)] for d in ("single", "chunked")]
-    assert steps[0] == steps[1] == [10, 20, 30, 37]
+    assert steps[0] == steps[1] == [0, 10, 20, 30, 37]
     saved = train.checkpoint_manager(tmp_path / "chunked", config).all_steps()
     assert saved == [30, 37]  # the last two are kept
     with pytest.raises(ValueError, match="steps_per_dispatch"):
