@@ -18,6 +18,13 @@ def run_folder(tmp_path_factory, name: str):
     return folder
 
 
+def virtual_devices(count: int) -> dict[str, str]:
+    """This process's environment for a command that sees `count` CPU devices: the flag
+    appended to XLA_FLAGS, so that the suite's own flags (`OLDER_EMITTERS`) still apply."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+    return os.environ | {"XLA_FLAGS": flags.strip()}
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--optimized",

@@ -21,6 +21,7 @@ from dirnet_jax import workdir as wd
 
 pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("SimpleITK")
+from tests import conftest
 from tests.test_experiment_mnist import wait_for_training
 from tests.test_mnist_data import write_standin
 
@@ -37,7 +38,7 @@ def start_two(args: list[str], logs: Path) -> list[tuple[subprocess.Popen, Path]
     """Start `python -m experiments.mnist --distributed` as processes 0 and 1 of one job,
     each writing `<logs>/<i>.out` and `.err`."""
     port = free_port()
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = conftest.virtual_devices(2)
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for i in range(2):
