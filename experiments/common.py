@@ -87,13 +87,21 @@ def config_overrides(args: flags.FlagValues) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
+def regularizer_term(config: dict[str, Any]) -> str | None:
+    """A weighted regularizer as it reads in labels, "100 × bending", from a config's
+    `to_dict`; None where none is weighted."""
+    if weight := config.get("regularizer_weight"):
+        return f"{weight:g} × {config.get('regularizer', 'bending')}"
+    return None
+
+
 def objective_label(config: dict[str, Any]) -> str:
     """What a run minimised, from its config's `to_dict`: "−NCC", or "−NCC + 100 × bending"
     where a regularizer is weighted."""
     similarity = config.get("similarity", "ncc")
     label = {"ncc": "−NCC", "mse": "MSE"}.get(similarity, similarity)
-    if weight := config.get("regularizer_weight"):
-        label += f" + {weight:g} × {config.get('regularizer', 'bending')}"
+    if term := regularizer_term(config):
+        label += f" + {term}"
     return label
 
 

@@ -539,8 +539,8 @@ def dirnet_label(name: str, config: dict | None = None) -> str:
     weighted regularizer if its config has one ("DIRNet B1 (transformer: quadratic,
     100 × bending)")."""
     parts = [f"{k}: {v}" for k, v in PAPER_VARIANTS.get(name, {}).items()]
-    if config and (weight := config.get("regularizer_weight")):
-        parts.append(f"{weight:g} × {config.get('regularizer', 'bending')}")
+    if config and (term := common.regularizer_term(config)):
+        parts.append(term)
     return f"DIRNet {name}" + (f" ({', '.join(parts)})" if parts else "")
 
 

@@ -194,3 +194,16 @@ def test_missing_scd_dir_is_one_line(tmp_path):
         proc.stderr.strip().splitlines()[-1] == f"error: --scd_dir {tmp_path}/nope is not a folder"
     )
     assert list(tmp_path.iterdir()) == []  # the work directory it made is gone again
+
+
+def test_dirnet_label_names_overrides_and_a_weighted_regularizer():
+    assert experiment.dirnet_label("baseline") == "DIRNet baseline"
+    assert experiment.dirnet_label("A1") == "DIRNet A1 (downsampling: max)"
+    weighted = {"regularizer": "diffusion", "regularizer_weight": 0.25}
+    assert experiment.dirnet_label("A1", weighted) == (
+        "DIRNet A1 (downsampling: max, 0.25 × diffusion)"
+    )
+    assert experiment.dirnet_label("baseline", {"regularizer_weight": 100.0}) == (
+        "DIRNet baseline (100 × bending)"  # a config from before the regularizer's name
+    )
+    assert experiment.dirnet_label("baseline", {"regularizer_weight": 0.0}) == "DIRNet baseline"
