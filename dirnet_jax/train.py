@@ -478,8 +478,10 @@ def fit(
         # reads its own replica (a restored array cannot be moved to another host's devices).
         state = restore_latest(mngr, jax.device_put(create_train_state(config), replicated))
         start = int(state.step)
-        if primary:  # a resumed run logs again what came after its checkpoint; a fresh
-            wd.truncate_metrics(workdir, start if start else -1)  # one starts a fresh log
+        if primary:
+            # A resumed run logs again what came after its checkpoint; one from step 0
+            # starts a fresh log (a killed first attempt's step 0 included).
+            wd.truncate_metrics(workdir, start if start else -1)
             if start > config.num_steps:  # a run shortened by hand, not a finished one rerun
                 warnings.warn(
                     f"{workdir} holds step {start}, past num_steps={config.num_steps}: "
