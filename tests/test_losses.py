@@ -20,11 +20,12 @@ from dirnet_jax.losses import (
 )
 
 
-def test_ncc_matches_corrcoef_per_pair(rng):
-    x = rng.normal(size=(4, 9, 8, 1)).astype(np.float32)
-    y = (x + rng.normal(size=x.shape) * np.array([0.1, 1, 3, 10])[:, None, None, None]).astype(
-        np.float32
-    )
+@pytest.mark.parametrize("shape", [(4, 9, 8, 1), (4, 9, 8, 3), (4, 5, 6, 7, 2)])
+def test_ncc_matches_corrcoef_per_pair(rng, shape):
+    # Over all pixels and channels of each pair, in 2-D and 3-D.
+    x = rng.normal(size=shape).astype(np.float32) + 2.0
+    noise = np.array([0.1, 1, 3, 10]).reshape(4, *[1] * (len(shape) - 1))
+    y = (x + rng.normal(size=x.shape) * noise).astype(np.float32)
     ours = np.asarray(ncc(jnp.asarray(x), jnp.asarray(y)))
     ref = [np.corrcoef(x[b].ravel(), y[b].ravel())[0, 1] for b in range(4)]
     np.testing.assert_allclose(ours, ref, atol=1e-5)
@@ -77,6 +78,9 @@ def test_mse_hand_computed():
     x = jnp.zeros((2, 2, 2, 1))
     y = jnp.asarray([[1.0, 1.0, 1.0, 1.0], [0.0, 2.0, 0.0, 0.0]]).reshape(2, 2, 2, 1)
     np.testing.assert_allclose(mse_loss(x, y), [1.0, 1.0])
+    a, b = (np.random.default_rng(seed).normal(size=(3, 4, 5, 2)) for seed in (0, 1))
+    want = ((a - b) ** 2).reshape(3, -1).mean(axis=1)  # per pair, over pixels and channels
+    np.testing.assert_allclose(mse_loss(jnp.asarray(a), jnp.asarray(b)), want, rtol=1e-5)
 
 
 def test_get_loss():
