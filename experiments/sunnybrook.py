@@ -476,7 +476,8 @@ def write_summary(
         if per_run:
             # The folded share only where every run has it (rows cached before it lack it).
             keys = ["dice", "hd95_mm", "mad_mm"]
-            keys += ["folded"] * all("folded" in row for row in per_run.values())
+            if all("folded" in row for row in per_run.values()):
+                keys.append("folded")
             rows[name] = {
                 key: summarize([row[key]["mean"] for row in per_run.values()]) for key in keys
             } | {"runs": sorted(per_run)}

@@ -18,11 +18,18 @@ def run_folder(tmp_path_factory, name: str):
     return folder
 
 
+def xla_flags_with(flag: str) -> str:
+    """This process's XLA_FLAGS with `flag` appended (once)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    return flags if flag in flags.split() else f"{flags} {flag}".strip()
+
+
 def virtual_devices(count: int) -> dict[str, str]:
     """This process's environment for a command that sees `count` CPU devices: the flag
     appended to XLA_FLAGS, so that the suite's own flags (`OLDER_EMITTERS`) still apply."""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
-    return os.environ | {"XLA_FLAGS": flags.strip()}
+    return os.environ | {
+        "XLA_FLAGS": xla_flags_with(f"--xla_force_host_platform_device_count={count}")
+    }
 
 
 def pytest_addoption(parser):
@@ -58,9 +65,7 @@ def pytest_configure(config):
     older_emitters = jaxlib.version.__version__ in OLDER_EMITTERS_JAXLIB
     if not config.getoption("--optimized") and older_emitters:
         # Before the CPU backend starts (it reads XLA_FLAGS once); a CPU flag only.
-        flags = os.environ.get("XLA_FLAGS", "")
-        if OLDER_EMITTERS not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} {OLDER_EMITTERS}".strip()
+        os.environ["XLA_FLAGS"] = xla_flags_with(OLDER_EMITTERS)
     if not config.getoption("--optimized") and jax.default_backend() == "cpu":
         os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
         jax.config.update("jax_disable_most_optimizations", True)
