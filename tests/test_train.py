@@ -324,6 +324,30 @@ def test_signal_stops_at_the_step_with_a_checkpoint(tmp_path, pool, monkeypatch,
     assert leaves_equal(resumed, again)
 
 
+def test_signal_during_the_step_0_validation_stops_before_any_step(tmp_path, pool, monkeypatch):
+    # A time limit that lands while the untrained network is evaluated: no step is taken,
+    # no checkpoint written, and the rerun starts a fresh log (one step 0, not two).
+    real = train.eval_step
+
+    def eval_step(*args):
+        signal.raise_signal(signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(train, "eval_step", eval_step)
+    monkeypatch.setattr(train, "train_steps", lambda *a, **k: pytest.fail("a step was taken"))
+    run = tmp_path / "run"
+    with pytest.raises(train.Interrupted) as stop:
+        train.fit(TOY, run, pool, pool, progress=False)
+    assert (stop.value.step, stop.value.exit_code) == (0, 128 + signal.SIGTERM)
+    assert str(stop.value).endswith("at step 0 of 40; no step taken: run it again to resume")
+    assert train.checkpoint_manager(run, TOY).all_steps() == []
+    assert [r["step"] for r in wd.read_metrics(run)] == [0]
+
+    monkeypatch.undo()
+    train.fit(TOY.replace(num_steps=10), run, pool, pool, progress=False)
+    assert [r["step"] for r in wd.read_metrics(run)] == [0, 10]
+
+
 @pytest.mark.usefixtures("ctrl_c")
 def test_second_signal_acts_at_once(tmp_path, pool, monkeypatch):
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
