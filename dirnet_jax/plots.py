@@ -37,20 +37,43 @@ def learning_curves(
     ylabel: str,
     title: str,
 ) -> None:
-    """One line per run: {label: (steps, values)} → PNG at `path`."""
+    """One line per run: {label: (steps, values)} → PNG at `path` (see `curves_figure`)."""
+    _save(curves_figure(curves, ylabel=ylabel, title=title), path)
+
+
+ZOOM_BELOW = 0.25  # the last half's span, as a share of the whole span, that gets a zoom
+
+
+def curves_figure(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, ylabel: str, title: str
+) -> Figure:
+    """One line per run: {label: (steps, values)}. Where the untrained start lies far from
+    the rest (the last half of the iterations spans under `ZOOM_BELOW` of all values'
+    range), a second panel shows that last half alone, where runs differ at the end."""
     import matplotlib
 
-    fig = _figure(figsize=(6.5, 4.2))
-    ax = fig.subplots()
+    steps = np.concatenate([np.asarray(s, dtype=float) for s, _ in curves.values()])
+    values = np.concatenate([np.asarray(v, dtype=float) for _, v in curves.values()])
+    half = steps.max() / 2 if steps.size else 0.0
+    late = values[steps >= half]
+    zoom = late.size > 1 and np.ptp(late) < ZOOM_BELOW * np.ptp(values)
+    fig = _figure(figsize=(11.5, 4.2) if zoom else (6.5, 4.2))
+    axes = fig.subplots(1, 2 if zoom else 1, squeeze=False)[0]
     colors = matplotlib.colormaps["tab10"].colors
-    for k, (label, (steps, values)) in enumerate(curves.items()):
-        ax.plot(steps, values, label=label, color=colors[k % len(colors)], lw=1.5)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(ncol=2, fontsize=8, frameon=False)
-    _save(fig, path)
+    for ax in axes:
+        for k, (label, (s, v)) in enumerate(curves.items()):
+            ax.plot(s, v, label=label, color=colors[k % len(colors)], lw=1.5)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    axes[0].set_title(title)
+    axes[0].legend(ncol=2, fontsize=8, frameon=False)
+    if zoom:
+        margin = 0.05 * (np.ptp(late) or abs(late[0]) or 1.0)
+        axes[1].set_xlim(half, steps.max())
+        axes[1].set_ylim(late.min() - margin, late.max() + margin)
+        axes[1].set_title(f"the last half (iterations ≥ {half:g}), zoomed")
+    return fig
 
 
 def image_table(
