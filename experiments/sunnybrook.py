@@ -1,6 +1,6 @@
 r"""Section 4.2 of the paper: DIRNets on cardiac cine MRI, ED ↔ ES, against SimpleElastix.
 
-    python -m experiments.sunnybrook --variant=C1 --preset=cpu     # 4–11 min on 2 CPU cores
+    python -m experiments.sunnybrook --variant=C1 --preset=cpu     # 4–12 min on 2 CPU cores
     python -m experiments.sunnybrook --variant=all                 # paper settings (GPU)
     python -m experiments.sunnybrook --variant=C1 --scd_dir=/data/SCD   # the real SCD
 
