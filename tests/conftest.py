@@ -66,6 +66,8 @@ def pytest_configure(config):
     if not config.getoption("--optimized") and older_emitters:
         # Before the CPU backend starts (it reads XLA_FLAGS once); a CPU flag only.
         os.environ["XLA_FLAGS"] = xla_flags_with(OLDER_EMITTERS)
+    elif not config.getoption("--optimized"):  # said at the end of `make test`'s -q run
+        config.issue_config_time_warning(pytest.PytestConfigWarning(_emitters(config)), 2)
     if not config.getoption("--optimized") and jax.default_backend() == "cpu":
         os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
         jax.config.update("jax_disable_most_optimizations", True)
@@ -74,6 +76,26 @@ def pytest_configure(config):
         return
     jax.config.update("jax_compilation_cache_dir", str(run_folder(factory, "xla-tests")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _emitters(config) -> str:
+    """Which of XLA:CPU's loop emitters `pytest_configure` chose, and why."""
+    version = jaxlib.version.__version__
+    if config.getoption("--optimized") or version in OLDER_EMITTERS_JAXLIB:
+        return f"older loop emitters (jaxlib {version})"
+    return (
+        f"newer loop emitters: jaxlib {version} is not the one the older ones were measured "
+        f"with ({', '.join(OLDER_EMITTERS_JAXLIB)}): compiles take ~2×, the suite ~30 % longer"
+    )
+
+
+def pytest_report_header(config) -> str:
+    """What `pytest_configure` chose, at the top of a run without -q (a jaxlib other than
+    the one measured also warns at the end)."""
+    if config.getoption("--optimized"):
+        return "XLA: compiled as users run (--optimized)"
+    level = "LLVM -O0" if os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS") else "as users run"
+    return f"XLA: {level}, {_emitters(config)}"
 
 
 # The suite's longest files, longest first: each took 45-200 worker-seconds of the ~1,400
