@@ -67,7 +67,7 @@ def pytest_configure(config):
         # Before the CPU backend starts (it reads XLA_FLAGS once); a CPU flag only.
         os.environ["XLA_FLAGS"] = xla_flags_with(OLDER_EMITTERS)
     elif not config.getoption("--optimized"):  # said at the end of `make test`'s -q run
-        config.issue_config_time_warning(pytest.PytestConfigWarning(_emitters(config)), 2)
+        config.issue_config_time_warning(pytest.PytestConfigWarning(_emitters()), 2)
     if not config.getoption("--optimized") and jax.default_backend() == "cpu":
         os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
         jax.config.update("jax_disable_most_optimizations", True)
@@ -78,10 +78,10 @@ def pytest_configure(config):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def _emitters(config) -> str:
-    """Which of XLA:CPU's loop emitters `pytest_configure` chose, and why."""
+def _emitters() -> str:
+    """Which of XLA:CPU's loop emitters `pytest_configure` chose without --optimized, and why."""
     version = jaxlib.version.__version__
-    if config.getoption("--optimized") or version in OLDER_EMITTERS_JAXLIB:
+    if version in OLDER_EMITTERS_JAXLIB:
         return f"older loop emitters (jaxlib {version})"
     return (
         f"newer loop emitters: jaxlib {version} is not the one the older ones were measured "
@@ -95,7 +95,7 @@ def pytest_report_header(config) -> str:
     if config.getoption("--optimized"):
         return "XLA: compiled as users run (--optimized)"
     level = "LLVM -O0" if os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS") else "as users run"
-    return f"XLA: {level}, {_emitters(config)}"
+    return f"XLA: {level}, {_emitters()}"
 
 
 # The suite's longest files, longest first: each took 45-200 worker-seconds of the ~1,400
