@@ -15,7 +15,9 @@ pair sampling and step in one dispatch; and several steps per dispatch as `fit` 
 straight-line steps on a CPU, a lax.scan of 20 on a GPU), first-call time and memory per
 call. Each baseline is followed by the same network as a straightforward JAX prototype
 (benchmarks/prototype.py: flax's layers, map_coordinates, one jit per step; the kind of
-prototype the issue's targets were set against) and in PyTorch eager
+prototype the issue's targets were set against; its training also against ours as `fit`
+runs it in alternating rounds, "train, interleaved", a ratio that a host's changes of speed
+leave alone) and in PyTorch eager
 (benchmarks/torch_dirnet.py, if torch is installed), as ratios to DIRNet, and on a GPU by
 its A/B rows: registration with the first layer reading the stacked pair, by float32
 multiply-adds instead of one TF32 product, with the 128² layer by cuDNN instead of the
@@ -79,6 +81,10 @@ from dirnet_jax.train import (
 from dirnet_jax.workdir import atomic_write_text
 
 MIN_SECONDS = 1.0  # each measure repeats until it has run this long (fast calls: many times)
+# The prototype's training and ours as `fit` runs it, timed in alternating rounds (each
+# for MIN_SECONDS / 4): their ratio, which the host's changes of speed leave alone.
+INTERLEAVED_ROUNDS = 8
+TRAIN_INTERLEAVED = "train, interleaved"
 
 
 def timed(fn, repeats: int, sync=jax.block_until_ready) -> tuple[float, float]:
@@ -93,6 +99,27 @@ def timed(fn, repeats: int, sync=jax.block_until_ready) -> tuple[float, float]:
         sync(fn())
         times.append(time.perf_counter() - t)
     return first, statistics.median(times)
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], rounds: int, seconds: float, sync=jax.block_until_ready
+) -> dict[str, list[float]]:
+    """{name: [each round's median seconds per call]}: each round calls every function in
+    turn, each for at least `seconds` (at least once), so that a host whose speed changes
+    from one stretch of seconds to the next (`benchmarks/NOTES.md`) slows all of them alike.
+    The functions are called once each before the first round."""
+    for fn in fns.values():
+        sync(fn())
+    medians: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times, start = [], time.perf_counter()
+            while not times or time.perf_counter() - start < seconds:
+                t = time.perf_counter()
+                sync(fn())
+                times.append(time.perf_counter() - t)
+            medians[name].append(statistics.median(times))
+    return medians
 
 
 def compiled_mb(jitted, *args, **kwargs) -> float:
@@ -130,10 +157,12 @@ class Table:
     def __init__(self):
         self.rows: list[dict] = []
 
-    def add(self, impl, name, size, what, first, sec, count, unit, memory_mb=float("nan")):
+    def add(self, impl, name, size, what, first, sec, count, unit, memory_mb=float("nan"),
+            **extra):  # fmt: skip
         self.rows.append(
             dict(impl=impl, variant=name, size=size, what=what, median_ms=sec * 1e3,
-                 per_sec=count / sec, unit=unit, first_call_s=first, memory_mb=memory_mb)
+                 per_sec=count / sec, unit=unit, first_call_s=first, memory_mb=memory_mb,
+                 **extra)
         )  # fmt: skip
 
     def rate(self, impl, size, what) -> float | None:
@@ -348,15 +377,9 @@ def bench_train_steps(table, name, config, pool, steps, repeats, state=None, ove
     if over_devices:
         replicated, split = data_parallel(config.replace(batch_size=batch))
         state, pool = jax.device_put((state, pool), replicated)
-    state, key = [state], data_key(config)  # the state is donated by each call
-    options = dict(steps=steps, batch_size=batch, grouped=False, sharding=split)
-
-    def fused():
-        state[0], losses = train_steps(state[0], pool, key, **options)
-        return losses
-
+    fused, state, memory_mb = steps_call(config, pool, steps, batch, state, split)
     first, sec = timed(fused, repeats if steps == 1 else max(2, repeats // steps))
-    mb = compiled_mb(train_steps, state[0], pool, key, **options)
+    mb = memory_mb()
     size = config.image_shape[0]
     if over_devices:
         what = f"train, {devices} devices, batch {batch}"
@@ -365,6 +388,20 @@ def bench_train_steps(table, name, config, pool, steps, repeats, state=None, ove
         what = "train, sample+step" if steps == 1 else f"train, {steps} steps/dispatch"
         table.add("jax", name, size, what, first, sec, steps, "steps/s", mb)
     return state[0]
+
+
+def steps_call(config, pool, steps, batch=32, state=None, sharding=None):
+    """(a call of `train_steps` as `fit` makes it: `steps` steps on batches of `batch`
+    pairs drawn from `pool`, returning the losses; [the state], which each call donates
+    and replaces; the call's memory in MiB, `compiled_mb`, as a function)."""
+    state, key = [create_train_state(config) if state is None else state], data_key(config)
+    options = dict(steps=steps, batch_size=batch, grouped=False, sharding=sharding)
+
+    def fused():
+        state[0], losses = train_steps(state[0], pool, key, **options)
+        return losses
+
+    return fused, state, lambda: compiled_mb(train_steps, state[0], pool, key, **options)
 
 
 def bench_torch(table: Table, config: DIRNetConfig, pairs, repeats: int) -> None:
@@ -445,6 +482,17 @@ def bench_prototype(table: Table, config: DIRNetConfig, pairs, batches, repeats:
     first, sec = timed(train, repeats)
     mb = compiled_mb(step, *state, fixed, moving)
     table.add("prototype", "baseline", size, "train step, batch 32", first, sec, 1, "steps/s", mb)
+
+    # Training against ours as `fit` runs it, in alternating rounds: the two rows above
+    # ran seconds apart, and this host's speed changes from one stretch to the next.
+    steps = default_steps_per_dispatch()
+    ours = steps_call(config, fixed, steps)[0]
+    medians = interleaved({"jax": ours, "prototype": train}, INTERLEAVED_ROUNDS, MIN_SECONDS / 4)
+    ratios = [p / (j / steps) for j, p in zip(medians["jax"], medians["prototype"], strict=True)]
+    for impl, count, extra in (("jax", steps, {}), ("prototype", 1, {"round_ratios": ratios})):
+        sec = statistics.median(medians[impl])  # round_ratios: ours ÷ it, round by round
+        table.add(impl, "baseline", size, TRAIN_INTERLEAVED, float("nan"), sec, count,
+                  "steps/s", rounds=len(ratios), **extra)  # fmt: skip
 
 
 def bench_elastix(table: Table, pairs, count: int) -> None:
@@ -676,6 +724,12 @@ def main(argv: list[str]) -> None:
             f"{r['first_call_s']:7.2f}s {r['memory_mb']:7.0f} {ratio:>7}"
         )
     print("vs jax: how many times faster the JAX row of the same measure is.")
+    for r in table.rows:
+        if "round_ratios" in r:
+            low, high = min(r["round_ratios"]), max(r["round_ratios"])
+            print(f"{TRAIN_INTERLEAVED}, {r['size']}²: ours as `fit` runs it and the "
+                  f"prototype's step in {r['rounds']} alternating rounds; ours ÷ prototype "
+                  f"by round {low:.2f}–{high:.2f}×")  # fmt: skip
     if skipped:
         print(f"not run, the --seconds budget was spent: {', '.join(skipped)}")
     for line in failed:

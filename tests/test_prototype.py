@@ -67,6 +67,8 @@ def test_prototype_refuses_what_it_does_not_build(overrides, field):
 
 def test_prototype_rows_time_registration_and_a_training_step(rng, monkeypatch):
     monkeypatch.setattr(core, "MIN_SECONDS", 0.01)
+    monkeypatch.setattr(core, "INTERLEAVED_ROUNDS", 2)
+    monkeypatch.setattr(core, "default_steps_per_dispatch", lambda: 1)  # one program less
     pairs = tuple(rng.uniform(size=(32, 28, 28, 1)).astype(np.float32) for _ in range(2))
     table = core.Table()
     core.bench_prototype(table, MNIST_NET, pairs, (1, 4), repeats=2)
@@ -75,5 +77,37 @@ def test_prototype_rows_time_registration_and_a_training_step(rng, monkeypatch):
         ("prototype", "baseline", 28, "register, batch 1", "pairs/s"),
         ("prototype", "baseline", 28, "register, batch 4", "pairs/s"),
         ("prototype", "baseline", 28, "train step, batch 32", "steps/s"),
+        ("jax", "baseline", 28, "train, interleaved", "steps/s"),
+        ("prototype", "baseline", 28, "train, interleaved", "steps/s"),
     ]
-    assert all(r["per_sec"] > 0 and r["memory_mb"] > 0 for r in table.rows)
+    assert all(r["per_sec"] > 0 for r in table.rows)
+    assert all(r["memory_mb"] > 0 for r in table.rows[:3])
+    assert [r["rounds"] for r in table.rows[3:]] == [2, 2]
+    assert len(table.rows[4]["round_ratios"]) == 2 and min(table.rows[4]["round_ratios"]) > 0
+
+
+def test_interleaved_rows_are_the_rounds_medians_and_their_ratios(monkeypatch):
+    """Ours makes 4 steps a call: 40 and 20 ms a call are 10 and 5 ms a step, against the
+    prototype's 20 ms: 2× and 4× by round; the rows hold the medians over the rounds."""
+    rounds = {"jax": [0.04, 0.02, 0.03], "prototype": [0.02, 0.02, 0.03]}
+    monkeypatch.setattr(core, "interleaved", lambda fns, *args: rounds)
+    monkeypatch.setattr(core, "default_steps_per_dispatch", lambda: 4)
+    monkeypatch.setattr(core, "steps_call", lambda *args: (None, None, None))
+    monkeypatch.setattr(core, "timed", lambda *args: (0.0, 0.01))  # no step is run
+    monkeypatch.setattr(core, "compiled_mb", lambda *args: 1.0)
+    pairs = tuple(np.zeros((32, 28, 28, 1), np.float32) for _ in range(2))
+    table = core.Table()
+    core.bench_prototype(table, MNIST_NET, pairs, (), repeats=1)
+    ours, theirs = table.rows[-2:]
+    assert ours["per_sec"] == pytest.approx(4 / 0.03) and theirs["per_sec"] == pytest.approx(50)
+    np.testing.assert_allclose(theirs["round_ratios"], [2, 4, 4])
+    assert "round_ratios" not in ours and ours["rounds"] == theirs["rounds"] == 3
+
+
+def test_interleaved_calls_each_function_in_turn_every_round():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "ab"}
+    medians = core.interleaved(fns, rounds=3, seconds=0, sync=lambda x: x)
+    assert calls == ["a", "b"] * 4  # once each before the rounds, then once a round
+    assert [len(medians[name]) for name in "ab"] == [3, 3]
+    assert min(medians["a"] + medians["b"]) >= 0
