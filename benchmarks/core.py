@@ -102,24 +102,28 @@ def timed(fn, repeats: int, sync=jax.block_until_ready) -> tuple[float, float]:
 
 
 def interleaved(
-    fns: dict[str, Callable[[], object]], rounds: int, seconds: float, sync=jax.block_until_ready
-) -> dict[str, list[float]]:
-    """{name: [each round's median seconds per call]}: each round calls every function in
-    turn, each for at least `seconds` (at least once), so that a host whose speed changes
-    from one stretch of seconds to the next (`benchmarks/NOTES.md`) slows all of them alike.
-    The functions are called once each before the first round."""
+    fns: dict[str, Callable[[], object]],
+    rounds: int,
+    seconds: float = 0.0,
+    calls: int = 1,
+    sync=jax.block_until_ready,
+) -> dict[str, list[list[float]]]:
+    """{name: [each round's seconds per call]}: each round calls every function in turn,
+    each at least `calls` times and for at least `seconds`, so that a host whose speed
+    changes from one stretch of seconds to the next (`benchmarks/NOTES.md`) slows all of
+    them alike. The functions are called once each before the first round."""
     for fn in fns.values():
         sync(fn())
-    medians: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[str, list[list[float]]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times, start = [], time.perf_counter()
-            while not times or time.perf_counter() - start < seconds:
+            round_times, start = [], time.perf_counter()
+            while len(round_times) < calls or time.perf_counter() - start < seconds:
                 t = time.perf_counter()
                 sync(fn())
-                times.append(time.perf_counter() - t)
-            medians[name].append(statistics.median(times))
-    return medians
+                round_times.append(time.perf_counter() - t)
+            times[name].append(round_times)
+    return times
 
 
 def compiled_mb(jitted, *args, **kwargs) -> float:
@@ -487,7 +491,8 @@ def bench_prototype(table: Table, config: DIRNetConfig, pairs, batches, repeats:
     # ran seconds apart, and this host's speed changes from one stretch to the next.
     steps = default_steps_per_dispatch()
     ours = steps_call(config, fixed, steps)[0]
-    medians = interleaved({"jax": ours, "prototype": train}, INTERLEAVED_ROUNDS, MIN_SECONDS / 4)
+    timings = interleaved({"jax": ours, "prototype": train}, INTERLEAVED_ROUNDS, MIN_SECONDS / 4)
+    medians = {impl: [statistics.median(r) for r in rounds] for impl, rounds in timings.items()}
     ratios = [p / (j / steps) for j, p in zip(medians["jax"], medians["prototype"], strict=True)]
     for impl, count, extra in (("jax", steps, {}), ("prototype", 1, {"round_ratios": ratios})):
         sec = statistics.median(medians[impl])  # round_ratios: ours ÷ it, round by round

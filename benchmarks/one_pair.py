@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -68,15 +67,7 @@ def main(argv: list[str]) -> None:
     bound = registrar(base, variables)  # BatchNorm folded once, not per call
     jax.block_until_ready(bound(fixed, moving))
     fns["registrar (folded once)"] = lambda: bound(fixed, moving)
-    times: dict[str, list[list[float]]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, call in fns.items():
-            round_times = []
-            for _ in range(calls):
-                t = time.perf_counter()
-                jax.block_until_ready(call())
-                round_times.append(time.perf_counter() - t)
-            times[name].append(round_times)
+    times = core.interleaved(fns, rounds, calls=calls)
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
     print(f"one {size}² pair, {rounds} rounds × {calls} calls each, interleaved, on {device}")
     rows = []

@@ -89,7 +89,7 @@ def test_prototype_rows_time_registration_and_a_training_step(rng, monkeypatch):
 def test_interleaved_rows_are_the_rounds_medians_and_their_ratios(monkeypatch):
     """Ours makes 4 steps a call: 40 and 20 ms a call are 10 and 5 ms a step, against the
     prototype's 20 ms: 2× and 4× by round; the rows hold the medians over the rounds."""
-    rounds = {"jax": [0.04, 0.02, 0.03], "prototype": [0.02, 0.02, 0.03]}
+    rounds = {"jax": [[0.04], [0.02, 0.02], [0.03]], "prototype": [[0.02], [0.02], [0.03]]}
     monkeypatch.setattr(core, "interleaved", lambda fns, *args: rounds)
     monkeypatch.setattr(core, "default_steps_per_dispatch", lambda: 4)
     monkeypatch.setattr(core, "steps_call", lambda *args: (None, None, None))
@@ -107,7 +107,10 @@ def test_interleaved_rows_are_the_rounds_medians_and_their_ratios(monkeypatch):
 def test_interleaved_calls_each_function_in_turn_every_round():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "ab"}
-    medians = core.interleaved(fns, rounds=3, seconds=0, sync=lambda x: x)
+    times = core.interleaved(fns, rounds=3, sync=lambda x: x)
     assert calls == ["a", "b"] * 4  # once each before the rounds, then once a round
-    assert [len(medians[name]) for name in "ab"] == [3, 3]
-    assert min(medians["a"] + medians["b"]) >= 0
+    assert [[len(r) for r in times[name]] for name in "ab"] == [[1, 1, 1]] * 2
+    calls.clear()
+    times = core.interleaved(fns, rounds=2, calls=3, sync=lambda x: x)
+    assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert min(t for name in "ab" for r in times[name] for t in r) >= 0
