@@ -329,6 +329,25 @@ def test_core_reports_a_row_that_fails_and_goes_on(tmp_path, monkeypatch, capsys
     assert [r["size"] for r in json.loads(out.read_text())["rows"]] == [28]
 
 
+def test_core_prints_the_interleaved_rounds_ratios_under_the_table(tmp_path, monkeypatch, capsys):
+    what = core.TRAIN_INTERLEAVED
+    monkeypatch.setattr(core, "bench_jax", lambda table, name, config, *args: table.add(
+        "jax", name, 28, what, float("nan"), 0.02, 4, "steps/s", rounds=2))  # fmt: skip
+    monkeypatch.setattr(core, "bench_prototype", lambda table, *args: table.add(
+        "prototype", "baseline", 28, what, float("nan"), 0.01, 1, "steps/s", rounds=2,
+        round_ratios=[1.5, 2.0]))  # fmt: skip
+    monkeypatch.setattr(core, "bench_torch", lambda *args: None)
+    out = tmp_path / "core.json"
+    core.main(["--quick", "--sizes=28", f"--out={out}"])
+    printed = capsys.readouterr().out
+    assert re.search(r"prototype baseline   28  train, interleaved .* 2\.0×\n", printed)
+    assert (
+        "train, interleaved, 28²: ours as `fit` runs it and the prototype's step in 2 "
+        "alternating rounds; ours ÷ prototype by round 1.50–2.00×\n"
+    ) in printed
+    assert json.loads(out.read_text())["rows"][1]["round_ratios"] == [1.5, 2.0]
+
+
 @pytest.mark.parametrize(
     "arg",
     ["--bad=1", "--quick=1", "--seconds=0", "--min_seconds=x", "--min_seconds=nan",
