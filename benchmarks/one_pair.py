@@ -62,12 +62,10 @@ def main(argv: list[str]) -> None:
     for name, (fn, swaps, config) in twins.items():
         with core.swapped_all(swaps), core.fresh_traces():
             compiled = fn.lower(config, variables, fixed, moving).compile()
-        jax.block_until_ready(compiled(variables, fixed, moving))
         fns[name] = lambda compiled=compiled: compiled(variables, fixed, moving)
     bound = registrar(base, variables)  # BatchNorm folded once, not per call
-    jax.block_until_ready(bound(fixed, moving))
     fns["registrar (folded once)"] = lambda: bound(fixed, moving)
-    times = core.interleaved(fns, rounds, calls=calls)
+    times = core.interleaved(fns, rounds, calls=calls)  # each called once before the rounds
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
     print(f"one {size}² pair, {rounds} rounds × {calls} calls each, interleaved, on {device}")
     rows = []
