@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ LOCK = ".prepare.lock"
 # another job is writing: that job waits for the lock, then reads the finished data).
 CUSTOM_CONFIG = "Using custom data configuration"
 UNFINISHED = "Variant folder"
+# TFDS writes a dataset into `incomplete.<random>_<version>` next to its final folder and
+# renames it at the end; a preparation killed on the way (SIGTERM, SIGKILL) leaves it.
+INCOMPLETE = "incomplete.*"
 
 
 class LocalInfo(tfds.core.DatasetInfo):
@@ -65,7 +69,8 @@ def build_once(
     Preparation holds a lock file in `data_dir`: jobs started together (a SLURM array of
     variants × seeds on a fresh checkout) wait for the first one instead of each building
     the data and all but one failing on TFDS's final rename. A builder made before the
-    data was complete does not read it, so the one returned is made afterwards.
+    data was complete does not read it, so the one returned is made afterwards. Folders
+    that a killed preparation left are removed first: under the lock, nothing writes them.
     """
     builder, prepared = look(make)
     if not prepared:
@@ -74,5 +79,15 @@ def build_once(
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
             builder, prepared = look(make)  # made now: it sees data another job wrote
             if not prepared:
+                remove_unfinished(builder.data_dir)
                 builder.download_and_prepare(download_config=download_config)
     return builder
+
+
+def remove_unfinished(data_dir: str | os.PathLike) -> None:
+    """Remove the folders that killed preparations of the dataset whose final
+    folder is `data_dir` left next to it; call it only while holding the lock."""
+    gone = sorted(p for p in Path(data_dir).parent.glob(INCOMPLETE) if p.is_dir())
+    for path in gone:
+        logging.getLogger(__name__).warning("Removing %s, left by a preparation cut short", path)
+        shutil.rmtree(path)
