@@ -71,6 +71,11 @@ def define_run_flags(*, workdir: str, iterations: int | None, checkpoint_every: 
     flags.DEFINE_string(
         "coordinator_address", None, "With --distributed: host:port of process 0's service."
     )
+    flags.register_validator(  # jax's own check fails with an IndexError on a missing port
+        "coordinator_address",
+        lambda a: a is None or _is_host_port(a),
+        message="--coordinator_address takes host:port (a port 1…65535)",
+    )
     flags.DEFINE_integer("num_processes", None, "With --distributed: processes in the job.")
     flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
     flags.register_multi_flags_validator(
@@ -78,6 +83,12 @@ def define_run_flags(*, workdir: str, iterations: int | None, checkpoint_every: 
         lambda f: f["distributed"] or all(f[k] is None for k in f if k != "distributed"),
         message="--coordinator_address, --num_processes and --process_id need --distributed",
     )
+
+
+def _is_host_port(address: str) -> bool:
+    """Whether `address` reads as host:port ("node01:1234", "[::1]:1234")."""
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def config_overrides(args: flags.FlagValues) -> dict[str, Any]:

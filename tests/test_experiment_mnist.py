@@ -126,6 +126,11 @@ def test_test_pairs_exclude_the_fixed_image():
             ["--mnist_pickle=/nonexistent/mnist.pkl.gz"],
             "error: MNIST source /nonexistent/mnist.pkl.gz does not exist",
         ),
+        (["--elastix_pairs=-1"], "--elastix_pairs=-1: -1 is not a non-negative integer"),
+        (
+            ["--distributed", "--coordinator_address=node01", "--num_processes=2"],
+            "--coordinator_address takes host:port",
+        ),
         (["--learning_rate=nan"], "--learning_rate is finite and ≥ 0"),
         (["--steps_per_dispatch=0"], "--steps_per_dispatch=0: 0 is not a positive integer"),
         (["--regularizer_weight=-1"], "--regularizer_weight is finite and ≥ 0"),
