@@ -299,12 +299,16 @@ class Row:
 
 
 def read_pairs_csv(path: str | Path, out: Path) -> tuple[list[Row], list[str]]:
-    """Rows of a fixed,moving[,moving_labels] CSV (optional header), and per-row errors."""
+    """Rows of a fixed,moving[,moving_labels] CSV (optional header), and per-row errors.
+
+    Read as UTF-8 whatever the locale, with or without the byte-order mark that
+    spreadsheets write (Excel's "CSV UTF-8").
+    """
     path = Path(path)
     if not path.is_file():
         raise RegistrationError(f"{path} does not exist")
     try:
-        lines = list(csv.reader(io.StringIO(path.read_text())))
+        lines = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"))))
     except (UnicodeDecodeError, csv.Error) as err:
         raise RegistrationError(f"{path} is not a readable CSV: {err}") from None
     rows, errors = [], []

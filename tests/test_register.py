@@ -314,6 +314,19 @@ def test_bad_input_one_line_nonzero_nothing_written(model_dir, pair, tmp_path, c
     assert not out.exists()  # not even the folder the command made for its outputs
 
 
+def test_csv_from_a_spreadsheet(tmp_path):
+    # Excel's "CSV UTF-8": a byte-order mark before the header, CRLF, non-ASCII names.
+    path = tmp_path / "pairs.csv"
+    path.write_bytes("fixed,moving\r\nf.png,mé.png\r\n".encode("utf-8-sig"))
+    rows, errors = cli.read_pairs_csv(path, tmp_path / "out")
+    assert errors == [] and len(rows) == 1
+    assert (rows[0].fixed, rows[0].moving) == (tmp_path / "f.png", tmp_path / "mé.png")
+    assert rows[0].out == tmp_path / "out" / "0002_mé"
+    path.write_bytes("f.png,m\xe9.png\n".encode("cp1252"))  # not UTF-8: one line, no guess
+    with pytest.raises(cli.RegistrationError, match="is not a readable CSV"):
+        cli.read_pairs_csv(path, tmp_path / "out")
+
+
 def test_empty_csv(model_dir, tmp_path):
     (tmp_path / "pairs.csv").write_text("fixed,moving\n")
     with pytest.raises(cli.RegistrationError, match="has no pairs"):
