@@ -34,6 +34,20 @@ class Geometry:
     origin: tuple[float, ...]
     direction: tuple[float, ...]  # row-major ndim × ndim
 
+    def scale_or_axes_differ(self, other: Geometry) -> list[str]:
+        """What makes the same pixel grid mean another physical grid in `other`: "spacing
+        (1, 1) against (0.5, 0.7)", "direction"; origins (a shift) are left out."""
+        out = []
+        if not np.allclose(self.spacing, other.spacing, rtol=1e-6, atol=0):
+            out.append(f"spacing {_fmt(self.spacing)} against {_fmt(other.spacing)}")
+        if not np.allclose(self.direction, other.direction, rtol=0, atol=1e-6):
+            out.append(f"direction {_fmt(self.direction)} against {_fmt(other.direction)}")
+        return out
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v + 0.0:g}" for v in values) + ")"  # + 0.0: no "-0"
+
 
 @dataclasses.dataclass(frozen=True)
 class LoadedImage:

@@ -16,7 +16,8 @@ lists them all.
 The network sees each image rescaled to [0, 1] (min–max); the warp applies to the original
 intensities. Images of another size than training are padded (edge values, centred) to a
 multiple of the downsampling factor and the field is cropped back; the global-head variant
-(C2) only takes its training size.
+(C2) only takes its training size. A moving image with another pixel spacing or orientation
+than the fixed one is registered pixel to pixel, with a note.
 
 From Python: ``model = load_model(workdir)``, then ``register_pair(model, fixed, moving)`` on
 arrays, or ``register_files(model, rows, out)``.
@@ -380,6 +381,23 @@ def register_files(
     return records, errors
 
 
+def geometry_notes(images: Sequence[LoadedImage]) -> list[str]:
+    """Notes where the moving image has another spacing or orientation than the fixed one,
+    or its labels than it: the network registers pixel to pixel, whatever the geometry.
+
+    `images`: fixed, moving[, moving labels], as read.
+    """
+    notes = []
+    for image, reference in zip(images[1:], images, strict=False):
+        if image.geometry is not None and reference.geometry is not None:
+            if differ := image.geometry.scale_or_axes_differ(reference.geometry):
+                notes.append(
+                    f"{image.path} and {reference.path} differ in {' and '.join(differ)}: "
+                    "registered pixel to pixel"
+                )
+    return notes
+
+
 def _register_group(
     model: Model, rows: Sequence[Row], batch_size: int
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -391,9 +409,8 @@ def _register_group(
             images = [imageio.read_image(p) for p in files]
             labels = images[2].array if len(images) == 3 else None
             names = [str(p) for p in files] + [""] * (3 - len(files))
-            checked.append(
-                check_pair(model.config, images[0].array, images[1].array, labels, names)
-            )
+            pair = check_pair(model.config, images[0].array, images[1].array, labels, names)
+            checked.append(dataclasses.replace(pair, notes=pair.notes + geometry_notes(images)))
             loaded.append((row, images))
         except (ImageError, RegistrationError) as err:
             errors.append(str(err))

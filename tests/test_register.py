@@ -101,6 +101,33 @@ def test_nifti_keeps_geometry_and_field_works_in_itk(model_dir, pair, tmp_path):
     np.testing.assert_allclose(ours[4:-4, 4:-4], itk_warped[4:-4, 4:-4], atol=1e-4)
 
 
+def test_another_spacing_or_orientation_is_noted(model_dir, pair, tmp_path, capsys):
+    fixed, moving = pair
+    f = write(tmp_path / "f.nii.gz", fixed.astype(np.float32), spacing=(1.5, 2.0))
+    m = write(tmp_path / "m.nii.gz", moving.astype(np.float32), spacing=(1.5, 2.0), origin=(9, 9))
+    turned = sitk.ReadImage(str(m))
+    turned.SetDirection((0, 1, 1, 0))
+    sitk.WriteImage(turned, str(tmp_path / "turned.nii.gz"))
+    mask = write(tmp_path / "mask.nii.gz", (moving > 0.5).astype(np.uint8))  # spacing (1, 1)
+    cases = [
+        ({"moving": m}, []),  # another origin alone (a shift) is no note
+        (
+            {"moving": m, "moving_labels": mask},
+            ["mask.nii.gz and m.nii.gz differ in spacing (1, 1) against (1.5, 2)"],
+        ),
+        (
+            {"moving": tmp_path / "turned.nii.gz"},
+            ["turned.nii.gz and f.nii.gz differ in direction (0, 1, 1, 0) against (1, 0, 0, 1)"],
+        ),
+    ]
+    for i, (files, expected) in enumerate(cases):
+        flags = {"fixed": str(f)} | {k: str(v) for k, v in files.items()}
+        assert cli.main(args(model_dir, tmp_path / f"out{i}", **flags)) == 0
+        out = capsys.readouterr().out.replace(f"{tmp_path}/", "")
+        notes = out.split("note: ")[1:]
+        assert [n.split(": registered pixel to pixel")[0] for n in notes] == expected, out
+
+
 def test_an_output_that_itk_cuts_short_is_an_error_not_a_file(model_dir, pair, tmp_path, capsys,
                                                               monkeypatch):  # fmt: skip
     fixed, moving = pair
