@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from benchmarks import usage_if_asked
 from dirnet_jax import (
     PAPER_VARIANTS,
     DIRNetConfig,
@@ -517,9 +518,10 @@ def bench_elastix(table: Table, pairs, count: int) -> None:
     table.add("elastix", "baseline", 256, "register, 1 pair", float("nan"), sec, 1, "pairs/s")
 
 
-def parse_options(argv: list[str], defaults: dict[str, str]) -> dict[str, str]:
-    """`--key=value` arguments over `defaults` (the tools' flags); any other argument exits
-    with a one-line error naming the known ones."""
+def parse_options(argv: list[str], defaults: dict[str, str], doc: str | None) -> dict[str, str]:
+    """`--key=value` arguments over `defaults` (the tools' flags); -h or --help prints the
+    tool's `doc`; any other argument exits with a one-line error naming the known ones."""
+    usage_if_asked(argv, doc)
     opts = dict(defaults)
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")
@@ -536,6 +538,7 @@ def parse(argv: list[str]) -> tuple[bool, dict[str, str]]:
     opts = {
         "out": "", "seconds": "inf", "min_seconds": "", "variants": "", "sizes": "256,28", "ab": ""
     }  # fmt: skip
+    usage_if_asked(argv, __doc__)
     quick = False
     for arg in argv:
         key, _, value = arg.removeprefix("--").partition("=")

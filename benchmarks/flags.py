@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import usage_if_asked
+
 # What might change a launch-bound single pair, a memory-bound batch or a training step on
 # a GPU (defaults of jax 0.11's XLA: CUDA graphs for fusions, cuBLAS, cuDNN and custom
 # calls, from 5 operations up; no runtime fusion).
@@ -48,6 +50,7 @@ MEASURES = ("one pair", "batch", "train")
 
 def parse(argv: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     """(options, {name: flags} given on the command line)."""
+    usage_if_asked(argv, __doc__)
     opts, sets = dict(OPTIONS), {}
     for arg in argv:
         if arg.startswith("--xla_"):

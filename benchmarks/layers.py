@@ -78,7 +78,7 @@ CPU_SHAPES = [SHAPES[0], ("unpadded", 1, 8, "exp"), ("dot", 1, 4, "exp")]
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    opts = core.parse_options(argv, FLAGS)
+    opts = core.parse_options(argv, FLAGS, __doc__)
     if opts["layer"] not in LAYERS:
         sys.exit(f"error: --layer is one of {', '.join(LAYERS)}, not {opts['layer']!r}")
     opts["batch"] = opts["batch"] or ("32" if opts["layer"].startswith("train") else "512")

@@ -30,7 +30,7 @@ FLAGS = {"size": "256", "rounds": "20", "calls": "50", "out": ""}
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    opts = core.parse_options(argv, FLAGS)
+    opts = core.parse_options(argv, FLAGS, __doc__)
     if opts["size"] not in ("256", "28") or not all(
         opts[k].isdigit() and int(opts[k]) > 0 for k in ("rounds", "calls")
     ):

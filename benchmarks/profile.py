@@ -47,7 +47,7 @@ FLAGS = {"what": "register", "size": "256", "batch": "1", "variant": "baseline",
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    opts = core.parse_options(argv, FLAGS)
+    opts = core.parse_options(argv, FLAGS, __doc__)
     if opts["what"] not in ("register", "train"):
         sys.exit(f"error: --what is register or train, not {opts['what']!r}")
     for key in ("size", "batch", "calls", "top"):

@@ -133,7 +133,7 @@ def triton_available(python: str) -> bool:
 
 
 def main(argv: list[str]) -> None:
-    opts = core.parse_options(argv, FLAGS)
+    opts = core.parse_options(argv, FLAGS, __doc__)
     out = core.output_path(opts["out"], "sass")
     python = opts["triton_python"] or sys.executable
     if not triton_available(python):

@@ -132,6 +132,16 @@ def test_flags_rejects_bad_arguments(arg):
         flags.main([arg])
 
 
+@pytest.mark.parametrize("tool", [core, flags, layers, one_pair, profile])
+@pytest.mark.parametrize("ask", ["--help", "-h"])
+def test_help_prints_the_usage_and_does_no_work(tool, ask, capsys, monkeypatch):
+    monkeypatch.setattr(core, "output_path", lambda *a: pytest.fail("started work"))
+    with pytest.raises(SystemExit) as stop:
+        tool.main(["--size=28", ask])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == tool.__doc__.strip() + "\n"
+
+
 @pytest.mark.parametrize("tool", [core, flags])
 def test_out_that_is_not_a_file_is_refused_before_any_work(tool, tmp_path):
     with pytest.raises(SystemExit, match="is not a regular file"):
