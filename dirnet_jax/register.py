@@ -9,9 +9,9 @@ training; the newest checkpoint in it is used. Reads PNG, ``.npy``, NIfTI and DI
 or a series folder). Per pair it writes the warped moving image (in the fixed image's format
 and geometry), the displacement field and, if given, the warped label mask (nearest
 neighbour), and prints NCC before/after and the fraction of folded pixels (Jacobian
-determinant ≤ 0). A CSV of ``fixed,moving[,moving_labels]`` rows (paths relative to the CSV)
-registers in batches; each pair gets a folder ``<row>_<moving name>/`` and ``summary.csv``
-lists them all.
+determinant ≤ 0); for one pair also ``figure.png`` (``--figure`` for a CSV's pairs). A CSV of
+``fixed,moving[,moving_labels]`` rows (paths relative to the CSV) registers in batches; each
+pair gets a folder ``<row>_<moving name>/`` and ``summary.csv`` lists them all.
 
 The network sees each image rescaled to [0, 1] (min–max); the warp applies to the original
 intensities. Images of another size than training are padded (edge values, centred) to a
@@ -20,7 +20,7 @@ multiple of the downsampling factor and the field is cropped back; the global-he
 than the fixed one is registered pixel to pixel, with a note.
 
 From Python: ``model = load_model(workdir)``, then ``register_pair(model, fixed, moving)`` on
-arrays, or ``register_files(model, rows, out)``.
+arrays, or ``register_files(model, rows)`` on files (each ``Row`` names its output folder).
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from dirnet_jax import compile_cache, imageio, train
+from dirnet_jax import compile_cache, imageio, plots, train
 from dirnet_jax import workdir as wd
 from dirnet_jax.config import DIRNetConfig
 from dirnet_jax.imageio import ImageError, LoadedImage
 from dirnet_jax.losses import ncc
-from dirnet_jax.metrics import folded_fraction
+from dirnet_jax.metrics import folded_fraction, jacobian_determinant
 from dirnet_jax.models import register_batched
 from dirnet_jax.preprocess import minmax
 from dirnet_jax.resample import warp
@@ -359,8 +359,12 @@ def register_files(
     batch_size: int = 32,
     progress: bool = False,
     on_group: Callable[[list[dict[str, Any]]], None] | None = None,
+    figures: bool = False,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Read, register and write every row; returns (summary records, per-row errors).
+
+    With `figures`, each pair's folder also gets figure.png (`write_figure`; ~0.5 s each;
+    none for a 1D model).
 
     Rows go in groups of GROUP_BATCHES batches, each read, registered and written before
     the next; after each group `on_group` gets the records so far (the command rewrites
@@ -372,7 +376,7 @@ def register_files(
     with tqdm(total=len(rows), unit="pair", disable=not progress, desc="registering") as bar:
         for start in range(0, len(rows), group):
             part = rows[start : start + group]
-            done, failed = _register_group(model, part, batch_size)
+            done, failed = _register_group(model, part, batch_size, figures)
             records += done
             errors += failed
             bar.update(len(part))
@@ -399,7 +403,7 @@ def geometry_notes(images: Sequence[LoadedImage]) -> list[str]:
 
 
 def _register_group(
-    model: Model, rows: Sequence[Row], batch_size: int
+    model: Model, rows: Sequence[Row], batch_size: int, figures: bool
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """`register_files` for one group of rows."""
     loaded, checked, errors, records = [], [], [], []
@@ -418,7 +422,7 @@ def _register_group(
         return records, errors
 
     results = _register_checked(model, checked, batch_size, progress=False)
-    for (row, images), result in zip(loaded, results, strict=True):
+    for (row, images), pair, result in zip(loaded, checked, results, strict=True):
         fixed: LoadedImage = images[0]
         try:
             # A pair's files all new, or all as they were; no folder made for none.
@@ -433,6 +437,8 @@ def _register_group(
                 if result.labels is not None:
                     like = dataclasses.replace(fixed, array=images[2].array)
                     written.append(imageio.write_image(row.out / "labels", result.labels, like))
+                if figures and model.config.ndim >= 2:
+                    written.append(write_figure(model, pair, result, row, row.out / "figure.png"))
         except OSError as err:
             errors.append(f"{row.moving}: cannot write to {row.out}: {err.strerror or err}")
             continue
@@ -449,6 +455,27 @@ def _register_group(
             }
         )
     return records, errors
+
+
+def write_figure(model: Model, pair: CheckedPair, result: PairResult, row: Row, path: Path) -> Path:
+    """`plots.registration_figure` of one registered pair, its grid lines at the control
+    points' spacing; of a 3D pair, the middle slice across the first axis. Returns `path`."""
+    cut = (pair.fixed.shape[0] // 2,) * (pair.fixed.ndim - 2)  # [] for 2D
+    where = f", slice {cut[0]} of axis 0" if cut else ""
+    fig = plots.registration_figure(
+        pair.fixed[cut],
+        pair.moving[cut],
+        result.warped[cut],
+        result.displacement[cut][..., -2:],
+        jacobian_determinant(result.displacement[None])[0][cut],
+        grid_step=model.config.downsampling_factor,
+        title=f"{row.moving.name} → {row.fixed.name}{where}: NCC {result.ncc_before:.3f} → "
+        f"{result.ncc_after:.3f}, folded {100 * result.folded_fraction:.2f}%",
+        labels=None if pair.labels is None else pair.labels[cut],
+        warped_labels=None if result.labels is None else result.labels[cut],
+    )
+    plots.save(fig, path)
+    return path
 
 
 def write_summary(path: Path, records: list[dict[str, Any]]) -> None:
@@ -498,6 +525,7 @@ def _register_to(model: Model, args, out: Path) -> int:
             batch_size=args.batch_size,
             progress=args.progress and len(rows) > 1,  # no bar for one pair
             on_group=save,
+            figures=not args.pairs if args.figure is None else args.figure,
         )
     except KeyboardInterrupt:
         listed = f"; {summary} lists them" if args.pairs and finished else ""
@@ -532,6 +560,12 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Output folder.")
     flags.DEFINE_integer("batch_size", 32, "Pairs per network call.", lower_bound=1)
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    flags.DEFINE_bool(
+        "figure",
+        None,
+        "Write figure.png per pair: images, differences, deformed grid, Jacobian "
+        "(default: for one pair yes, for --pairs no; ~0.5 s a pair).",
+    )
     compile_cache.define_flag()
     flags.mark_flags_as_required(["checkpoint", "out"])
 

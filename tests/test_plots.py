@@ -41,3 +41,45 @@ def test_learning_curves_writes_a_png(tmp_path):
     plots.learning_curves({"A": decaying(-0.85)}, tmp_path / "f.png", ylabel="l", title="t")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["f.png"]  # no temporary left
+
+
+def test_deformed_grid_is_x_plus_u_on_the_grid_lines(rng):
+    u = rng.normal(size=(10, 13, 2))
+    rows, cols = plots.deformed_grid(u, 4)
+    assert rows.shape == (4, 13, 2) and cols.shape == (4, 10, 2)  # rows 0 4 8 9, cols 0 4 8 12
+    for k, r in enumerate([0, 4, 8, 9]):
+        np.testing.assert_array_equal(
+            rows[k], np.stack([r + u[r, :, 0], np.arange(13) + u[r, :, 1]], -1)
+        )
+    for k, c in enumerate([0, 4, 8, 12]):
+        np.testing.assert_array_equal(
+            cols[k], np.stack([np.arange(10) + u[:, c, 0], c + u[:, c, 1]], -1)
+        )
+    rows, cols = plots.deformed_grid(np.full((10, 13, 2), (1.5, -2.0)), 4)  # a shift
+    assert np.all(rows[..., 0] == np.array([0, 4, 8, 9])[:, None] + 1.5)
+    assert np.all(cols[..., 1] == np.array([0, 4, 8, 12])[:, None] - 2.0)
+
+
+def test_registration_figure_draws_what_it_says(rng, tmp_path):
+    fixed, moving, warped = rng.random((3, 12, 12))
+    u = rng.normal(scale=2.0, size=(12, 12, 2))
+    det = rng.normal(loc=1.0, size=(12, 12))
+    labels = (moving > 0.5).astype(int) * 2
+    fig = plots.registration_figure(fixed, moving, warped, u, det, grid_step=4, title="t",
+                                    labels=labels, warped_labels=labels)  # fmt: skip
+    panels = [ax for ax in fig.axes if ax.get_title()]  # the colour bars have none
+    titles = [ax.get_title() for ax in panels]
+    assert titles[:6] == ["fixed", "moving", "warped", "moving, fixed grid carried",
+                          "|moving − fixed|", "|warped − fixed|"]  # fmt: skip
+    assert titles[6] == f"Jacobian det. ({(det <= 0).mean():.2%} ≤ 0)"
+    rows, cols = plots.deformed_grid(u, 4)
+    drawn = [np.stack([line.get_ydata(), line.get_xdata()], -1) for line in panels[3].lines]
+    assert len(drawn) == len(rows) + len(cols)
+    for got, want in zip(drawn, [*rows, *cols], strict=True):
+        np.testing.assert_array_equal(got, want)
+    folded = panels[6].images[1].get_array()  # black where the determinant is ≤ 0
+    np.testing.assert_array_equal(np.ma.getmaskarray(folded), det > 0)
+    np.testing.assert_array_equal(panels[5].images[0].get_array(), np.abs(warped - fixed))
+    assert all(len(panels[k].collections) == 1 for k in (0, 1))  # the labels' outlines
+    plots.save(fig, tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

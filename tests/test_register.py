@@ -37,7 +37,8 @@ def pair():
 
 def args(checkpoint, out, **kw):
     values = dict(checkpoint=str(checkpoint), out=str(out), fixed=None, moving=None,
-                  moving_labels=None, pairs=None, batch_size=4, progress=False)  # fmt: skip
+                  moving_labels=None, pairs=None, batch_size=4, progress=False,
+                  figure=False)  # fmt: skip
     return types.SimpleNamespace(**(values | kw))
 
 
@@ -235,6 +236,46 @@ def test_csv_batch_reports_bad_rows_and_goes_on(model_dir, pair, tmp_path, capsy
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0002_m", "0004_m2"]
 
 
+def test_one_pair_gets_a_figure_by_default_a_csv_when_asked(model_dir, pair, tmp_path):
+    fixed, moving = pair
+    for name, image in (("f", fixed), ("m", moving)):
+        write(tmp_path / f"{name}.npy", image)
+    one = dict(fixed=str(tmp_path / "f.npy"), moving=str(tmp_path / "m.npy"))
+    assert cli.main(args(model_dir, tmp_path / "one", **one, figure=None)) == 0
+    assert files_in(tmp_path / "one") == ["displacement.npy", "figure.png", "warped.npy"]
+    (tmp_path / "pairs.csv").write_text("f.npy,m.npy\nm.npy,f.npy\n")
+    csv = dict(pairs=str(tmp_path / "pairs.csv"))
+    assert cli.main(args(model_dir, tmp_path / "csv", **csv, figure=None)) == 0
+    assert "figure.png" not in files_in(tmp_path / "csv")  # ~0.5 s a pair: asked for only
+    assert cli.main(args(model_dir, tmp_path / "asked", **csv, figure=True)) == 0
+    assert files_in(tmp_path / "asked").count("figure.png") == 2
+
+
+def test_figure_of_a_3d_pair_is_its_middle_slice(tmp_path):
+    config = DIRNetConfig(image_shape=(8, 8, 8), num_downsamplings=1)
+    fixed, moving = np.random.default_rng(0).random((2, 8, 8, 8)).astype(np.float32)
+    u = np.zeros((8, 8, 8, 3))
+    u[4, ..., 1] = 1.0  # only the middle slice moves, along the slice's rows
+    pair = cli.CheckedPair(fixed, moving, None, [])
+    result = cli.PairResult(moving, u, None, 0.1, 0.2, 0.0, [])
+    row = cli.Row(tmp_path / "f.nii.gz", tmp_path / "m.nii.gz")
+    drawn = {}
+    real = cli.plots.registration_figure
+
+    def spy(*a, **kw):
+        drawn.update(args=a, kw=kw)
+        return real(*a, **kw)
+
+    model = types.SimpleNamespace(config=config)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli.plots, "registration_figure", spy)
+        cli.write_figure(model, pair, result, row, tmp_path / "figure.png")
+    np.testing.assert_array_equal(drawn["args"][0], fixed[4])
+    np.testing.assert_array_equal(drawn["args"][3], u[4, ..., 1:])  # the in-slice components
+    assert drawn["kw"]["grid_step"] == 2 and "slice 4 of axis 0" in drawn["kw"]["title"]
+    assert (tmp_path / "figure.png").is_file()
+
+
 def test_csv_goes_a_group_at_a_time_and_an_interrupt_keeps_the_summary(
     model_dir, pair, tmp_path, monkeypatch, capsys
 ):
@@ -246,11 +287,11 @@ def test_csv_goes_a_group_at_a_time_and_an_interrupt_keeps_the_summary(
     monkeypatch.setattr(cli, "GROUP_BATCHES", 1)  # groups of batch_size=2 rows: 2, 2, 1
     groups, register_group = [], cli._register_group
 
-    def counted(model, rows, batch_size):
+    def counted(model, rows, *more):
         groups.append(len(rows))
         if len(groups) == 3:
             raise KeyboardInterrupt  # Ctrl-C during the last group
-        return register_group(model, rows, batch_size)
+        return register_group(model, rows, *more)
 
     monkeypatch.setattr(cli, "_register_group", counted)
     out = tmp_path / "out"
