@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from dirnet_jax import compile_cache, imageio, plots, train
+from dirnet_jax import compile_cache, help_flags, imageio, plots, train
 from dirnet_jax import workdir as wd
 from dirnet_jax.config import DIRNetConfig
 from dirnet_jax.imageio import ImageError, LoadedImage
@@ -575,6 +575,9 @@ def run_main() -> None:
     from absl import app, flags, logging
 
     define_flags()
+    help_flags.list_in_help(__name__, compile_cache.__name__)
+    if __name__ != "__main__":  # the console script: absl's --help shows __main__'s docstring,
+        sys.modules["__main__"].__doc__ = __doc__  # here pip's wrapper's
 
     def _main(argv):
         logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only manager is read-only

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from dirnet_jax import compile_cache, hosts, train
+from dirnet_jax import compile_cache, help_flags, hosts, train
 from dirnet_jax import workdir as wd
 from dirnet_jax.config import COMPUTE_DTYPES, DIRNetConfig
 from dirnet_jax.losses import REGULARIZERS
@@ -142,6 +142,7 @@ def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
     """absl entry point: run(FLAGS); one-line errors with exit code 1, a run stopped by a
     signal (`train.Interrupted`) with the shell's code for it; print the outputs."""
     FLAGS = flags.FLAGS
+    help_flags.list_in_help(__name__, compile_cache.__name__)
 
     def main(argv: list[str]) -> None:
         if len(argv) > 1:

@@ -154,6 +154,18 @@ def test_bad_flags_exit_nonzero_with_one_line(tmp_path, flags, message):
     assert list(tmp_path.rglob("*")) == []  # no file written, no folder left
 
 
+@pytest.mark.parametrize("command", ["experiments.mnist", "experiments.sunnybrook"])
+def test_help_lists_the_shared_run_flags(command):
+    # absl lists the flags of the module it runs; the run flags live in experiments.common.
+    proc = subprocess.run(
+        [sys.executable, "-m", command, "--help"], capture_output=True, text=True, cwd=REPO
+    )
+    shown = proc.stdout + proc.stderr
+    for flag in ("--workdir", "--iterations", "--seed", "--batch_size", "--compilation_cache"):
+        assert f"  {flag}:" in shown, shown
+    assert "--xla_" not in shown and "--jax_" not in shown  # the library's stay in --helpfull
+
+
 def wait_for_training(run, procs, timeout=120.0):
     """Block until `run` has a metrics line (training is under way) or a process ended."""
     deadline = time.monotonic() + timeout

@@ -483,6 +483,20 @@ def test_command_line_exit_codes(model_dir, pair, tmp_path):
         assert proc.returncode == 1 and "not a dirnet-jax work directory" in proc.stderr
 
 
+@pytest.mark.parametrize("installed", [False, True])
+def test_help_shows_the_usage_and_the_flags(installed):
+    script = os.path.join(os.path.dirname(sys.executable), "dirnet-register")
+    if installed and not os.path.exists(script):
+        pytest.skip("dirnet-register is installed by `make install`")
+    cmd = [script] if installed else [sys.executable, "-m", "dirnet_jax.register"]
+    proc = subprocess.run([*cmd, "--helpshort"], capture_output=True, text=True)
+    assert proc.returncode in (0, 1)  # absl's help exits 1 on some versions
+    shown = proc.stdout + proc.stderr
+    assert cli.__doc__.splitlines()[0] in shown
+    for flag in ("--checkpoint", "--pairs", "--figure", "--compilation_cache"):
+        assert flag in shown, shown
+
+
 def test_second_run_loads_compiled_programs(model_dir, pair, tmp_path):
     np.save(tmp_path / "f.npy", pair[0])
     np.save(tmp_path / "m.npy", pair[1])
