@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import io
 import sys
 from collections.abc import Callable, Sequence
@@ -402,13 +403,18 @@ def geometry_notes(images: Sequence[LoadedImage]) -> list[str]:
     return notes
 
 
+def files_of(row: Row) -> list[Path]:
+    """The row's input files: fixed, moving[, moving labels]."""
+    return [p for p in (row.fixed, row.moving, row.moving_labels) if p is not None]
+
+
 def _register_group(
     model: Model, rows: Sequence[Row], batch_size: int, figures: bool
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """`register_files` for one group of rows."""
     loaded, checked, errors, records = [], [], [], []
     for row in rows:
-        files = [p for p in (row.fixed, row.moving, row.moving_labels) if p is not None]
+        files = files_of(row)
         try:
             images = [imageio.read_image(p) for p in files]
             labels = images[2].array if len(images) == 3 else None
@@ -439,6 +445,9 @@ def _register_group(
                     written.append(imageio.write_image(row.out / "labels", result.labels, like))
                 if figures and model.config.ndim >= 2:
                     written.append(write_figure(model, pair, result, row, row.out / "figure.png"))
+                inputs = {p.resolve() for p in files_of(row)}
+                if clash := [p for p in written if p.resolve() in inputs]:  # still unrenamed
+                    raise OSError(errno.EEXIST, f"{clash[0].name} would replace an input file")
         except OSError as err:
             errors.append(f"{row.moving}: cannot write to {row.out}: {err.strerror or err}")
             continue

@@ -382,6 +382,18 @@ def test_bad_input_one_line_nonzero_nothing_written(model_dir, pair, tmp_path, c
     assert not out.exists()  # not even the folder the command made for its outputs
 
 
+def test_an_output_never_replaces_an_input(model_dir, pair, tmp_path, capsys):
+    # Registering into the folder the images are in, the fixed one named like an output.
+    fixed, moving = pair
+    write(tmp_path / "warped.npy", fixed)
+    write(tmp_path / "m.npy", moving)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    flags = dict(fixed=str(tmp_path / "warped.npy"), moving=str(tmp_path / "m.npy"))
+    assert cli.main(args(model_dir, tmp_path, **flags)) == 1
+    assert "warped.npy would replace an input file" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written
+
+
 def test_csv_from_a_spreadsheet(tmp_path):
     # Excel's "CSV UTF-8": a byte-order mark before the header, CRLF, non-ASCII names.
     path = tmp_path / "pairs.csv"
