@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -276,8 +278,9 @@ def test_figure_of_a_3d_pair_is_its_middle_slice(tmp_path):
     assert (tmp_path / "figure.png").is_file()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_csv_goes_a_group_at_a_time_and_an_interrupt_keeps_the_summary(
-    model_dir, pair, tmp_path, monkeypatch, capsys
+    model_dir, pair, tmp_path, monkeypatch, capsys, signum
 ):
     fixed, moving = pair
     write(tmp_path / "f.npy", fixed)
@@ -289,14 +292,15 @@ def test_csv_goes_a_group_at_a_time_and_an_interrupt_keeps_the_summary(
 
     def counted(model, rows, *more):
         groups.append(len(rows))
-        if len(groups) == 3:
-            raise KeyboardInterrupt  # Ctrl-C during the last group
+        if len(groups) == 3:  # Ctrl-C, or a cluster's time limit, during the last group
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the signal's handler raises here
         return register_group(model, rows, *more)
 
     monkeypatch.setattr(cli, "_register_group", counted)
     out = tmp_path / "out"
     code = cli.main(args(model_dir, out, pairs=str(tmp_path / "pairs.csv"), batch_size=2))
-    assert code == 130 and groups == [2, 2, 1]
+    assert code == 128 + signum and groups == [2, 2, 1]
     err = capsys.readouterr().err
     assert err == f"interrupted after 4 of 5 pairs; {out / 'summary.csv'} lists them\n"
     summary = (out / "summary.csv").read_text().splitlines()
