@@ -109,6 +109,36 @@ def _distributed() -> bool:
 _sync_ids = itertools.count()
 
 
+class Terminated(BaseException):
+    """SIGTERM (a cluster's time limit, scancel) inside `sigterm_raises`."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated inside the block, as SIGINT raises KeyboardInterrupt, so
+    that `finally` clauses run (temporary files are removed) and the command can say what
+    it kept. Not where Python cannot catch it: outside the main thread, where the process
+    ignores SIGTERM, in a `jax.distributed` job (JAX's preemption service has it).
+    `stop_requests` inside the block takes it over while training."""
+
+    def stop(signum, frame):
+        raise Terminated
+
+    current = signal.getsignal(signal.SIGTERM)
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or current in (None, signal.SIG_IGN)
+        or _distributed()
+    ):
+        yield
+        return
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, current)
+
+
 @contextlib.contextmanager
 def stop_requests() -> Iterator[Callable[[], int | None]]:
     """Catch requests to stop while a loop runs; the loop asks before each iteration.

@@ -25,15 +25,13 @@ arrays, or ``register_files(model, rows)`` on files (each ``Row`` names its outp
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import errno
 import io
 import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +39,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from dirnet_jax import compile_cache, help_flags, imageio, plots, train
+from dirnet_jax import compile_cache, help_flags, hosts, imageio, plots, train
 from dirnet_jax import workdir as wd
 from dirnet_jax.config import DIRNetConfig
 from dirnet_jax.imageio import ImageError, LoadedImage
@@ -516,30 +514,6 @@ def main(args) -> int:
         return _register_to(model, args, out)
 
 
-class Terminated(BaseException):
-    """SIGTERM (a cluster's time limit, scancel) while the command registers: stopped as
-    Ctrl-C stops it, the pair being written left as it was, not cut off mid-file."""
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises Terminated inside the block (unless the process ignores it)."""
-
-    def stop(signum, frame):
-        raise Terminated
-
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(
-        signal.SIGTERM
-    ) in (None, signal.SIG_IGN):
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _register_to(model: Model, args, out: Path) -> int:
     """`main` once the model is loaded and `out` is writable."""
     if args.pairs:
@@ -555,7 +529,7 @@ def _register_to(model: Model, args, out: Path) -> int:
             write_summary(summary, records)
 
     try:
-        with _sigterm_raises():
+        with hosts.sigterm_raises():
             records, failed = register_files(
                 model,
                 rows,
@@ -564,10 +538,10 @@ def _register_to(model: Model, args, out: Path) -> int:
                 on_group=save,
                 figures=not args.pairs if args.figure is None else args.figure,
             )
-    except (KeyboardInterrupt, Terminated) as stop:
+    except (KeyboardInterrupt, hosts.Terminated) as stop:
         listed = f"; {summary} lists them" if args.pairs and finished else ""
         print(f"interrupted after {len(finished)} of {len(rows)} pairs{listed}", file=sys.stderr)
-        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+        return 128 + (signal.SIGTERM if isinstance(stop, hosts.Terminated) else signal.SIGINT)
     errors += failed
     for r in records:
         print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -140,7 +141,8 @@ def join_job(args: flags.FlagValues) -> None:
 
 def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
     """absl entry point: run(FLAGS); one-line errors with exit code 1, a run stopped by a
-    signal (`train.Interrupted`) with the shell's code for it; print the outputs."""
+    signal (`train.Interrupted` in training, `hosts.Terminated` elsewhere) with the shell's
+    code for it; print the outputs."""
     FLAGS = flags.FLAGS
     help_flags.list_in_help(__name__, compile_cache.__name__)
 
@@ -154,7 +156,7 @@ def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
             if FLAGS.distributed:
                 join_job(FLAGS)
                 FLAGS.progress &= hosts.is_primary()  # one progress bar per job
-            with wd.unused_folders_removed(FLAGS.workdir):
+            with wd.unused_folders_removed(FLAGS.workdir), hosts.sigterm_raises():
                 paths = run(FLAGS)
         except (
             OSError,  # a work directory that is a file, or not writable; a full disk
@@ -168,6 +170,13 @@ def run_command(run: Callable[[flags.FlagValues], list[Path]]) -> None:
         except train.Interrupted as stop:  # SIGTERM or Ctrl-C: a checkpoint to resume from
             print(stop, file=sys.stderr)
             sys.exit(stop.exit_code)
+        except hosts.Terminated:  # preparing data, evaluating, writing; or a second SIGTERM
+            print(
+                "stopped by SIGTERM; what was finished (prepared data, trained runs, "
+                "checkpoints, cached evaluations) is kept: run it again to go on",
+                file=sys.stderr,
+            )
+            sys.exit(128 + signal.SIGTERM)
         if hosts.is_primary():  # the others wrote nothing
             print("\n".join(["wrote:", *(f"  {p}" for p in paths)]))
 

@@ -175,6 +175,37 @@ def wait_for_training(run, procs, timeout=120.0):
         time.sleep(0.2)
 
 
+SIGTERM_WHILE_WRITING = """
+import os, signal, sys, time
+from pathlib import Path
+from experiments import common, mnist
+from dirnet_jax import workdir as wd
+mnist.define_flags()
+
+def run(args):  # an experiment's last step, writing its results, cut short by SIGTERM
+    Path(args.workdir).mkdir()
+    with wd.atomic_output(Path(args.workdir) / "results.json") as tmp:
+        tmp.write_text("half of it")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+    return []
+
+common.run_command(run)
+"""
+
+
+def test_sigterm_outside_training_stops_at_once_leaving_no_half_file(tmp_path):
+    work = tmp_path / "w"
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_WHILE_WRITING, f"--workdir={work}"],
+        capture_output=True, text=True, cwd=REPO, timeout=50,
+    )  # fmt: skip
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert proc.stderr.strip().startswith("stopped by SIGTERM; what was finished")
+    assert "Traceback" not in proc.stderr
+    assert not work.exists()  # the temporary file removed, then the folder the run made
+
+
 def test_sigterm_stops_with_a_checkpoint_and_its_exit_code(standin, tmp_path):
     work = tmp_path / "w"
     cmd = [sys.executable, "-m", "experiments.mnist", f"--workdir={work}",
