@@ -225,11 +225,22 @@ def evaluate_elastix(
     return row, np.stack(warped)
 
 
+def read_evaluation(path: Path) -> dict:
+    """A cached evaluation.json, or a ValueError that names it (a file damaged by hand or
+    by a disk: ours are written whole or not at all)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} cannot be read ({err}); remove it and run again to evaluate anew"
+        ) from None
+
+
 def cached_row(folder: Path, settings: dict) -> dict | None:
     """The Table 1 row cached in folder/evaluation.json for these settings, if any."""
     path = folder / "evaluation.json"
     if path.exists() and (folder / "example.npy").exists():
-        stored = json.loads(path.read_text())
+        stored = read_evaluation(path)
         if stored.get("settings") == settings:
             return stored["row"]
     return None
@@ -308,9 +319,8 @@ def run(
     preset = preset or PRESETS[args.preset]
     root = Path(args.workdir)
     runs = ("*/evaluation.json", "*/*/evaluation.json")
-    if args.summarize and not any(next(root.glob(p), None) for p in runs):  # before the data
-        raise ValueError(f"--summarize: no evaluated run in {root} (<variant>/evaluation.json, "
-                         "there or one folder down)")  # fmt: skip
+    if args.summarize:  # before the data
+        check_presets(root, runs, preset_name)
     root.mkdir(parents=True, exist_ok=True)
     data_key, raw = data_source(args, spec, scd_size)
     data = data_key.split(":")[0]  # phantom | scd
@@ -346,6 +356,11 @@ def run(
         # run's outputs rebuilt and a table over the runs; its own runs, if any, as always.
         subdirs = sorted(d for d in root.iterdir() if d.is_dir()) if args.summarize else []
         runs = {d: found for d in subdirs if (found := gather(d, settings))}
+        if args.summarize and not runs and not gather(root, settings):  # a table of nothing
+            raise ValueError(
+                f"--summarize: no run in {root} was evaluated on this data ({data_key}); "
+                "give the --scd_dir (or none) and --data_dir its runs had"
+            )
         if not runs:
             return write_outputs(root, pairs, settings, data, preset_name)
         check_summarizable(runs)  # before anything is written
@@ -365,13 +380,29 @@ class Evaluated(NamedTuple):
     config: dict | None  # the DIRNet's `DIRNetConfig.to_dict`; None for SimpleElastix
 
 
+def check_presets(root: Path, patterns: tuple[str, ...], preset: str) -> None:
+    """For --summarize: a ValueError unless some run under root (`patterns`) was evaluated
+    with `preset`, naming the presets there are; gathering none would write a table of
+    the "before" row alone over the runs' own."""
+    stored = [read_evaluation(p)["settings"] for g in patterns for p in sorted(root.glob(g))]
+    if not stored:
+        raise ValueError(f"--summarize: no evaluated run in {root} (<variant>/evaluation.json, "
+                         "there or one folder down)")  # fmt: skip
+    presets = sorted({str(s.get("preset")) for s in stored})
+    if preset not in presets:
+        raise ValueError(
+            f"--summarize: the runs in {root} were evaluated with --preset={' or '.join(presets)}"
+            f", not {preset}: give that --preset"
+        )
+
+
 def gather(root: Path, settings: dict) -> dict[str, Evaluated]:
     """Every evaluated run under root made from the same data and preset."""
     found = {}
     for name in ["elastix", *VARIANTS]:
         path = root / name / "evaluation.json"
         if path.exists():
-            stored = json.loads(path.read_text())
+            stored = read_evaluation(path)
             if all(stored["settings"].get(k) == v for k, v in settings.items()):
                 example = np.load(root / name / "example.npy")
                 found[name] = Evaluated(stored["row"], example, stored["settings"].get("config"))
@@ -418,14 +449,14 @@ def write_outputs(root: Path, pairs: Pairs, settings: dict, data: str, preset: s
         "machine": machine.describe(),
         "rows": rows,
     }
-    paths = [
-        root / "results.json",
+    table, fig3, fig4 = (
         root / "results.md",
         root / "fig3_validation_loss.png",
         root / "fig4_example.png",
-    ]
+    )
+    paths = [root / "results.json", table]
     wd.atomic_write_text(paths[0], json.dumps(results, indent=2) + "\n")
-    wd.atomic_write_text(paths[1], table_markdown(rows, data, preset, len(pairs), configs))
+    wd.atomic_write_text(table, table_markdown(rows, data, preset, len(pairs), configs))
 
     curves = {}
     for name in VARIANTS:
@@ -438,10 +469,9 @@ def write_outputs(root: Path, pairs: Pairs, settings: dict, data: str, preset: s
         losses = {common.objective_label(configs.get(name, {})) for name in curves}
         loss = losses.pop() if len(losses) == 1 else "each variant's objective"
         plots.learning_curves(
-            curves, paths[2], ylabel=f"validation loss ({loss})", title="DIRNet variants"
+            curves, fig3, ylabel=f"validation loss ({loss})", title="DIRNet variants"
         )
-    else:
-        paths.remove(paths[2])
+        paths.append(fig3)
 
     k = example_index(pairs)
     view = heart_window(pairs.fixed_mask[k] | pairs.moving_mask[k])
@@ -455,13 +485,13 @@ def write_outputs(root: Path, pairs: Pairs, settings: dict, data: str, preset: s
 
     plots.image_table(
         [[fixed, moving, dirnet, elx], [None, diff(moving), diff(dirnet), diff(elx)]],
-        paths[3],
+        fig4,
         row_labels=["image", "|image − fixed|"],
         col_labels=["fixed (ES)", "moving (ED)", f"DIRNet {dirnet_name or ''}", "SimpleElastix"],
         cmap=["gray", "magma"],
         title=f"{pairs.names[k]} (heart region)",
     )
-    return paths
+    return [*paths, fig4]
 
 
 def write_summary(

@@ -152,6 +152,36 @@ def test_summarize_without_runs_is_one_line_and_prepares_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither the work directory nor the data
 
 
+def write_evaluation(folder, text):
+    folder.mkdir(parents=True)
+    (folder / "evaluation.json").write_text(text)
+    np.save(folder / "example.npy", np.zeros((4, 4)))
+
+
+def test_summarize_of_runs_made_otherwise_is_one_line_and_writes_nothing(tmp_path):
+    # Gathering no run would have written a table of the "before" row alone over theirs.
+    work = tmp_path / "work"
+    row = {"dice": {"mean": 0.8, "std": 0.1, "n": 2}}
+    other_preset = {"data": f"phantom:{SPEC.name}", "preset": "cpu", "size": 128}
+    write_evaluation(work / "C1", json.dumps({"settings": other_preset, "row": row}))
+    (work / "results.md").write_text("their table")
+    args = args_for(tmp_path, workdir=str(work), summarize=True)
+    with pytest.raises(ValueError, match="evaluated with --preset=cpu, not custom: give that"):
+        experiment.run(args, preset=TINY, spec=SPEC)
+    assert not (tmp_path / "tfds").exists()  # said before any data is prepared
+    other_data = {"data": "scd:256", "preset": "custom", "size": TINY.size}
+    (work / "C1" / "evaluation.json").write_text(json.dumps({"settings": other_data, "row": row}))
+    with pytest.raises(ValueError, match=f"no run in {work} was evaluated on this data"):
+        experiment.run(args, preset=TINY, spec=SPEC)
+    (work / "C1" / "evaluation.json").write_text('{"settings": ')  # damaged
+    with pytest.raises(ValueError, match=f"{work}/C1/evaluation.json cannot be read"):
+        experiment.run(args, preset=TINY, spec=SPEC)
+    assert (work / "results.md").read_text() == "their table"
+    assert sorted(p.name for p in work.rglob("*")) == [
+        "C1", "evaluation.json", "example.npy", "results.md"
+    ]  # fmt: skip
+
+
 def test_in_memory_cohort_is_the_prepared_one(tmp_path):
     key, raw = experiment.data_source(args_for(tmp_path), SPEC, 256)
     key_mem, raw_mem = experiment.data_source(args_for(tmp_path, in_memory=True), SPEC, 256)
