@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -90,6 +91,17 @@ def _is_host_port(address: str) -> bool:
     """Whether `address` reads as host:port ("node01:1234", "[::1]:1234")."""
     host, _, port = address.rpartition(":")
     return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def read_evaluation(path: Path) -> dict:
+    """A cached evaluation.json, or a ValueError that names it (a file damaged by hand or
+    by a disk: ours are written whole or not at all)."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path} cannot be read ({err}); remove it and run again to evaluate anew"
+        ) from None
 
 
 def config_overrides(args: flags.FlagValues) -> dict[str, Any]:

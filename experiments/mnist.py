@@ -179,13 +179,13 @@ def run_digit(digit: int, data: dict, config: DIRNetConfig, root: Path, args) ->
     settings = {"config": config.to_dict(), "elastix_pairs": args.elastix_pairs}
 
     def is_cached() -> bool:
-        return cache.exists() and json.loads(cache.read_text()).get("settings") == settings
+        return cache.exists() and common.read_evaluation(cache).get("settings") == settings
 
     if hosts.on_primary(is_cached, f"digit {digit} cached", share=True):
         if not hosts.is_primary():
             return None
         figure = np.load(run_dir / "figure.npz")
-        return json.loads(cache.read_text()) | {"figure": dict(figure)}
+        return common.read_evaluation(cache) | {"figure": dict(figure)}
 
     train_x, train_y = data["train"]
     val_x, val_y = data["validation"]

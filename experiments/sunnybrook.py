@@ -225,22 +225,11 @@ def evaluate_elastix(
     return row, np.stack(warped)
 
 
-def read_evaluation(path: Path) -> dict:
-    """A cached evaluation.json, or a ValueError that names it (a file damaged by hand or
-    by a disk: ours are written whole or not at all)."""
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(
-            f"{path} cannot be read ({err}); remove it and run again to evaluate anew"
-        ) from None
-
-
 def cached_row(folder: Path, settings: dict) -> dict | None:
     """The Table 1 row cached in folder/evaluation.json for these settings, if any."""
     path = folder / "evaluation.json"
     if path.exists() and (folder / "example.npy").exists():
-        stored = read_evaluation(path)
+        stored = common.read_evaluation(path)
         if stored.get("settings") == settings:
             return stored["row"]
     return None
@@ -384,7 +373,7 @@ def check_presets(root: Path, patterns: tuple[str, ...], preset: str) -> None:
     """For --summarize: a ValueError unless some run under root (`patterns`) was evaluated
     with `preset`, naming the presets there are; gathering none would write a table of
     the "before" row alone over the runs' own."""
-    stored = [read_evaluation(p)["settings"] for g in patterns for p in sorted(root.glob(g))]
+    stored = [common.read_evaluation(p)["settings"] for g in patterns for p in sorted(root.glob(g))]
     if not stored:
         raise ValueError(f"--summarize: no evaluated run in {root} (<variant>/evaluation.json, "
                          "there or one folder down)")  # fmt: skip
@@ -402,7 +391,7 @@ def gather(root: Path, settings: dict) -> dict[str, Evaluated]:
     for name in ["elastix", *VARIANTS]:
         path = root / name / "evaluation.json"
         if path.exists():
-            stored = read_evaluation(path)
+            stored = common.read_evaluation(path)
             if all(stored["settings"].get(k) == v for k, v in settings.items()):
                 example = np.load(root / name / "example.npy")
                 found[name] = Evaluated(stored["row"], example, stored["settings"].get("config"))

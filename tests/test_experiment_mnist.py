@@ -166,6 +166,16 @@ def test_help_lists_the_shared_run_flags(command):
     assert "--xla_" not in shown and "--jax_" not in shown  # the library's stay in --helpfull
 
 
+def test_a_damaged_cached_evaluation_is_named(tmp_path):
+    path = tmp_path / "digit_3" / "evaluation.json"
+    path.parent.mkdir()
+    path.write_text('{"settings": {"config": ')
+    with pytest.raises(ValueError, match=f"^{path} cannot be read .*; remove it and run again"):
+        common.read_evaluation(path)
+    path.write_text('{"settings": {}}')
+    assert common.read_evaluation(path) == {"settings": {}}
+
+
 def wait_for_training(run, procs, timeout=120.0):
     """Block until `run` has a metrics line (training is under way) or a process ended."""
     deadline = time.monotonic() + timeout
