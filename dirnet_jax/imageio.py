@@ -35,8 +35,9 @@ class Geometry:
     direction: tuple[float, ...]  # row-major ndim × ndim
 
     def scale_or_axes_differ(self, other: Geometry) -> list[str]:
-        """What makes the same pixel grid mean another physical grid in `other`: "spacing
-        (1, 1) against (0.5, 0.7)", "direction"; origins (a shift) are left out."""
+        """What makes the same pixel grid mean another physical grid in `other`: ["spacing
+        (1, 1) against (0.5, 0.7)", "direction (0, 1, 1, 0) against (1, 0, 0, 1)"], either
+        or neither; origins (a shift) are left out."""
         out = []
         if not np.allclose(self.spacing, other.spacing, rtol=1e-6, atol=0):
             out.append(f"spacing {_fmt(self.spacing)} against {_fmt(other.spacing)}")
