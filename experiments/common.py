@@ -7,6 +7,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,24 @@ def read_evaluation(path: Path) -> dict:
         raise ValueError(
             f"{path} cannot be read ({err}); remove it and run again to evaluate anew"
         ) from None
+
+
+def fit(config: DIRNetConfig, run_dir: Path, train_images, val_images, args) -> train.TrainState:
+    """`train.fit` as the experiments run it (--progress, --steps_per_dispatch), refusing a
+    run directory that already went past --iterations: fit would return that longer run's
+    state, and the results would be labelled with the shorter."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past num_steps")  # said below, as an error
+        state = train.fit(
+            config, run_dir, train_images, val_images, progress=args.progress,
+            steps_per_dispatch=args.steps_per_dispatch,
+        )  # fmt: skip
+    if (step := int(state.step)) > config.num_steps:
+        raise ValueError(
+            f"{run_dir} holds a run of {step} iterations, more than --iterations="
+            f"{config.num_steps}: use another --workdir, or --iterations={step} or more"
+        )
+    return state
 
 
 def config_overrides(args: flags.FlagValues) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import numpy as np
 from absl import flags
 from tqdm.auto import tqdm
 
-from dirnet_jax import DIRNetConfig, hosts, machine, plots, train
+from dirnet_jax import DIRNetConfig, hosts, machine, plots
 from dirnet_jax import workdir as wd
 from dirnet_jax.losses import ncc
 from dirnet_jax.metrics import folded_fraction, jacobian_determinant, summarize
@@ -190,13 +190,8 @@ def run_digit(digit: int, data: dict, config: DIRNetConfig, root: Path, args) ->
     train_x, train_y = data["train"]
     val_x, val_y = data["validation"]
     test_x, test_y = data["test"]
-    state = train.fit(
-        config,
-        run_dir,
-        to_float(train_x[train_y == digit]),
-        to_float(val_x[val_y == digit]),
-        progress=args.progress,
-        steps_per_dispatch=args.steps_per_dispatch,
+    state = common.fit(
+        config, run_dir, to_float(train_x[train_y == digit]), to_float(val_x[val_y == digit]), args
     )
 
     def evaluate() -> dict:

@@ -43,7 +43,7 @@ import numpy as np
 from absl import flags
 from tqdm.auto import tqdm
 
-from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, hosts, machine, plots, train, variant
+from dirnet_jax import PAPER_VARIANTS, DIRNetConfig, hosts, machine, plots, variant
 from dirnet_jax import workdir as wd
 from dirnet_jax.datasets import phantom
 from dirnet_jax.metrics import folded_fraction, mask_metrics, summarize
@@ -267,10 +267,7 @@ def variant_row(
     )
     if row is not None:
         return row
-    state = train.fit(
-        config, run_dir, train_data, val_data, progress=args.progress,
-        steps_per_dispatch=args.steps_per_dispatch,
-    )  # fmt: skip
+    state = common.fit(config, run_dir, train_data, val_data, args)
 
     def evaluate() -> dict:
         variables = {"params": state.params, "batch_stats": state.batch_stats}

@@ -104,6 +104,19 @@ def test_learning_curves_come_from_validation(standin, tmp_path):
     assert results["digits"]["1"]["ncc_elastix"] is None
 
 
+def test_a_run_past_the_iterations_asked_is_refused(standin, tmp_path, recwarn):
+    # Rerunning with fewer --iterations in the same work directory (the default runs/mnist,
+    # say) would have evaluated the longer run and labelled it with the shorter.
+    experiment.run(args_for(standin, tmp_path, digits=["1"], elastix_pairs=0))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    fewer = args_for(standin, tmp_path, digits=["1"], elastix_pairs=0, iterations=10)
+    with pytest.raises(ValueError, match="digit_1 holds a run of 20 iterations, more than "
+                                         "--iterations=10: use another --workdir"):  # fmt: skip
+        experiment.run(fewer)
+    assert not [w for w in recwarn if "past num_steps" in str(w.message)]  # said once
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_objective_label_names_what_was_minimised():
     config = DIRNetConfig()
     assert common.objective_label(config.to_dict()) == "−NCC"
