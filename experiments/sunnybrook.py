@@ -304,9 +304,9 @@ def run(
     preset_name = args.preset if preset is None else "custom"
     preset = preset or PRESETS[args.preset]
     root = Path(args.workdir)
-    runs = ("*/evaluation.json", "*/*/evaluation.json")
+    evaluations = ("*/evaluation.json", "*/*/evaluation.json")
     if args.summarize:  # before the data
-        check_presets(root, runs, preset_name)
+        check_presets(root, evaluations, preset_name)
     root.mkdir(parents=True, exist_ok=True)
     data_key, raw = data_source(args, spec, scd_size)
     data = data_key.split(":")[0]  # phantom | scd
